@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlcap.core import config as config_lib
+from vlcap.core.plugins import registry as load_registry
+from vlcap.core.synthetic import make_synthetic_set
+
+SHARED = Path(os.environ.get("VLCAP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
+PEFT_METHODS = ("lora", "adapter", "prefix")
+
+
+@pytest.fixture(scope="session")
+def registry():
+    return load_registry()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    return make_synthetic_set(tmp_path_factory.mktemp("synthetic"), train_images=24, val_images=6)
+
+
+def tiny_config(method="lora", **overrides):
+    return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}, overrides])
+
+
+def data_overrides(root):
+    return {"data": {"train_json": str(root / "train.json"), "train_images": str(root / "images_train"),
+                     "val_json": str(root / "val.json"), "val_images": str(root / "images_val")}}
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 160, 160), torch.randint(0, 50257, (2, 9))

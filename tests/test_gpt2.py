@@ -1,0 +1,92 @@
+"""The decoder loads the course's decoder_model.bin format and computes GPT-2 exactly."""
+import pytest
+import torch
+
+from vlcap.core.errors import VlcapError
+from vlcap.core.gpt2 import GPT2Config, GPT2Decoder, save_course_weights
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random, non-trivial LayerNorm and bias values too
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def ours(n_layer=2, n_head=4, n_embd=32, vocab_size=300, block_size=64):
+    return GPT2Decoder(GPT2Config(n_layer, n_head, n_embd, vocab_size, block_size)).eval()
+
+
+def course_file(tmp_path, state, name="decoder_model.bin"):
+    # The course file is GPT-2's transformer state dict (HF Conv1D layout, no 'transformer.').
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_logits_equal_transformers_gpt2(hf_gpt2, tmp_path):
+    decoder = ours()
+    decoder.load_course_weights(course_file(tmp_path, hf_gpt2.transformer.state_dict()))
+    ids = torch.randint(0, 300, (3, 17))
+    memory = torch.randn(3, 5, 32)  # cross-attention starts as a no-op (zero output projection)
+    with torch.no_grad():
+        expected = hf_gpt2(ids).logits
+        actual = decoder(ids, memory)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_buffers_are_accepted(hf_gpt2, tmp_path):
+    state = dict(hf_gpt2.transformer.state_dict())
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    ours().load_course_weights(course_file(tmp_path, state))
+
+
+def test_written_weights_reload_identically(tmp_path):
+    torch.manual_seed(1)
+    first, second = ours(), ours()
+    save_course_weights(first, tmp_path / "decoder_model.bin")
+    saved = torch.load(tmp_path / "decoder_model.bin", weights_only=True)
+    assert saved["h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout, as the course stores it
+    assert not any("cross" in k or k.startswith("transformer.") for k in saved)
+    second.load_course_weights(tmp_path / "decoder_model.bin")
+    for (name, a), b in zip(first.course_state_dict().items(), second.course_state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_unexpected_and_missing_keys_are_reported(hf_gpt2, tmp_path):
+    state = dict(hf_gpt2.transformer.state_dict())
+    state["h.0.attn.extra.weight"] = torch.zeros(1)
+    del state["ln_f.bias"]
+    path = course_file(tmp_path, state)
+    with pytest.raises(VlcapError, match=r"decoder_model.bin.*missing ln_f.bias.*unexpected h.0.attn.extra.weight"):
+        ours().load_course_weights(path)
+
+
+def test_prefixed_state_dict_is_refused_with_a_hint(hf_gpt2, tmp_path):
+    path = course_file(tmp_path, hf_gpt2.state_dict())  # 'transformer.' prefix + lm_head
+    with pytest.raises(VlcapError, match="without the 'transformer.' prefix"):
+        ours().load_course_weights(path)
+
+
+def test_wrong_size_names_the_tensor(hf_gpt2, tmp_path):
+    path = course_file(tmp_path, hf_gpt2.transformer.state_dict())
+    with pytest.raises(VlcapError, match=r"wpe.weight has shape \(64, 32\).*needs \(128, 32\)"):
+        ours(block_size=128).load_course_weights(path)
+
+
+def test_missing_or_garbage_file_is_a_clear_error(tmp_path):
+    with pytest.raises(VlcapError, match="decoder weights not found"):
+        ours().load_course_weights(tmp_path / "nope.bin")
+    (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(VlcapError, match="junk.bin: not a readable torch state dict"):
+        ours().load_course_weights(tmp_path / "junk.bin")

@@ -1,0 +1,103 @@
+"""Plugin discovery: built-ins and third-party packages come through the same entry points."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from vlcap.cli import main
+from vlcap.core.errors import VlcapError
+from vlcap.core.plugins import load_registry
+
+
+def test_list_plugins_json_lists_builtins_from_entry_points():
+    # A subprocess runs the installed console script: this is what a user's shell sees.
+    out = subprocess.run(["vlcap", "list-plugins", "--json"], capture_output=True, text=True, check=True).stdout
+    entries = {(e["name"], e["kind"]): e for e in json.loads(out)}
+    for name in ("lora", "adapter", "prefix"):
+        assert entries[(name, "peft")]["package"] == "vlcap"
+        assert entries[(name, "peft")]["version"]
+    assert ("greedy", "decoding") in entries
+
+
+def test_list_plugins_table_names_every_method():
+    result = CliRunner().invoke(main, ["list-plugins"], terminal_width=200)
+    assert result.exit_code == 0
+    for word in ("lora", "adapter", "prefix", "greedy", "package", "version"):
+        assert word in result.output
+
+
+def install_fake_package(root, dist_name, module_name, method_name):
+    """A minimal installed distribution: dist-info with an entry point + its module."""
+    (root / f"{module_name}.py").write_text(textwrap.dedent(f"""
+        import vlcap
+        from vlcap.core.peft import PeftMethod
+
+        class Method(PeftMethod):
+            name = {method_name!r}
+            description = "third-party test method"
+
+            def apply(self, captioner, config):
+                pass
+
+        @vlcap.hookimpl
+        def register_peft_methods(register):
+            register(Method())
+    """))
+    info = root / f"{dist_name.replace('-', '_')}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[vlcap]\n{method_name} = {module_name}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_third_party_package_is_discovered_like_a_builtin(site):
+    install_fake_package(site, "vlcap-toy", "vlcap_toy_plugin", "toy")
+    registry = load_registry()
+    entry = registry.entry("peft", "toy")
+    assert (entry.package, entry.version, entry.description) == ("vlcap-toy", "0.3", "third-party test method")
+    assert {"lora", "adapter", "prefix", "toy"} <= set(registry.names("peft"))
+
+
+def install_fake_package_with_entry_point(root, dist_name, entry_point, method_name):
+    install_fake_package(root, dist_name, f"{dist_name.replace('-', '_')}_plugin", method_name)
+    info = root / f"{dist_name.replace('-', '_')}-0.3.dist-info"
+    (info / "entry_points.txt").write_text(f"[vlcap]\n{entry_point} = {dist_name.replace('-', '_')}_plugin\n")
+
+
+def both_named(first, second):
+    return rf"'{first}'.*'{second}'|'{second}'.*'{first}'"
+
+
+def test_duplicate_method_name_fails_naming_both_packages(site):
+    install_fake_package_with_entry_point(site, "vlcap-dup", "dup", "lora")
+    with pytest.raises(VlcapError, match="PEFT method 'lora' is registered twice") as error:
+        load_registry()
+    assert error.match(both_named("vlcap", "vlcap-dup"))
+
+
+def test_duplicate_entry_point_name_is_not_silently_dropped(site):
+    # pluggy alone would skip the second "lora" entry point without a word.
+    install_fake_package_with_entry_point(site, "vlcap-other", "lora", "other-lora")
+    with pytest.raises(VlcapError, match="entry point 'lora' is declared by") as error:
+        load_registry()
+    assert error.match(both_named("vlcap", "vlcap-other"))
+
+
+def test_unknown_peft_name_lists_installed_methods():
+    result = CliRunner().invoke(main, ["train", "--peft", "nope", "--dry-run", "--preset", "tiny"])
+    assert result.exit_code != 0
+    assert "unknown PEFT method 'nope'; installed: adapter, lora, prefix" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "vlcap", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "list-plugins" in out and "train" in out

@@ -1,0 +1,3 @@
+from vlcap.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The captioner: frozen ViT -> trainable projection -> GPT-2 with trainable cross-attention."""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcap.core.encoder import ImageEncoder
+from vlcap.core.errors import VlcapError
+from vlcap.core.gpt2 import GPT2Decoder
+from vlcap.core.peft import apply_peft, config_dict, mark_pretrained, seeded
+from vlcap.core.tokenizer import IGNORE_INDEX
+
+
+class Captioner(nn.Module):
+    def __init__(self, encoder: ImageEncoder, decoder: GPT2Decoder):
+        super().__init__()
+        self.encoder = encoder
+        self.projection = nn.Linear(encoder.embed_dim, decoder.cfg.n_embd)
+        self.decoder = decoder
+        self.peft = nn.ModuleDict()  # modules a PEFT method owns outright
+        mark_pretrained(encoder.parameters())
+        mark_pretrained(decoder.pretrained_parameters())
+
+    def encode(self, pixels):
+        """Image tokens in decoder width, ``(B, tokens, n_embd)``; the ViT runs without autograd."""
+        with torch.no_grad():
+            features = self.encoder(pixels)
+        return self.projection(features)
+
+    def forward(self, pixels, input_ids):
+        return self.decoder(input_ids, self.encode(pixels))
+
+    def loss(self, pixels, input_ids, labels):
+        logits = self(pixels, input_ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def build_captioner(cfg, registry, decoder_weights=None, meta=False):
+    """Build the captioner ``cfg`` describes, load decoder weights, apply its PEFT method.
+
+    ``meta=True`` builds shapes only (no weights, no download): enough to count parameters of a
+    full-size model in a second. Returns ``(captioner, method)`` and writes the method's resolved
+    options back into ``cfg.peft.options``.
+    """
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    with seeded(cfg.model.init_seed), device:
+        encoder = ImageEncoder(cfg.model.encoder, pretrained=cfg.model.encoder_pretrained and not meta)
+        decoder = GPT2Decoder(cfg.model.decoder)
+        captioner = Captioner(encoder, decoder)
+    if decoder_weights is not None and not meta:
+        decoder.load_course_weights(decoder_weights)
+    method = registry.get("peft", cfg.peft.method)
+    with seeded(cfg.model.init_seed + 1), device:
+        peft_config = apply_peft(captioner, method, cfg.peft.options)
+    cfg.peft.options = config_dict(peft_config)
+    return captioner, method
+
+
+def check_vocab(cfg, tokenizer):
+    if tokenizer.vocab_size != cfg.model.decoder.vocab_size:
+        raise VlcapError(f"{tokenizer.encoder_json}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                         f"decoder expects {cfg.model.decoder.vocab_size}; use GPT-2's encoder.json/vocab.bpe")

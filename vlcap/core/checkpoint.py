@@ -1,0 +1,119 @@
+"""Trainable-only checkpoints as safetensors, with enough metadata to rebuild the model.
+
+The file holds exactly the parameters with ``requires_grad`` (after the PEFT method's
+``export``); the header holds the resolved run config, the plugin that made it and its package
+version, the encoder name, the tokenizer fingerprint and the parameter count. Loading rebuilds
+the captioner from that metadata plus the frozen decoder weights, and refuses any file whose
+keys, shapes or count do not match the model it describes.
+"""
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+import vlcap
+from vlcap.core import config as config_lib
+from vlcap.core.atomic import atomic_write
+from vlcap.core.captioner import build_captioner, check_vocab
+from vlcap.core.config import RunConfig, plugin_config
+from vlcap.core.errors import VlcapError, few
+from vlcap.core.peft import check_budget, config_dict, count_parameters
+from vlcap.core.tokenizer import Tokenizer
+
+FORMAT = "vlcap.trainable.v1"
+
+
+@dataclass
+class LoadedCaptioner:
+    captioner: object
+    tokenizer: Tokenizer
+    config: RunConfig
+    method: object
+    metadata: dict
+
+
+def save_checkpoint(path, captioner, method, cfg, tokenizer, registry):
+    """Write the trainable parameters of ``captioner`` to ``path`` (atomically). Returns the
+    number of parameters saved."""
+    trainable = count_parameters(captioner).trainable
+    check_budget(trainable, what=f"{path}: the model")
+    state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
+    saved_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(export_config)))
+    entry = registry.entry("peft", method.name)
+    count = sum(t.numel() for t in state.values())
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(config_lib.to_dict(saved_cfg)),
+        "peft": json.dumps({"name": entry.name, "package": entry.package, "version": entry.version}),
+        "encoder": cfg.model.encoder,
+        "tokenizer": tokenizer.fingerprint,
+        "parameters": str(count),
+        "vlcap_version": vlcap.__version__,
+    }
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
+    with atomic_write(path) as f:
+        f.write(safetensors_bytes(tensors, metadata=metadata))
+    return count
+
+
+def read_metadata(path):
+    path = Path(path)
+    if not path.is_file():
+        raise VlcapError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VlcapError(f"{path}: not a safetensors file ({exc}); pass a checkpoint written by vlcap train") from None
+    if metadata.get("format") != FORMAT:
+        raise VlcapError(f"{path}: not a vlcap checkpoint (format {metadata.get('format')!r}, expected {FORMAT})")
+    try:
+        metadata["config"] = json.loads(metadata["config"])
+        metadata["peft"] = json.loads(metadata["peft"])
+        metadata["parameters"] = int(metadata["parameters"])
+    except (KeyError, ValueError) as exc:
+        raise VlcapError(f"{path}: damaged vlcap metadata ({type(exc).__name__}: {exc})") from None
+    metadata["shapes"] = shapes
+    return metadata
+
+
+def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
+    """Rebuild the captioner a checkpoint describes and fill in its trainable parameters."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
+    weights = decoder_weights or cfg.model.decoder_weights
+    if weights is None:
+        raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
+    tokenizer = Tokenizer(cfg.model.encoder_json, cfg.model.vocab_bpe)
+    if tokenizer.fingerprint != metadata.get("tokenizer"):
+        raise VlcapError(f"{path}: trained with tokenizer {metadata.get('tokenizer')}, but the files at "
+                         f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
+    check_vocab(cfg, tokenizer)
+    shapes = metadata["shapes"]
+    if sum(math.prod(s) for s in shapes.values()) != metadata["parameters"]:
+        raise VlcapError(f"{path}: holds {sum(math.prod(s) for s in shapes.values()):,} parameters but its metadata "
+                         f"says {metadata['parameters']:,}; the file was altered")
+    check_budget(metadata["parameters"], what=str(path))
+
+    captioner, method = build_captioner(cfg, registry, decoder_weights=weights)
+    expected = {name: p for name, p in captioner.named_parameters() if p.requires_grad}
+    unused, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
+    if unused or missing:
+        raise VlcapError(f"{path}: does not match the model its metadata describes "
+                         f"(unused keys: {few(unused)}; trainable parameters without a value: {few(missing)})")
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
+            raise VlcapError(f"{path}: {name} has shape {shape}, the model needs {tuple(expected[name].shape)}")
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        for name in shapes:
+            expected[name].copy_(f.get_tensor(name))
+    captioner.to(device).eval()
+    return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
+

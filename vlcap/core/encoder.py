@@ -1,0 +1,43 @@
+"""The frozen image encoder: any timm ViT, whose token sequence (CLS + patches) feeds the decoder."""
+import timm
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from vlcap.core.errors import VlcapError
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, name, pretrained=True):
+        super().__init__()
+        self.name = name
+        try:
+            self.vit = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise VlcapError(f"unknown timm encoder '{name}'; see timm.list_models('vit_*')") from None
+            raise
+        except OSError as exc:  # hub download failed (offline, proxy, ...)
+            raise VlcapError(f"could not fetch pretrained weights for encoder '{name}' "
+                             f"({type(exc).__name__}); connect once so timm caches them, or use "
+                             "--preset tiny offline") from exc
+        if not hasattr(self.vit, "num_prefix_tokens") or not hasattr(self.vit, "patch_embed"):
+            raise VlcapError(f"encoder '{name}' is not a ViT (no patch tokens); choose a timm ViT")
+        self.embed_dim = self.vit.num_features
+        # Leading CLS/register tokens; the rest form the patch grid (used to draw attention maps).
+        self.num_prefix_tokens = self.vit.num_prefix_tokens
+        self.grid_size = tuple(self.vit.patch_embed.grid_size)
+
+    def forward(self, pixels):
+        return self.vit.forward_features(pixels)  # (B, prefix + patches, embed_dim)
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: dropout and friends stay off, always
+
+    def transform(self):
+        """Eval-time preprocessing from the encoder's own timm data config (size, mean, std)."""
+        return create_transform(**resolve_data_config({}, model=self.vit), is_training=False)
+
+    @property
+    def num_tokens(self):
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+

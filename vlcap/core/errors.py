@@ -1,0 +1,11 @@
+class VlcapError(Exception):
+    """A problem the user can fix. The CLI prints it as one line (no traceback), so the message
+    names the file or option at fault and what to do about it."""
+
+
+def few(items, limit=4):
+    """``a, b, c, d and 7 more`` for error messages that name offending keys or files."""
+    items = list(items)
+    if not items:
+        return "none"
+    return ", ".join(map(str, items[:limit])) + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,203 @@
+"""GPT-2 decoder with a cross-attention block per layer, loading the course's ``decoder_model.bin``.
+
+Module names follow the course checkpoint (``wte``, ``wpe``, ``h.N.attn.c_attn``, ``h.N.mlp.c_fc``,
+``ln_f``), so its state dict maps onto this model key for key. The added parts are
+``h.N.ln_cross`` + ``h.N.cross_attn``; they are the only decoder parameters vlcap trains.
+"""
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcap.core.atomic import atomic_write
+from vlcap.core.errors import VlcapError, few
+
+# Weights the course (and HF's Conv1D) store as (in, out); nn.Linear wants (out, in).
+CONV1D_SUFFIXES = (".c_attn.weight", ".c_fc.weight", ".c_proj.weight")
+# Causal-mask buffers some GPT-2 exports carry; they hold no learned values.
+MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+ADDED_BY_VLCAP = (".ln_cross.", ".cross_attn.")
+COURSE_BLOCK_MODULES = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    block_size: int = 1024
+
+
+def split_heads(x, n_head):
+    B, T, C = x.shape
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(x):
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        # Hook point for prefix-style methods: a callable ``batch_size -> (k, v)``, each
+        # (B, n_head, P, head_dim), prepended to the keys/values and visible to every position.
+        self.kv_prefix = None
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
+        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
+        if self.kv_prefix is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            pk, pv = self.kv_prefix(x.size(0))
+            k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
+            T, P = q.size(2), pk.size(2)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Text positions attend to all image tokens (no mask: every image token is visible)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        # Zero output projection: a fresh captioner computes exactly the pretrained language
+        # model, so training starts from GPT-2's fluency instead of from noise.
+        nn.init.zeros_(self.c_proj.weight)
+        nn.init.zeros_(self.c_proj.bias)
+
+    def forward(self, x, memory):
+        q = split_heads(self.q(x), self.n_head)
+        k, v = split_heads(self.k(memory), self.n_head), split_heads(self.v(memory), self.n_head)
+        return self.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.ln_cross = nn.LayerNorm(cfg.n_embd)
+        self.cross_attn = CrossAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(cfg.n_embd, 4 * cfg.n_embd)),
+            ("act", nn.GELU(approximate="tanh")),
+            ("c_proj", nn.Linear(4 * cfg.n_embd, cfg.n_embd)),
+        ]))
+        # Hook points: each sub-layer's output passes through these before the residual add,
+        # so a method can transform it (bottleneck adapters) without touching the sub-layer.
+        self.post_attn = nn.Identity()
+        self.post_cross_attn = nn.Identity()
+        self.post_mlp = nn.Identity()
+
+    def forward(self, x, memory):
+        x = x + self.post_attn(self.attn(self.ln_1(x)))
+        x = x + self.post_cross_attn(self.cross_attn(self.ln_cross(x), memory))
+        return x + self.post_mlp(self.mlp(self.ln_2(x)))
+
+
+class GPT2Decoder(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self._init_pretrained_like()
+
+    def _init_pretrained_like(self):
+        # GPT-2's init, except the token embeddings: they are drawn at the scale a *trained*
+        # GPT-2 has (std ~ sqrt(16 / n_embd), 0.14 at 768). The LM head is tied to them and
+        # frozen, so at GPT-2's 0.02 init a random decoder (the tiny preset) could never give a
+        # confident prediction (max logit ~1) and nothing could be learned through it.
+        for name, p in self.named_parameters():
+            if ".cross_attn.c_proj" in name:
+                continue  # zero on purpose, see CrossAttention
+            if name == "wte.weight":
+                nn.init.normal_(p, std=math.sqrt(16 / self.cfg.n_embd))
+            elif name.endswith(".weight") and p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, input_ids, memory):
+        T = input_ids.size(1)
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds the decoder context of {self.cfg.block_size}")
+        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
+        for block in self.h:
+            x = block(x, memory)
+        return self.lm_head(self.ln_f(x))
+
+    def pretrained_parameters(self):
+        """The parameters a ``decoder_model.bin`` provides (everything but the cross-attention)."""
+        return [p for name, p in self.named_parameters() if not any(s in name for s in ADDED_BY_VLCAP)]
+
+    def course_keys(self):
+        """The keys of a course ``decoder_model.bin`` for this config, in GPT-2's order."""
+        keys = ["wte.weight", "wpe.weight"]
+        for i in range(self.cfg.n_layer):
+            keys += [f"h.{i}.{module}.{kind}" for module in COURSE_BLOCK_MODULES for kind in ("weight", "bias")]
+        return keys + ["ln_f.weight", "ln_f.bias"]
+
+    def course_state_dict(self):
+        """State dict in the course layout: GPT-2's own tensors only, Conv1D weights transposed.
+        (Looked up by GPT-2's key names, so modules a PEFT method added are never included.)"""
+        own = self.state_dict()
+        return OrderedDict((key, own[key].t().contiguous() if key.endswith(CONV1D_SUFFIXES) else own[key])
+                           for key in self.course_keys())
+
+    def load_course_weights(self, path):
+        """Load a course-format ``decoder_model.bin``; any missing or unknown key is an error."""
+        path = Path(path)
+        if not path.is_file():
+            raise VlcapError(f"{path}: decoder weights not found; pass --decoder-weights PATH/decoder_model.bin")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise VlcapError(f"{path}: not a readable torch state dict ({type(exc).__name__}); "
+                             "expected the course's decoder_model.bin") from exc
+        if not isinstance(state, dict):
+            raise VlcapError(f"{path}: holds a {type(state).__name__}, not a state dict; expected decoder_model.bin")
+        state = {k: v for k, v in state.items() if not k.endswith(MASK_BUFFER_SUFFIXES)}
+        state = {k: v.t() if k.endswith(CONV1D_SUFFIXES) else v for k, v in state.items()}
+        expected = set(self.course_keys())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise VlcapError(f"{path}: does not match the decoder config (missing {few(missing)}; "
+                             f"unexpected {few(unexpected)}); expected a GPT-2 state dict without "
+                             "the 'transformer.' prefix")
+        own = self.state_dict()
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise VlcapError(f"{path}: {key} has shape {tuple(value.shape)} but the decoder config "
+                                 f"needs {tuple(own[key].shape)}; set model.decoder to the checkpoint's size")
+        self.load_state_dict(state, strict=False)
+
+
+def save_course_weights(decoder, path):
+    """Write ``decoder``'s pretrained part as a course-format ``decoder_model.bin``."""
+    with atomic_write(path) as f:
+        torch.save(decoder.course_state_dict(), f)
+

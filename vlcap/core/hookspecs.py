@@ -1,0 +1,33 @@
+"""The hooks a vlcap plugin implements.
+
+A plugin is any module named in the ``vlcap`` entry-point group that implements some of these
+hooks with ``@vlcap.hookimpl``. Each hook receives a ``register`` callback; call it once per
+thing the plugin provides::
+
+    import vlcap
+
+    @vlcap.hookimpl
+    def register_peft_methods(register):
+        register(MyMethod())
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("vlcap")
+hookimpl = pluggy.HookimplMarker("vlcap")
+
+
+@hookspec
+def register_peft_methods(register):
+    """Register PEFT methods: call ``register(method)`` with a ``vlcap.core.peft.PeftMethod``."""
+
+
+@hookspec
+def register_decoding_strategies(register):
+    """Register decoding strategies: call ``register(strategy)`` with a
+    ``vlcap.core.decoding.DecodingStrategy``."""
+
+
+@hookspec
+def register_metrics(register):
+    """Register caption metrics: call ``register(metric)`` with a ``vlcap.core.metrics.Metric``.
+    The trainer reports every registered metric on the validation set after each epoch."""

@@ -1,0 +1,22 @@
+from vlcap.core.errors import VlcapError
+from vlcap.core.peft import PeftMethod, select_layers
+from vlcap.plugins.peft_adapter.config import PLACEMENTS, AdapterConfig
+from vlcap.plugins.peft_adapter.layer import ACTIVATIONS, Adapter
+
+
+class AdapterMethod(PeftMethod):
+    name = "adapter"
+    description = "Bottleneck adapters after decoder sub-layers (Houlsby or Pfeiffer placement)"
+    config_class = AdapterConfig
+
+    def apply(self, captioner, config):
+        if config.placement not in PLACEMENTS:
+            raise VlcapError(f"peft.options.placement: '{config.placement}' is not one of {', '.join(PLACEMENTS)}")
+        if config.activation not in ACTIVATIONS:
+            raise VlcapError(f"peft.options.activation: '{config.activation}' is not one of {', '.join(ACTIVATIONS)}")
+        width = captioner.decoder.cfg.n_embd
+        if not 1 <= config.reduction <= width:
+            raise VlcapError(f"peft.options.reduction: must be between 1 and {width}, got {config.reduction}")
+        for i in select_layers(config.layers, captioner.decoder.cfg.n_layer):
+            for slot in PLACEMENTS[config.placement]:
+                setattr(captioner.decoder.h[i], slot, Adapter(width, width // config.reduction, config.activation))
