@@ -143,7 +143,7 @@ def inspect(checkpoint, as_json):
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="vlcap-demo", show_default=True)
-@click.option("--steps", type=int, default=150, show_default=True, help="Training steps per method.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps per method.")
 @click.option("--peft", "methods", multiple=True, help="Only these methods (default: every installed one).")
 def demo(out, steps, methods):
     """Train every PEFT method on a synthetic shapes set with the tiny preset, offline."""

@@ -87,7 +87,7 @@ PRESETS = {
     "tiny": {
         "model": {"encoder": "test_vit", "encoder_pretrained": False, "random_decoder": True,
                   "decoder": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128}},
-        "train": {"batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "epochs": 3, "num_workers": 0},
+        "train": {"batch_size": 16, "lr": 5e-3, "warmup_steps": 20, "epochs": 3, "num_workers": 0},
     },
 }
 

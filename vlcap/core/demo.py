@@ -15,7 +15,7 @@ from vlcap.core.synthetic import make_synthetic_set
 from vlcap.core.trainer import train
 
 
-def run_demo(out_dir, registry, console, steps=150, methods=None, examples=3):
+def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
     data = make_synthetic_set(out_dir / "data")
     val = load_captions(data / "val.json")
     references = val.references()

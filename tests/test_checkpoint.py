@@ -1,0 +1,109 @@
+"""Trainable-only safetensors checkpoints: exact round trips and refusal of mismatched files."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import PEFT_METHODS, tiny_config
+from vlcap.core import peft as peft_lib
+from vlcap.core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from vlcap.core.errors import VlcapError
+from vlcap.core.trainer import prepare_model
+
+
+def trained_like(registry, tmp_path, method, **options):
+    """A tiny captioner whose trainable parameters are all non-trivial, plus its checkpoint."""
+    cfg = tiny_config(method, peft={"options": options})
+    tokenizer, captioner, plugin = prepare_model(cfg, registry, tmp_path)
+    with torch.no_grad():
+        for p in captioner.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "ckpt.safetensors"
+    saved = save_checkpoint(path, captioner, plugin, cfg, tokenizer, registry)
+    return captioner.eval(), path, saved
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_save_load_reproduces_logits_exactly(registry, tmp_path, batch, method):
+    captioner, path, saved = trained_like(registry, tmp_path, method, **({"reparam": False} if method == "prefix" else {}))
+    trainable = {n for n, p in captioner.named_parameters() if p.requires_grad}
+    assert set(load_file(path)) == trainable
+    assert saved == read_metadata(path)["parameters"] == peft_lib.count_parameters(captioner).trainable
+    loaded = load_checkpoint(path, registry)
+    with torch.no_grad():
+        assert torch.equal(loaded.captioner(*batch), captioner(*batch))
+
+
+def test_metadata_describes_the_run(registry, tmp_path):
+    _, path, _ = trained_like(registry, tmp_path, "adapter", reduction=8)
+    meta = read_metadata(path)
+    assert meta["peft"]["name"] == "adapter" and meta["peft"]["package"] == "vlcap" and meta["peft"]["version"]
+    assert meta["encoder"] == "test_vit" and len(meta["tokenizer"]) == 16
+    assert meta["config"]["peft"]["options"]["reduction"] == 8
+    assert meta["config"]["model"]["decoder_weights"] == str((tmp_path / "decoder_model.bin").resolve())
+
+
+def test_prefix_reparameterisation_is_dropped_at_save(registry, tmp_path, batch):
+    captioner, path, saved = trained_like(registry, tmp_path, "prefix", length=3, hidden=16)
+    keys = set(load_file(path))
+    assert "peft.prefix.kv" in keys and not any("mlp" in k or "embedding" in k for k in keys)
+    assert saved < peft_lib.count_parameters(captioner).trainable
+    loaded = load_checkpoint(path, registry)
+    assert loaded.config.peft.options["reparam"] is False
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.captioner(*batch), captioner(*batch), rtol=1e-5, atol=1e-5)
+
+
+def rewrite(path, change):
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    change(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t, m: t.update({"decoder.h.0.extra": torch.zeros(3)}), "altered|unused keys: decoder.h.0.extra"),
+    (lambda t, m: (t.update({"decoder.h.0.extra": torch.zeros(3)}), m.update(parameters=str(int(m["parameters"]) + 3))),
+     "unused keys: decoder.h.0.extra"),
+    (lambda t, m: (t.pop("projection.bias"), m.update(parameters=str(int(m["parameters"]) - 64))),
+     "without a value: projection.bias"),
+    (lambda t, m: (t.update({"projection.bias": torch.zeros(65)}), m.update(parameters=str(int(m["parameters"]) + 1))),
+     r"projection.bias has shape \(65,\)"),
+    (lambda t, m: m.update(parameters="36000000"), "altered"),
+    (lambda t, m: m.update(format="something-else"), "not a vlcap checkpoint"),
+    (lambda t, m: m.update(config="{"), "damaged vlcap metadata"),
+])
+def test_tampered_checkpoints_are_refused(registry, tmp_path, change, message):
+    _, path, _ = trained_like(registry, tmp_path, "lora")
+    rewrite(path, change)
+    with pytest.raises(VlcapError, match=message):
+        load_checkpoint(path, registry)
+
+
+def test_over_budget_is_refused_on_save_and_load(registry, tmp_path, monkeypatch):
+    _, path, saved = trained_like(registry, tmp_path, "lora")
+    monkeypatch.setattr(peft_lib, "MAX_TRAINABLE", saved - 1)
+    with pytest.raises(VlcapError, match="over the .* budget"):
+        load_checkpoint(path, registry)
+    with pytest.raises(VlcapError, match="over the .* budget"):
+        trained_like(registry, tmp_path / "again", "lora")
+    assert not (tmp_path / "again" / "ckpt.safetensors").exists()
+
+
+def test_not_a_checkpoint(tmp_path, registry):
+    (tmp_path / "x.safetensors").write_text("hello")
+    with pytest.raises(VlcapError, match="x.safetensors: not a safetensors file"):
+        load_checkpoint(tmp_path / "x.safetensors", registry)
+    with pytest.raises(VlcapError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.safetensors", registry)
+
+
+def test_metadata_is_json_readable(registry, tmp_path):
+    _, path, _ = trained_like(registry, tmp_path, "lora")
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+    assert json.loads(raw["config"])["peft"]["method"] == "lora"
