@@ -36,3 +36,22 @@ def data_overrides(root):
 def batch():
     torch.manual_seed(0)
     return torch.randn(2, 3, 160, 160), torch.randint(0, 50257, (2, 9))
+
+
+def install_package(root, dist_name, module_name, source, entry_point=None):
+    """A minimal installed distribution in ``root`` (put it on sys.path): a dist-info with
+    METADATA and a ``vlcap`` entry point, plus the plugin module itself."""
+    (root / f"{module_name}.py").write_text(source)
+    info = root / f"{dist_name.replace('-', '_')}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[vlcap]\n{entry_point or module_name} = {module_name}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path where tests 'pip install' fake plugin packages."""
+    path = tmp_path / "site"
+    path.mkdir()
+    monkeypatch.syspath_prepend(str(path))
+    return path

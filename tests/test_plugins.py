@@ -2,10 +2,11 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from click.testing import CliRunner
+
+from conftest import install_package
 
 from vlcap.cli import main
 from vlcap.core.errors import VlcapError
@@ -29,33 +30,25 @@ def test_list_plugins_table_names_every_method():
         assert word in result.output
 
 
+PEFT_PLUGIN = """
+import vlcap
+from vlcap.core.peft import PeftMethod
+
+class Method(PeftMethod):
+    name = {name!r}
+    description = "third-party test method"
+
+    def apply(self, captioner, config):
+        pass
+
+@vlcap.hookimpl
+def register_peft_methods(register):
+    register(Method())
+"""
+
+
 def install_fake_package(root, dist_name, module_name, method_name):
-    """A minimal installed distribution: dist-info with an entry point + its module."""
-    (root / f"{module_name}.py").write_text(textwrap.dedent(f"""
-        import vlcap
-        from vlcap.core.peft import PeftMethod
-
-        class Method(PeftMethod):
-            name = {method_name!r}
-            description = "third-party test method"
-
-            def apply(self, captioner, config):
-                pass
-
-        @vlcap.hookimpl
-        def register_peft_methods(register):
-            register(Method())
-    """))
-    info = root / f"{dist_name.replace('-', '_')}-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text(f"[vlcap]\n{method_name} = {module_name}\n")
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    install_package(root, dist_name, module_name, PEFT_PLUGIN.format(name=method_name))
 
 
 def test_third_party_package_is_discovered_like_a_builtin(site):
@@ -67,9 +60,8 @@ def test_third_party_package_is_discovered_like_a_builtin(site):
 
 
 def install_fake_package_with_entry_point(root, dist_name, entry_point, method_name):
-    install_fake_package(root, dist_name, f"{dist_name.replace('-', '_')}_plugin", method_name)
-    info = root / f"{dist_name.replace('-', '_')}-0.3.dist-info"
-    (info / "entry_points.txt").write_text(f"[vlcap]\n{entry_point} = {dist_name.replace('-', '_')}_plugin\n")
+    install_package(root, dist_name, f"{dist_name.replace('-', '_')}_plugin", PEFT_PLUGIN.format(name=method_name),
+                    entry_point=entry_point)
 
 
 def both_named(first, second):

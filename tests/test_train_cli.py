@@ -132,3 +132,39 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "vlcap demo" in result.output and "adapter" in result.output
     assert (tmp_path / "demo/runs/adapter/best.safetensors").exists()
+
+
+METRIC_PLUGIN = """
+import vlcap
+from vlcap.core.metrics import Metric
+
+class Length(Metric):
+    name = "words"
+    description = "mean caption length in words (test metric)"
+    higher_is_better = True
+
+    def compute(self, predictions, references, image_paths):
+        assert set(predictions) == set(references) <= set(image_paths)
+        return sum(len(c.split()) for c in predictions.values()) / len(predictions)
+
+@vlcap.hookimpl
+def register_metrics(register):
+    register(Length())
+"""
+
+
+def test_installed_metric_is_reported_and_selects_the_best_checkpoint(tmp_path, synthetic, site):
+    from conftest import data_overrides, install_package, tiny_config
+    from vlcap.core.plugins import load_registry
+    from vlcap.core.trainer import train
+
+    install_package(site, "vlcap-words", "vlcap_words", METRIC_PLUGIN)
+    registry = load_registry()
+    cfg = tiny_config("lora", **data_overrides(synthetic), train={"max_steps": 6, "batch_size": 60,
+                                                                  "max_val_images": 3})
+    result = train(cfg, tmp_path / "run", registry)
+    assert len(result.history) == 3 and all("words" in record for record in result.history)
+    # Ties keep the earlier epoch; best.safetensors equals last.safetensors only if the last won.
+    best_epoch = max(range(3), key=lambda i: (result.history[i]["words"], -i))
+    best, last = load_file(result.best_checkpoint), load_file(result.last_checkpoint)
+    assert all(torch.equal(best[k], last[k]) for k in best) == (best_epoch == 2)
