@@ -1,5 +1,6 @@
 """The ``vlcap`` command line."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -133,10 +134,7 @@ def inspect(checkpoint, as_json):
     groups = {}
     for name, shape in shapes.items():
         group = parameter_group(name)
-        count = 1
-        for d in shape:
-            count *= d
-        groups[group] = groups.get(group, 0) + count
+        groups[group] = groups.get(group, 0) + math.prod(shape)
     for group, count in sorted(groups.items()):
         console.print(f"  {group}: {count:,}")
 

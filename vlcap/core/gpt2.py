@@ -20,7 +20,6 @@ from vlcap.core.errors import VlcapError, few
 CONV1D_SUFFIXES = (".c_attn.weight", ".c_fc.weight", ".c_proj.weight")
 # Causal-mask buffers some GPT-2 exports carry; they hold no learned values.
 MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-ADDED_BY_VLCAP = (".ln_cross.", ".cross_attn.")
 COURSE_BLOCK_MODULES = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -152,7 +151,8 @@ class GPT2Decoder(nn.Module):
 
     def pretrained_parameters(self):
         """The parameters a ``decoder_model.bin`` provides (everything but the cross-attention)."""
-        return [p for name, p in self.named_parameters() if not any(s in name for s in ADDED_BY_VLCAP)]
+        params = dict(self.named_parameters())
+        return [params[key] for key in self.course_keys()]
 
     def course_keys(self):
         """The keys of a course ``decoder_model.bin`` for this config, in GPT-2's order."""
