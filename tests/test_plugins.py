@@ -47,21 +47,17 @@ def register_peft_methods(register):
 """
 
 
-def install_fake_package(root, dist_name, module_name, method_name):
-    install_package(root, dist_name, module_name, PEFT_PLUGIN.format(name=method_name))
+def install_peft_package(root, dist_name, method_name, entry_point=None):
+    module = f"{dist_name.replace('-', '_')}_plugin"
+    install_package(root, dist_name, module, PEFT_PLUGIN.format(name=method_name), entry_point=entry_point)
 
 
 def test_third_party_package_is_discovered_like_a_builtin(site):
-    install_fake_package(site, "vlcap-toy", "vlcap_toy_plugin", "toy")
+    install_peft_package(site, "vlcap-toy", "toy")
     registry = load_registry()
     entry = registry.entry("peft", "toy")
     assert (entry.package, entry.version, entry.description) == ("vlcap-toy", "0.3", "third-party test method")
     assert {"lora", "adapter", "prefix", "toy"} <= set(registry.names("peft"))
-
-
-def install_fake_package_with_entry_point(root, dist_name, entry_point, method_name):
-    install_package(root, dist_name, f"{dist_name.replace('-', '_')}_plugin", PEFT_PLUGIN.format(name=method_name),
-                    entry_point=entry_point)
 
 
 def both_named(first, second):
@@ -69,7 +65,7 @@ def both_named(first, second):
 
 
 def test_duplicate_method_name_fails_naming_both_packages(site):
-    install_fake_package_with_entry_point(site, "vlcap-dup", "dup", "lora")
+    install_peft_package(site, "vlcap-dup", "lora", entry_point="dup")
     with pytest.raises(VlcapError, match="PEFT method 'lora' is registered twice") as error:
         load_registry()
     assert error.match(both_named("vlcap", "vlcap-dup"))
@@ -77,7 +73,7 @@ def test_duplicate_method_name_fails_naming_both_packages(site):
 
 def test_duplicate_entry_point_name_is_not_silently_dropped(site):
     # pluggy alone would skip the second "lora" entry point without a word.
-    install_fake_package_with_entry_point(site, "vlcap-other", "lora", "other-lora")
+    install_peft_package(site, "vlcap-other", "other-lora", entry_point="lora")
     with pytest.raises(VlcapError, match="entry point 'lora' is declared by") as error:
         load_registry()
     assert error.match(both_named("vlcap", "vlcap-other"))

@@ -8,8 +8,10 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import PEFT_METHODS, SHARED, needs_shared
+from conftest import PEFT_METHODS, SHARED, data_overrides, install_package, needs_shared, tiny_config
 from vlcap.cli import main
+from vlcap.core.plugins import load_registry
+from vlcap.core.trainer import train
 
 
 def run(*args):
@@ -105,6 +107,7 @@ def test_yaml_config_and_set_overrides_are_resolved_and_saved(tmp_path, syntheti
     (["--set", "oops"], "expected KEY=VALUE"),
     (["--config", "missing.yaml"], "missing.yaml: config file not found"),
     (["--train-json", "missing.json", "--train-images", "."], "missing.json: caption file not found"),
+    (["--set", "model.decoder.vocab_size=1000"], "tokenizer has 50257 tokens but the decoder expects 1000"),
 ])
 def test_bad_training_input_is_one_line(tmp_path, args, message):
     result = run("train", "--preset", "tiny", "--out", tmp_path / "r", *args)
@@ -154,10 +157,6 @@ def register_metrics(register):
 
 
 def test_installed_metric_is_reported_and_selects_the_best_checkpoint(tmp_path, synthetic, site):
-    from conftest import data_overrides, install_package, tiny_config
-    from vlcap.core.plugins import load_registry
-    from vlcap.core.trainer import train
-
     install_package(site, "vlcap-words", "vlcap_words", METRIC_PLUGIN)
     registry = load_registry()
     cfg = tiny_config("lora", **data_overrides(synthetic), train={"max_steps": 6, "batch_size": 60,

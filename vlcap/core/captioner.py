@@ -9,7 +9,7 @@ from vlcap.core.encoder import ImageEncoder
 from vlcap.core.errors import VlcapError
 from vlcap.core.gpt2 import GPT2Decoder
 from vlcap.core.peft import apply_peft, config_dict, mark_pretrained, seeded
-from vlcap.core.tokenizer import IGNORE_INDEX
+from vlcap.core.tokenizer import IGNORE_INDEX, Tokenizer
 
 
 class Captioner(nn.Module):
@@ -57,7 +57,10 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
     return captioner, method
 
 
-def check_vocab(cfg, tokenizer):
+def tokenizer_for(cfg):
+    """The tokenizer ``cfg`` names, checked against the decoder's vocabulary size."""
+    tokenizer = Tokenizer(cfg.model.encoder_json, cfg.model.vocab_bpe)
     if tokenizer.vocab_size != cfg.model.decoder.vocab_size:
         raise VlcapError(f"{tokenizer.encoder_json}: tokenizer has {tokenizer.vocab_size} tokens but the "
                          f"decoder expects {cfg.model.decoder.vocab_size}; use GPT-2's encoder.json/vocab.bpe")
+    return tokenizer

@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 import vlcap
 from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
-from vlcap.core.captioner import build_captioner, check_vocab
+from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.peft import check_budget, config_dict, count_parameters
@@ -91,14 +91,14 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     weights = decoder_weights or cfg.model.decoder_weights
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
-    tokenizer = Tokenizer(cfg.model.encoder_json, cfg.model.vocab_bpe)
+    tokenizer = tokenizer_for(cfg)
     if tokenizer.fingerprint != metadata.get("tokenizer"):
         raise VlcapError(f"{path}: trained with tokenizer {metadata.get('tokenizer')}, but the files at "
                          f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
-    check_vocab(cfg, tokenizer)
     shapes = metadata["shapes"]
-    if sum(math.prod(s) for s in shapes.values()) != metadata["parameters"]:
-        raise VlcapError(f"{path}: holds {sum(math.prod(s) for s in shapes.values()):,} parameters but its metadata "
+    held = sum(math.prod(s) for s in shapes.values())
+    if held != metadata["parameters"]:
+        raise VlcapError(f"{path}: holds {held:,} parameters but its metadata "
                          f"says {metadata['parameters']:,}; the file was altered")
     check_budget(metadata["parameters"], what=str(path))
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
-from vlcap.core.captioner import build_captioner, check_vocab
+from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
 from vlcap.core.data import (CaptionDataset, ImageDataset, check_images_exist, collate_captions,
                              load_captions)
@@ -25,7 +25,6 @@ from vlcap.core.decoding import caption_images
 from vlcap.core.errors import VlcapError
 from vlcap.core.gpt2 import save_course_weights
 from vlcap.core.peft import check_budget, count_parameters
-from vlcap.core.tokenizer import Tokenizer
 
 
 @dataclass
@@ -64,8 +63,7 @@ def prepare_model(cfg, registry, run_dir=None):
     """Tokenizer + captioner for a training run. With ``model.random_decoder`` and no weights
     file, the random decoder is written to ``run_dir/decoder_model.bin`` in the course format
     and recorded in ``cfg``, so every later command can load it."""
-    tokenizer = Tokenizer(cfg.model.encoder_json, cfg.model.vocab_bpe)
-    check_vocab(cfg, tokenizer)
+    tokenizer = tokenizer_for(cfg)
     weights = cfg.model.decoder_weights
     if weights is None and not cfg.model.random_decoder:
         raise VlcapError("no decoder weights: pass --decoder-weights PATH/decoder_model.bin "
