@@ -55,3 +55,38 @@ def site(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.syspath_prepend(str(path))
     return path
+
+
+def tiny_clip_model(seed=0):
+    """A tiny open_clip CLIP (1-layer towers, 32-px images, OpenAI's 49,408-token vocabulary)
+    whose weights survive the fp16 round trip ``clip.load`` puts OpenAI checkpoints through."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=32, quick_gelu=True,
+                 vision_cfg=CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def write_tiny_clip(path, model=None, torchscript=False):
+    """Save a CLIP in OpenAI's format: a state dict with OpenAI's key names, or (``torchscript``)
+    a traced archive like the files OpenAI distributes."""
+    model = model or tiny_clip_model()
+    if torchscript:
+        # OpenAI's models hold the causal text mask as a plain attribute, not a state-dict buffer.
+        mask = model._buffers.pop("attn_mask")
+        model.attn_mask = mask
+        example = (torch.zeros(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long))
+        torch.jit.trace(model, example, check_trace=False).save(str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """Path of a tiny local CLIP checkpoint (state dict in OpenAI's format)."""
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip.pt")

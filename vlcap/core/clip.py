@@ -1,0 +1,96 @@
+"""OpenAI CLIP models for scoring captions (CLIPScore) and zero-shot classification.
+
+A model is named like OpenAI's ``clip.load`` does (``ViT-B/32``, ``ViT-L/14``, ...) or given as a
+local OpenAI-format file: the TorchScript archive OpenAI distributes, or a plain state dict with
+OpenAI's key names. open_clip builds and preprocesses it exactly as ``clip.load`` would (same
+weights, bicubic resize + center crop + CLIP mean/std, the same BPE tokenizer) without importing
+``pkg_resources``, which ``openai-clip`` needs and setuptools >= 81 no longer ships.
+"""
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlcap.core.errors import VlcapError
+
+CLIP_MODEL_ENV = "VLCAP_CLIP_MODEL"
+# OpenAI's model names (as ``clip.available_models()``) -> open_clip's names for the same weights.
+OPENAI_MODELS = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
+                 "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336"}
+
+
+def clip_model_name(name=None, default="ViT-B/32"):
+    """``--clip-model`` if given, else ``$VLCAP_CLIP_MODEL``, else ``default``."""
+    return name or os.environ.get(CLIP_MODEL_ENV) or default
+
+
+@dataclass
+class Clip:
+    model: torch.nn.Module
+    preprocess: object  # PIL image -> (3, H, W) tensor
+    tokenizer: object  # open_clip SimpleTokenizer (OpenAI's BPE, 77-token context)
+    device: torch.device
+    name: str
+
+    @property
+    def context_length(self):
+        return self.tokenizer.context_length
+
+    def is_too_long(self, text):
+        """True if ``text`` does not fit CLIP's context (start + tokens + end) and gets truncated."""
+        return len(self.tokenizer.encode(text)) + 2 > self.context_length
+
+    @torch.no_grad()
+    def encode_images(self, pixels):
+        """Unit-length image embeddings, float32, ``(B, embed_dim)``."""
+        features = self.model.encode_image(pixels.to(self.device, dtype=self._dtype()))
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts):
+        """Unit-length text embeddings, float32, ``(len(texts), embed_dim)``. Texts longer than
+        the context are cut to it, keeping the end token (``clip.tokenize(truncate=True)``)."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def _dtype(self):
+        return self.model.visual.conv1.weight.dtype
+
+
+def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
+    """Load an OpenAI CLIP model by name or from a local OpenAI-format file.
+
+    As ``clip.load``: fp16 weights on CUDA, fp32 on CPU.
+    """
+    import open_clip
+    from open_clip.openai import load_openai_model
+    from open_clip.transform import image_transform
+
+    name = clip_model_name(name_or_path, default)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    path = Path(name).expanduser()
+    if path.is_file():
+        source = str(path)
+    else:
+        source = OPENAI_MODELS.get(name, name)
+        if source not in OPENAI_MODELS.values():
+            raise VlcapError(f"CLIP model '{name}' is neither a file nor an OpenAI model name "
+                             f"({', '.join(OPENAI_MODELS)}); pass --clip-model or set {CLIP_MODEL_ENV}")
+    try:
+        with warnings.catch_warnings():  # open_clip tries torch.jit.load first, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            model = load_openai_model(source, precision=precision, device=device)
+    except (OSError, ConnectionError) as exc:  # download failed: offline, proxy, ...
+        raise VlcapError(f"could not fetch CLIP '{name}' ({type(exc).__name__}); connect once so it is cached, "
+                         "or pass a local OpenAI-format checkpoint with --clip-model PATH") from exc
+    except Exception as exc:  # torch/open_clip raise many kinds for a file that is not a CLIP model
+        raise VlcapError(f"{name}: not an OpenAI-format CLIP checkpoint ({type(exc).__name__}); pass a TorchScript "
+                         "archive as OpenAI distributes it or a state dict with OpenAI's key names") from exc
+    model.eval()
+    preprocess = image_transform(model.visual.image_size, is_train=False)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # every OpenAI CLIP shares this BPE and context
+    return Clip(model, preprocess, tokenizer, device, name)
