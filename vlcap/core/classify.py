@@ -79,7 +79,9 @@ def text_embeddings(clip, names, template):
 
 
 def ensemble(per_template):
-    """The CLIP paper's prompt ensemble: mean of the unit embeddings, renormalised."""
+    """The CLIP paper's prompt ensemble: mean of the unit embeddings, renormalised. (open_clip's
+    ``build_zero_shot_classifier`` computes the same in one pass, but without the per-template
+    embeddings that the template report reuses.)"""
     return F.normalize(torch.stack(list(per_template)).mean(dim=0), dim=-1)
 
 
