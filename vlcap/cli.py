@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlcap.core import config as config_lib
-from vlcap.core.errors import VlcapError
+from vlcap.core.errors import VlcapError, few
 
 console = Console()
 err_console = Console(stderr=True)
@@ -147,6 +147,74 @@ def demo(out, steps, methods):
     """Train every PEFT method on a synthetic shapes set with the tiny preset, offline."""
     from vlcap.core.demo import run_demo
     run_demo(Path(out), registry(), console, steps=steps, methods=methods or None)
+
+
+@main.command()
+@click.argument("images_dir", type=click.Path())
+@click.option("--labels", "labels_file", required=True, type=click.Path(), help="id2label.json: {\"0\": \"bicycle\", ...}.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write predictions here as 'filename,label' CSV.")
+@click.option("--template", "templates", multiple=True, metavar="TEXT",
+              help="Prompt with {object} for the class name (repeatable; several are ensembled). "
+                   "Default: CLIP's 18 CIFAR prompts.")
+@click.option("--clip-model", help="OpenAI CLIP name or local OpenAI-format file (default: $VLCAP_CLIP_MODEL, else ViT-L/14).")
+@click.option("--report", is_flag=True, help="Print the accuracy of each template and of their ensemble.")
+@click.option("--ground-truth", type=click.Path(dir_okay=False),
+              help="'filename,label' CSV for --report (default: the class id prefix of {class}_{n}.png names).")
+@click.option("--plot-top5", type=int, metavar="N", help="Save top-5 bar charts for N sampled images into --out-dir.")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Folder for the --plot-top5 PNGs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images --plot-top5 samples.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available).")
+@click.option("--skip-bad-images", is_flag=True, help="Classify the readable images instead of failing on unreadable ones.")
+def classify(images_dir, labels_file, out, templates, clip_model, report, ground_truth, plot_top5, out_dir, seed,
+             batch_size, device, skip_bad_images):
+    """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts."""
+    from vlcap.core import classify as zs
+    from vlcap.core.clip import load_clip
+    from vlcap.core.data import load_image
+    if not (out or report or plot_top5):
+        raise VlcapError("nothing to do: pass --out pred.csv, --report and/or --plot-top5 N --out-dir DIR")
+    if plot_top5 is not None and (plot_top5 < 1 or not out_dir):
+        raise VlcapError("--plot-top5 N needs N >= 1 and --out-dir DIR for the PNGs")
+    # Every input is checked before the (possibly large) model loads.
+    labels = zs.load_labels(labels_file)
+    templates = [zs.check_template(t) for t in templates] or list(zs.DEFAULT_TEMPLATES)
+    paths = zs.find_images(images_dir)
+    names = [p.name for p in paths]
+    if report:
+        truth = zs.load_ground_truth(ground_truth, names, labels) if ground_truth else zs.ground_truth_from_names(names, labels)
+
+    clip = load_clip(clip_model, device=device, default="ViT-L/14")
+    images = zs.encode_images(clip, paths, batch_size=batch_size, console=err_console)
+    if images.bad and not skip_bad_images:
+        raise VlcapError(f"{len(images.bad)} unreadable image(s) in {images_dir}: {few(n for n, _ in images.bad)}; "
+                         "fix or remove them, or pass --skip-bad-images to classify the rest")
+    if not images.files:
+        raise VlcapError(f"{images_dir}: none of the images could be read")
+    per_template = [zs.text_embeddings(clip, labels.names, t) for t in templates]
+    probs = zs.probabilities(clip, images.embeddings, zs.ensemble(per_template))
+
+    if out:
+        zs.write_predictions(out, images.files, probs, labels)
+        err_console.print(f"{len(images.files)} predictions written to {out}")
+    if report:
+        rows = list(zip(templates, per_template))
+        if len(templates) > 1:
+            rows.append((f"ensemble of {len(templates)} templates", zs.ensemble(per_template)))
+        table = Table(title=f"zero-shot accuracy, {clip.name}, {len(images.files)} images")
+        for column in ("template", "accuracy", "correct"):
+            table.add_column(column, justify="left" if column == "template" else "right")
+        for template, embeddings in rows:
+            correct, total = zs.accuracy(zs.probabilities(clip, images.embeddings, embeddings), images.files, truth, labels)
+            table.add_row(template, f"{100 * correct / total:.2f}%", f"{correct}/{total}")
+        console.print(table)
+    if plot_top5:
+        for index in zs.sample(images.files, plot_top5, seed):
+            name = images.files[index]
+            title = name if not report else f"{name} (true: {labels.names[labels.ids.index(truth[name])]})"
+            png = Path(out_dir) / f"{Path(name).stem}_top5.png"
+            zs.plot_top5(load_image(Path(images_dir) / name), probs[index], labels, png, title=title)
+        err_console.print(f"top-5 plots of {min(plot_top5, len(images.files))} images written to {out_dir}")
 
 
 if __name__ == "__main__":
