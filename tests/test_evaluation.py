@@ -134,6 +134,13 @@ def test_clipscore_equals_an_independent_computation(tmp_path, tiny_clip):
     assert result.truncated == ["img4"]
 
 
+def test_unreadable_image_is_named(tmp_path, tiny_clip):
+    paths = write_images(tmp_path / "images", count=3)
+    paths["img1"].write_bytes(b"not a png")
+    with pytest.raises(VlcapError, match=r"img1.png: not a readable image"):
+        clip_scores(dict(zip(paths, CAPTIONS)), paths, load_clip(str(tiny_clip), device="cpu"), show_progress=False)
+
+
 def write_annotations(path, stems, suffix=".png"):
     images = [{"id": i, "file_name": f"{stem}{suffix}"} for i, stem in enumerate(stems)]
     annotations = [{"id": 2 * i + k, "image_id": i, "caption": f"{caption} {k}"}

@@ -75,6 +75,8 @@ def check_predictions(predictions, references, where="predictions"):
     if not_strings:
         raise VlcapError(f"{where}: caption(s) must be strings; not a string for {len(not_strings)} image(s): "
                          f"{few(not_strings)}")
+    if not references:
+        raise VlcapError(f"{where}: the annotations have no captions to score against")
     missing = sorted(set(references) - set(predictions))
     extra = sorted(set(predictions) - set(references))
     if missing or extra:
