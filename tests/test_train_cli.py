@@ -160,7 +160,7 @@ def test_installed_metric_is_reported_and_selects_the_best_checkpoint(tmp_path, 
     install_package(site, "vlcap-words", "vlcap_words", METRIC_PLUGIN)
     registry = load_registry()
     cfg = tiny_config("lora", **data_overrides(synthetic), train={"max_steps": 6, "batch_size": 60,
-                                                                  "max_val_images": 3})
+                                                                  "max_val_images": 3, "metrics": ["words"]})
     result = train(cfg, tmp_path / "run", registry)
     assert len(result.history) == 3 and all("words" in record for record in result.history)
     # Ties keep the earlier epoch; best.safetensors equals last.safetensors only if the last won.

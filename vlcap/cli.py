@@ -217,5 +217,80 @@ def classify(images_dir, labels_file, out, templates, clip_model, report, ground
         err_console.print(f"top-5 plots of {min(plot_top5, len(images.files))} images written to {out_dir}")
 
 
+@main.command()
+@click.option("--pred", "pred_path", required=True, type=click.Path(dir_okay=False),
+              help="Predictions: a JSON object, image file stem -> caption (the course's format).")
+@click.option("--annotations", "annotations_path", required=True, type=click.Path(dir_okay=False),
+              help="The reference captions (COCO-style JSON, e.g. val.json).")
+@click.option("--images", "image_dir", type=click.Path(file_okay=False), help="The images, for CLIPScore.")
+@click.option("--no-clipscore", is_flag=True, help="CIDEr only (no images or CLIP model needed).")
+@click.option("--clip-model", help="OpenAI CLIP name (ViT-B/32, ViT-L/14, ...) or a local OpenAI-format "
+              "checkpoint; default $VLCAP_CLIP_MODEL, else ViT-B/32 as the course.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="CLIP batch size.")
+@click.option("--per-image", "per_image_path", type=click.Path(dir_okay=False),
+              help="Write per-image scores to this CSV (best CLIPScore first).")
+@click.option("--top-k", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Show the K best and K worst images by CLIPScore (by CIDEr with --no-clipscore).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, batch_size, per_image_path, top_k,
+             as_json):
+    """Score captions with CIDEr and CLIPScore exactly as the course's evaluator does."""
+    from vlcap.core.evaluation import evaluate_files
+    result = evaluate_files(pred_path, annotations_path, image_dir, clipscore=not no_clipscore,
+                            clip_model=clip_model, batch_size=batch_size, console=err_console)
+    clip = result.clipscore
+    if clip is not None and clip.truncated:
+        err_console.print(f"[yellow]{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
+                          f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}[/]")
+    rows = per_image_rows(result)
+    if per_image_path:
+        write_per_image_csv(per_image_path, rows)
+    if as_json:
+        click.echo(json.dumps({"images": result.images, "cider": result.cider.score,
+                               "clipscore": clip.score if clip else None, "clip_model": result.clip_model,
+                               "truncated": clip.truncated if clip else []}, indent=2))
+        return
+    table = Table(title=f"{pred_path} against {annotations_path} ({result.images:,} images)")
+    for column in ("metric", "score", "how"):
+        table.add_column(column, justify="right" if column == "score" else "left")
+    table.add_row("CIDEr", f"{result.cider.score:.4f}", "CIDEr-D on PTB tokens; comparable only with the same references")
+    if clip:
+        table.add_row("CLIPScore", f"{clip.score:.4f}", f"2.5 * max(cos, 0) with CLIP {result.clip_model}")
+    console.print(table)
+    if top_k:
+        by = "CLIPScore" if clip else "CIDEr"
+        for title, chosen in ((f"top {top_k} by {by}", rows[:top_k]), (f"bottom {top_k} by {by}", rows[::-1][:top_k])):
+            ranked = Table(title=title)
+            scores = ("clipscore", "cider") if clip else ("cider",)
+            for column in ("image", *scores, "caption"):
+                ranked.add_column(column, justify="right" if column in scores else "left")
+            for row in chosen:
+                ranked.add_row(row["stem"], *(f"{row[k]:.4f}" for k in scores), row["caption"])
+            console.print(ranked)
+    if per_image_path:
+        console.print(f"per-image scores: {per_image_path}")
+
+
+def per_image_rows(result):
+    """One row per image, best first (by CLIPScore when it was computed, else by CIDEr)."""
+    clip = result.clipscore
+    order = clip.per_image if clip else result.cider.per_image
+    stems = sorted(order, key=lambda s: -order[s])
+    return [{"stem": s, "caption": result.predictions[s], "clipscore": clip.per_image[s] if clip else None,
+             "cider": result.cider.per_image[s]} for s in stems]
+
+
+def write_per_image_csv(path, rows):
+    import csv
+    import io
+    from vlcap.core.atomic import atomic_write
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["stem", "caption", "clipscore", "cider"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as f:
+        f.write(text.getvalue().encode("utf-8"))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,7 +60,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     device: str = "auto"
-    best_metric: str = "auto"  # auto: first registered metric, else validation loss
+    # Caption metrics reported on the validation set each epoch. CIDEr needs java; add clipscore
+    # (OpenAI CLIP from $VLCAP_CLIP_MODEL, default ViT-B/32: a download) only where CLIP is at hand.
+    metrics: list = field(default_factory=lambda: ["cider"])
+    best_metric: str = "auto"  # auto: the first of `metrics`, else validation loss
     max_val_images: Optional[int] = None  # caption at most this many validation images for metrics
 
 

@@ -120,8 +120,7 @@ def validation_loss(captioner, loader, device, dtype):
 
 @torch.no_grad()
 def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype):
-    metrics = registry.entries("metric")
-    if not metrics:
+    if not cfg.train.metrics:
         return {}
     strategy = registry.get("decoding", cfg.decoding.strategy)
     predictions = {}
@@ -131,20 +130,34 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype):
                                       cfg.decoding.options, cfg.decoding.max_length)
         predictions.update(zip(stems, captions))
     references = {stem: val["references"][stem] for stem in predictions}
-    return {m.name: float(m.obj.compute(predictions, references, val["paths"])) for m in metrics}
+    return {name: float(registry.get("metric", name).compute(predictions, references, val["paths"]))
+            for name in cfg.train.metrics}
 
 
 def selection_key(cfg, registry, has_val):
-    """(name, higher_is_better) of the number that picks the best checkpoint."""
+    """(name, higher_is_better) of the number that picks the best checkpoint. Also checks, before
+    any training time is spent, that each metric in ``train.metrics`` is installed and can run."""
+    names = cfg.train.metrics
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise VlcapError(f"train.metrics must be a list of metric names, e.g. --set train.metrics=[cider], got {names!r}")
+    metrics = {name: registry.get("metric", name) for name in names}
+    for name, metric in metrics.items() if has_val else ():
+        try:
+            metric.check()
+        except VlcapError as exc:
+            raise VlcapError(f"{exc} (or leave {name} out of train.metrics, e.g. --set train.metrics=[])") from None
     choice = cfg.train.best_metric
     if choice == "auto":
-        metrics = registry.names("metric")
-        choice = metrics[0] if metrics and has_val else ("val_loss" if has_val else "train_loss")
+        choice = names[0] if names and has_val else ("val_loss" if has_val else "train_loss")
     if choice in ("val_loss", "train_loss"):
         if choice == "val_loss" and not has_val:
             raise VlcapError("train.best_metric=val_loss needs --val-json and --val-images")
         return choice, False
-    return choice, registry.get("metric", choice).higher_is_better
+    metric = registry.get("metric", choice)
+    if choice not in metrics or not has_val:
+        raise VlcapError(f"train.best_metric={choice} is not computed: it needs --val-json/--val-images and "
+                         f"{choice} in train.metrics (now {names})")
+    return choice, metric.higher_is_better
 
 
 def train(cfg, run_dir, registry, console=None):

@@ -1,0 +1,227 @@
+"""Caption evaluation exactly as the course scores it.
+
+CIDEr: Stanford PTB tokenization (lower-case, punctuation removed) then coco-caption CIDEr-D
+(n=4, sigma=6, IDF from the references being scored), both from ``pycocoevalcap``, the code
+the course's evaluator calls. CLIPScore: 2.5 * max(cos(image, caption), 0) with OpenAI CLIP,
+averaged over images. Training (validation metrics) and ``vlcap evaluate`` both come here.
+"""
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader, Dataset
+
+from vlcap.core.data import load_captions, load_image
+from vlcap.core.errors import VlcapError, few
+
+JAVA_HINT = "install a Java runtime, e.g. apt-get install default-jre-headless"
+# Characters Java's PTBTokenizer -preserveLines treats as line ends. pycocoevalcap replaces only
+# "\n" and joins one caption per line, so any of the others would shift every later caption onto
+# the wrong image; as whitespace inside a caption they tokenize the same as a space.
+LINE_BREAKS = re.compile("[\r\n\x0b\x0c\u2028\u2029]")
+
+
+@dataclass
+class CiderResult:
+    score: float  # the corpus CIDEr-D the course reports (mean over images)
+    per_image: dict  # stem -> that image's CIDEr-D
+
+
+@dataclass
+class ClipScoreResult:
+    score: float  # mean over images, as the course computes it
+    per_image: dict  # stem -> 2.5 * max(cos, 0)
+    truncated: list  # stems whose caption was cut to CLIP's 77-token context
+
+
+def check_java():
+    """pycocoevalcap's tokenizer runs ``java`` and writes temporary files next to its jar."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    if shutil.which("java") is None:
+        raise VlcapError(f"CIDEr needs Java for the Stanford PTB tokenizer, and 'java' is not on PATH: {JAVA_HINT}")
+    jar_dir = Path(ptbtokenizer.__file__).parent
+    if not os.access(jar_dir, os.W_OK):
+        raise VlcapError(f"{jar_dir}: pycocoevalcap's PTB tokenizer writes its temporary files here and cannot; "
+                         "install vlcap and its dependencies into a virtual environment you own")
+
+
+def ptb_tokenize(captions):
+    """``key -> list of captions`` -> ``key -> list of PTB-tokenized captions`` (one java run).
+
+    Safe to call concurrently: each call writes its own uniquely named temporary file."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    check_java()
+    tokenized = PTBTokenizer().tokenize(
+        {key: [{"caption": LINE_BREAKS.sub(" ", text)} for text in texts] for key, texts in captions.items()})
+    if any(len(tokenized.get(key, ())) != len(texts) for key, texts in captions.items()):
+        raise VlcapError("the Stanford PTB tokenizer (java) returned fewer lines than it was given; run "
+                         f"'java -version' to check the Java runtime works ({JAVA_HINT})")
+    return tokenized
+
+
+def check_predictions(predictions, references, where="predictions"):
+    """The course's checks (a dict of strings whose keys are exactly the annotated image stems),
+    but naming what is wrong."""
+    if not isinstance(predictions, dict):
+        raise VlcapError(f"{where}: expected a JSON object mapping image stem -> caption, "
+                         f"got {type(predictions).__name__}")
+    not_strings = [key for key, value in predictions.items() if not isinstance(value, str)]
+    if not_strings:
+        raise VlcapError(f"{where}: caption(s) must be strings; not a string for {len(not_strings)} image(s): "
+                         f"{few(not_strings)}")
+    if not references:
+        raise VlcapError(f"{where}: the annotations have no captions to score against")
+    missing = sorted(set(references) - set(predictions))
+    extra = sorted(set(predictions) - set(references))
+    if missing or extra:
+        parts = ([f"{len(missing)} annotated image(s) have no prediction: {few(missing)}"] if missing else []) + \
+                ([f"{len(extra)} prediction key(s) are not annotated images: {few(extra)}"] if extra else [])
+        raise VlcapError(f"{where}: keys must be exactly the annotated image stems; " + "; ".join(parts))
+    empty = [key for key, refs in references.items() if not refs]
+    if empty:
+        raise VlcapError(f"{where}: image(s) without reference captions cannot be scored: {few(empty)}")
+
+
+def cider(predictions, references):
+    """CIDEr-D of ``predictions`` (stem -> caption) against ``references`` (stem -> captions),
+    computed as the course's evaluator does: predictions and references PTB-tokenized
+    separately, then ``Cider().compute_score(references, predictions)`` in reference order."""
+    from pycocoevalcap.cider.cider import Cider
+    check_predictions(predictions, references)
+    tokenized_predictions = ptb_tokenize({key: [predictions[key]] for key in references})
+    tokenized_references = ptb_tokenize(references)
+    score, scores = Cider().compute_score(tokenized_references, tokenized_predictions)
+    return CiderResult(float(score), {key: float(s) for key, s in zip(tokenized_references, scores)})
+
+
+class _ClipImages(Dataset):
+    """Preprocessed images for CLIP; an unreadable file comes back as ``None`` so the main process
+    can name it (an exception raised in a DataLoader worker arrives as a multi-line traceback)."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return self.preprocess(load_image(self.paths[index])), index
+        except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+            return None, index
+
+
+def _collate(batch):
+    unreadable = [index for pixels, index in batch if pixels is None]
+    good = [(pixels, index) for pixels, index in batch if pixels is not None]
+    pixels = torch.stack([p for p, _ in good]) if good else None
+    return pixels, [index for _, index in good], unreadable
+
+
+def check_images(stems, image_paths, where="CLIPScore"):
+    missing = [str(image_paths.get(s, s)) for s in stems if s not in image_paths or not Path(image_paths[s]).is_file()]
+    if missing:
+        raise VlcapError(f"{where}: {len(missing)} image file(s) missing: {few(missing)}")
+
+
+def clip_scores(predictions, image_paths, clip, batch_size=64, num_workers=None, show_progress=True, console=None):
+    """CLIPScore of each prediction (stem -> caption) on its image (stem -> path): 2.5 * max(cos, 0)
+    with ``clip`` (a ``vlcap.core.clip.Clip``), and the mean over images."""
+    stems = list(predictions)
+    check_images(stems, image_paths)
+    if num_workers is None:  # decoding JPEGs is the bottleneck once CLIP runs on a GPU
+        num_workers = min(4, os.cpu_count() or 1) if clip.device.type == "cuda" else 0
+    loader = DataLoader(_ClipImages([Path(image_paths[s]) for s in stems], clip.preprocess), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=clip.device.type == "cuda")
+    per_image = {}
+    progress = Progress(TextColumn("CLIPScore"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console or Console(stderr=True), disable=not show_progress, transient=True)
+    with progress:
+        task = progress.add_task("clipscore", total=len(stems))
+        for pixels, indices, unreadable in loader:
+            if unreadable:
+                raise VlcapError(f"{image_paths[stems[unreadable[0]]]}: not a readable image "
+                                 f"({len(unreadable)} unreadable in this batch); replace or remove it")
+            batch = [stems[i] for i in indices]
+            cos = (clip.encode_images(pixels) * clip.encode_texts([predictions[s] for s in batch])).sum(-1)
+            per_image.update(zip(batch, (2.5 * cos.clamp(min=0)).tolist()))
+            progress.advance(task, len(batch))
+    # Summed in prediction order like the course's loop, so the mean matches it to the last digit.
+    score = sum(per_image[s] for s in stems) / len(stems) if stems else float("nan")
+    truncated = [s for s in stems if clip.is_too_long(predictions[s])]
+    return ClipScoreResult(score, {s: per_image[s] for s in stems}, truncated)
+
+
+def course_references(caption_set):
+    """stem -> reference captions, for the images that have any, in the order the course's
+    evaluator builds them (first appearance in the annotations), which fixes the order CIDEr
+    averages in."""
+    references = {}
+    for image_id, text in caption_set.captions:
+        references.setdefault(Path(caption_set.images[image_id]).stem, []).append(text)
+    return references
+
+
+def load_predictions(path):
+    """The course's prediction file: one JSON object, image stem -> caption."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VlcapError(f"{path}: prediction file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlcapError(f"{path}: cannot read the prediction file ({exc})") from None
+    if not text.strip():
+        raise VlcapError(f"{path}: the prediction file is empty; expected a JSON object of image stem -> caption")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlcapError(f"{path}: not valid JSON ({exc}); expected an object of image stem -> caption") from None
+
+
+def image_paths_for(caption_set, image_dir):
+    """stem -> image file in ``image_dir``, named as in the annotations."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise VlcapError(f"{image_dir}: image folder not found")
+    return {Path(name).stem: image_dir / name for name in caption_set.images.values()}
+
+
+@dataclass
+class Evaluation:
+    images: int
+    predictions: dict  # stem -> caption
+    cider: CiderResult
+    clipscore: ClipScoreResult = None
+    clip_model: str = None
+
+
+def evaluate_files(pred_path, annotations_path, image_dir=None, clipscore=True, clip_model=None, batch_size=64,
+                   console=None):
+    """Validate the prediction file against the annotations (naming the file at fault), then score
+    CIDEr and, with ``clipscore``, CLIPScore on the images in ``image_dir``. Everything that can
+    fail fast (inputs, java, images, loading CLIP) is checked before anything is scored."""
+    from vlcap.core.clip import load_clip
+    predictions = load_predictions(pred_path)
+    caption_set = load_captions(annotations_path)
+    references = course_references(caption_set)
+    check_predictions(predictions, references, where=f"{pred_path} (against {annotations_path})")
+    check_java()
+    clip = image_paths = None
+    if clipscore:
+        if image_dir is None:
+            raise VlcapError("CLIPScore needs the images: pass --images DIR (or --no-clipscore)")
+        image_paths = image_paths_for(caption_set, image_dir)
+        check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
+        clip = load_clip(clip_model)
+    result = Evaluation(len(references), predictions, cider(predictions, references))
+    if clip is not None:
+        result.clipscore = clip_scores(predictions, image_paths, clip, batch_size=batch_size, console=console)
+        result.clip_model = clip.name
+    return result
