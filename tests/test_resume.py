@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from vlcap.cli import main
 from vlcap.core.resume import load_state, state_path
+from vlcap.core.synthetic import make_synthetic_set
 
 
 def run(*args):
@@ -21,21 +23,26 @@ def run(*args):
     return result
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_synthetic_set(tmp_path_factory.mktemp("small"), train_images=8, val_images=4)
+
+
 def train_args(data, out, *extra):
-    # 120 captions / batch 8 = 15 steps per epoch, 2 epochs; LoRA dropout draws from the RNG that must resume too.
+    # 40 captions / batch 8 = 5 steps per epoch, 2 epochs; LoRA dropout draws from the RNG that must resume too.
     return ["train", "--preset", "tiny", "--peft", "lora", "--train-json", data / "train.json",
             "--train-images", data / "images_train", "--val-json", data / "val.json", "--val-images",
             data / "images_val", "--out", out, "--epochs", 2, "--batch-size", 8,
             *extra]
 
 
-def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, synthetic):
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, small):
     reference = tmp_path / "reference"
-    assert run(*train_args(synthetic, reference)).exit_code == 0
+    assert run(*train_args(small, reference)).exit_code == 0
 
     out = tmp_path / "interrupted"
     # Loads images in a worker process, to show the data order does not depend on the loader.
-    args = train_args(synthetic, out, "--set", "train.save_every=2", "--set", "train.num_workers=1")
+    args = train_args(small, out, "--set", "train.save_every=1", "--set", "train.num_workers=1")
     process = subprocess.Popen([sys.executable, "-m", "vlcap", *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     deadline = time.monotonic() + 120
@@ -46,8 +53,8 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, sy
     assert process.returncode == 1, stderr
     assert "Traceback" not in stderr and f"vlcap train --resume {out}" in stderr
     state = load_state(out)
-    assert state["epoch"] == 0 and 0 < state["batches"] < 15 and state["step"] == state["batches"]
-    assert f"stopped by SIGTERM at step {state['step']} of 30" in stderr
+    assert state["epoch"] == 0 and 0 < state["batches"] < 5 and state["step"] == state["batches"]
+    assert f"stopped by SIGTERM at step {state['step']} of 10" in stderr
 
     result = run("train", "--resume", out)
     assert result.exit_code == 0, result.output
@@ -58,7 +65,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, sy
     assert [r["epoch"] for r in history] == [1, 2]
 
     again = run("train", "--resume", out)
-    assert again.exit_code == 1 and "already finished (30 of 30 steps)" in again.output
+    assert again.exit_code == 1 and "already finished (10 of 10 steps)" in again.output
 
 
 def test_resume_refuses_conflicting_options_and_foreign_folders(tmp_path):
