@@ -7,25 +7,18 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from vlcap.cli import main
 from vlcap.core.resume import load_state, state_path
-from vlcap.core.synthetic import make_synthetic_set
 
 
 def run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=200)
     assert "Traceback" not in result.output, result.output
     return result
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return make_synthetic_set(tmp_path_factory.mktemp("small"), train_images=8, val_images=4)
 
 
 def train_args(data, out, *extra):
@@ -36,13 +29,13 @@ def train_args(data, out, *extra):
             *extra]
 
 
-def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, small):
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, small_synthetic):
     reference = tmp_path / "reference"
-    assert run(*train_args(small, reference)).exit_code == 0
+    assert run(*train_args(small_synthetic, reference)).exit_code == 0
 
     out = tmp_path / "interrupted"
     # Loads images in a worker process, to show the data order does not depend on the loader.
-    args = train_args(small, out, "--set", "train.save_every=1", "--set", "train.num_workers=1")
+    args = train_args(small_synthetic, out, "--set", "train.save_every=1", "--set", "train.num_workers=1")
     process = subprocess.Popen([sys.executable, "-m", "vlcap", *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     deadline = time.monotonic() + 120

@@ -272,7 +272,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         loss = captioner.loss(pixels, input_ids, labels)
                     if not torch.isfinite(loss):
-                        raise NonFinite(f"loss became {float(loss)} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
+                        raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
                                         f"{last_good()}; lower train.lr or set train.amp=off")
                     scaler.scale(loss / cfg.train.grad_accum).backward()
                     running, seen = running + loss.item() * len(pixels), seen + len(pixels)
