@@ -61,6 +61,6 @@ def test_absurd_learning_rate_fails_in_one_line(tmp_path, small_synthetic):
     d = small_synthetic
     result = CliRunner().invoke(main, [str(a) for a in (
         "train", "--preset", "tiny", "--train-json", d / "train.json", "--train-images", d / "images_train",
-        "--out", tmp_path / "run", "--lr", 1e38, "--max-steps", 5, "--set", "train.warmup_steps=0")])
+        "--out", tmp_path / "run", "--lr", 1e6, "--max-steps", 5, "--set", "train.warmup_steps=0")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "became" in result.output and "lower train.lr" in result.output, result.output
