@@ -186,6 +186,8 @@ def train(cfg, run_dir, registry, console=None, resume=False):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = resume_lib.load_state(run_dir) if resume else None
+    if not resume:  # a new run here makes an old resume state meaningless (and misleading)
+        resume_lib.state_path(run_dir).unlink(missing_ok=True)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     dtype = autocast_dtype(cfg.train.amp, device)
@@ -253,9 +255,9 @@ def train(cfg, run_dir, registry, console=None, resume=False):
         return VlcapError(f"stopped by {signal_name} at step {step} of {total_steps}; state saved to {state_file}; "
                           f"continue with: vlcap train --resume {run_dir}")
 
-    verb = f"resuming at step {step}" if state is not None else "training"
-    console.print(f"[bold]vlcap train[/] {verb} {cfg.peft.method} on {device}: {counts.trainable:,} trainable "
-                  f"parameters, {len(dataset):,} captions, {total_steps} steps -> {run_dir}")
+    resumed = f" (resumed at step {step})" if state is not None else ""
+    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}: {counts.trainable:,} trainable "
+                  f"parameters, {len(dataset):,} captions, {total_steps} steps{resumed} -> {run_dir}")
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console)
