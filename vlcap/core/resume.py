@@ -87,6 +87,12 @@ def restore_trainable(captioner, tensors, path):
             p.copy_(tensors[name])
 
 
+def ignore_interrupts_in_worker(worker_id):
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, and a worker that
+    dies of it would crash the main process instead of letting it stop cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def stop_requests():
     """While training, SIGTERM/SIGINT ask for a clean stop (finish the step, save, exit) instead

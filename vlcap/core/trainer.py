@@ -83,7 +83,7 @@ def make_loaders(cfg, captioner, tokenizer, device):
         raise VlcapError("no training data: pass --train-json FILE and --train-images DIR")
     transform = captioner.encoder.transform()
     loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-                       pin_memory=device.type == "cuda",
+                       pin_memory=device.type == "cuda", worker_init_fn=resume_lib.ignore_interrupts_in_worker,
                        collate_fn=functools.partial(collate_captions, pad_id=tokenizer.eot_id))
 
     def caption_dataset(json_path, image_dir):
@@ -107,7 +107,7 @@ def make_loaders(cfg, captioner, tokenizer, device):
             "loss": DataLoader(val_set, shuffle=False, **loader_args),
             "images": DataLoader(ImageDataset(image_paths, transform, skip_unreadable=True),
                                  batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-                                 collate_fn=collate_images),
+                                 worker_init_fn=resume_lib.ignore_interrupts_in_worker, collate_fn=collate_images),
             "references": val_captions.references(),
             "paths": {p.stem: p for p in image_paths},
         }
@@ -162,15 +162,15 @@ def selection_key(cfg, registry, has_val):
     return choice, registry.get("metric", choice).higher_is_better
 
 
+class NonFinite(VlcapError):
+    """A NaN/inf loss, gradient or weight stopped the run; the last good state was kept."""
+
+
 def check_finite(named_parameters, step, what):
     """Refuse to write non-finite weights over the last good state."""
     bad = [name for name, p in named_parameters if not torch.isfinite(p).all()]
     if bad:
         raise NonFinite(f"parameters became non-finite ({few(bad)}) after step {step}; {what}")
-
-
-class NonFinite(VlcapError):
-    pass
 
 
 def write_history(run_dir, history):
