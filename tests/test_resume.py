@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from vlcap.cli import main
+from vlcap.core.errors import VlcapError
 from vlcap.core.resume import load_state, state_path
 
 
@@ -66,3 +68,20 @@ def test_resume_refuses_conflicting_options_and_foreign_folders(tmp_path):
     assert result.exit_code == 1 and "drop --lr, --set" in result.output
     result = run("train", "--resume", tmp_path)
     assert result.exit_code == 1 and "no config.yaml here" in result.output
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("content", [b"junk", "pickle"])
+def test_damaged_or_hostile_resume_state_is_refused(tmp_path, capsys, content):
+    state_path(tmp_path).parent.mkdir()
+    if content == "pickle":
+        torch.save({"step": 3, "x": Payload()}, state_path(tmp_path))
+    else:
+        state_path(tmp_path).write_bytes(content)
+    with pytest.raises(VlcapError, match="damaged resume state"):
+        load_state(tmp_path)
+    assert "pickled code ran" not in capsys.readouterr().out

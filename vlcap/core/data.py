@@ -232,7 +232,7 @@ class EpochSampler(Sampler):
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # distinct per (seed, epoch)
         yield from torch.randperm(self.size, generator=generator)[self.skip:].tolist()
 
     def __len__(self):
