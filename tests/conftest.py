@@ -23,6 +23,12 @@ def synthetic(tmp_path_factory):
     return make_synthetic_set(tmp_path_factory.mktemp("synthetic"), train_images=24, val_images=6)
 
 
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory):
+    """40 training captions: 5 steps of 8 per epoch, for tests that train several times."""
+    return make_synthetic_set(tmp_path_factory.mktemp("small_synthetic"), train_images=8, val_images=4)
+
+
 def tiny_config(method="lora", **overrides):
     return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}, overrides])
 

@@ -43,7 +43,7 @@ def test_end_of_text_in_caption_text_is_not_a_control_token(tokenizer):
 def test_collate_pads_inputs_with_eot_and_labels_with_ignore(tokenizer):
     short, long_ = tokenizer.training_pair("a dog", 60), tokenizer.training_pair("a very small brown dog", 60)
     batch = [(torch.zeros(3, 4, 4), torch.tensor(x), torch.tensor(y)) for x, y, _ in (short, long_)]
-    pixels, input_ids, labels = collate_captions(batch, pad_id=50256)
+    pixels, input_ids, labels, _ = collate_captions(batch, pad_id=50256)
     assert pixels.shape == (2, 3, 4, 4) and input_ids.shape == labels.shape == (2, len(long_[0]))
     assert input_ids[0, len(short[0]):].eq(50256).all()
     assert labels[0, len(short[1]):].eq(IGNORE_INDEX).all()

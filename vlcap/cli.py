@@ -82,9 +82,22 @@ def parameter_table(counts, title):
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set peft.options.r=16 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Build the model (shapes only), print parameter counts, exit.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the stopped run in this directory, with its own config.yaml (only --device may change).")
 def train(config_file, preset, peft, encoder, decoder_weights, train_json, train_images, val_json,
-          val_images, out, epochs, max_steps, batch_size, lr, device, assignments, dry_run):
+          val_images, out, epochs, max_steps, batch_size, lr, device, assignments, dry_run, resume_dir):
     """Train a captioner: only the cross-attention, projection and PEFT parameters learn."""
+    if resume_dir:
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "device")
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise VlcapError(f"--resume continues {resume_dir} with its own config.yaml; drop {', '.join(given)}")
+        from vlcap.core.resume import resume_config
+        from vlcap.core.trainer import train as run_training
+        report_training(run_training(resume_config(resume_dir, device), resume_dir, registry(),
+                                     console=err_console, resume=True))
+        return
     options = {"peft": {"method": peft}, "model": {"encoder": encoder, "decoder_weights": decoder_weights},
                "data": {"train_json": train_json, "train_images": train_images,
                         "val_json": val_json, "val_images": val_images},
@@ -104,7 +117,10 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
     if not out:
         raise VlcapError("no run directory: pass --out DIR")
     from vlcap.core.trainer import train as run_training
-    result = run_training(cfg, out, registry(), console=err_console)
+    report_training(run_training(cfg, out, registry(), console=err_console))
+
+
+def report_training(result):
     console.print(f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
                   f"(best) and {result.last_checkpoint} (last)")
 

@@ -77,6 +77,11 @@ def read_metadata(path):
         metadata["config"] = json.loads(metadata["config"])
         metadata["peft"] = json.loads(metadata["peft"])
         metadata["parameters"] = int(metadata["parameters"])
+        if not isinstance(metadata["config"], dict):
+            raise ValueError("config is not a mapping")
+        if not (isinstance(metadata["peft"], dict) and all(isinstance(metadata["peft"].get(k), str)
+                                                           for k in ("name", "package", "version"))):
+            raise ValueError("peft needs name, package and version strings")
     except (KeyError, ValueError) as exc:
         raise VlcapError(f"{path}: damaged vlcap metadata ({type(exc).__name__}: {exc})") from None
     metadata["shapes"] = shapes
@@ -88,6 +93,14 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     path = Path(path)
     metadata = read_metadata(path)
     cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
+    # The method is looked up in the registry by name, never imported from what the file says.
+    peft = metadata["peft"]
+    if peft["name"] != cfg.peft.method:
+        raise VlcapError(f"{path}: metadata names PEFT method '{peft['name']}' but its config says "
+                         f"'{cfg.peft.method}'; the file was altered")
+    if peft["name"] not in registry.names("peft"):
+        raise VlcapError(f"{path}: needs PEFT method '{peft['name']}' from package '{peft['package']}' "
+                         f"(version {peft['version']}), which is not installed; pip install {peft['package']}")
     weights = decoder_weights or cfg.model.decoder_weights
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")

@@ -58,6 +58,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     amp: str = "auto"  # auto | off | bf16 | fp16 (autocast is used on CUDA only)
     seed: int = 0
+    save_every: int = 200  # optimizer steps between resume-state saves (also saved each epoch and on SIGTERM/SIGINT)
     num_workers: int = 2
     device: str = "auto"
     # Caption metrics reported on the validation set each epoch. CIDEr needs java; add clipscore

@@ -3,12 +3,16 @@
 Schema: ``{"annotations": [{"caption", "id", "image_id"}], "images": [{"file_name", "id"}]}``.
 """
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.tokenizer import IGNORE_INDEX
@@ -40,20 +44,81 @@ def load_captions(json_path):
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise VlcapError(f"{path}: expected {{\"images\": [...], \"annotations\": [...]}} (COCO-style captions)")
     try:
-        images = {int(item["id"]): str(item["file_name"]) for item in data["images"]}
-        captions = [(int(a["image_id"]), str(a["caption"])) for a in data["annotations"]]
+        image_entries = [(entry_id(item, "id"), entry_text(item, "file_name")) for item in data["images"]]
+        captions = [(entry_id(a, "image_id"), entry_text(a, "caption")) for a in data["annotations"]]
     except (KeyError, TypeError, ValueError) as exc:
-        raise VlcapError(f"{path}: malformed entry ({type(exc).__name__}: {exc}); images need id + "
-                         "file_name, annotations need image_id + caption") from None
+        raise VlcapError(f"{path}: malformed entry ({type(exc).__name__}: {exc}); images need an integer id + "
+                         "a file_name string, annotations need an integer image_id + a caption string") from None
+    images = dict(image_entries)
+    duplicates = [image_id for image_id, n in Counter(i for i, _ in image_entries).items() if n > 1]
+    if duplicates:
+        raise VlcapError(f"{path}: image id(s) listed more than once in 'images': {few(duplicates)}; "
+                         "give every image one entry")
+    # Predictions and references are keyed by file stem (the course's format), so two entries
+    # with the same stem would silently share captions.
+    stems = Counter(Path(name).stem for name in images.values())
+    clashes = sorted(name for name in images.values() if stems[Path(name).stem] > 1)
+    if clashes:
+        raise VlcapError(f"{path}: file names listed more than once (or sharing a stem) in 'images': "
+                         f"{few(clashes)}; give every image one entry")
     orphans = sorted({image_id for image_id, _ in captions} - set(images))
     if orphans:
         raise VlcapError(f"{path}: captions refer to image ids with no entry in 'images': {few(orphans)}")
     return CaptionSet(images, captions)
 
 
+def entry_id(entry, key):
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} {value!r} is not an integer")
+    return value
+
+
+def entry_text(entry, key):
+    value = entry[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key} {value!r} is not a string")
+    return value
+
+
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grey PNG/TIFF ("I" in older Pillow)
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
+
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB. PIL's own ``convert("RGB")`` clips 16-bit grey at 255 (almost
+    every pixel turns white) and keeps whatever colour sits under transparent pixels, so those
+    two cases are handled here: 16-bit values are scaled to 8 bits, alpha is composited on white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ALPHA_MODES:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def load_image(path):
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """An RGB image, or a ``VlcapError`` naming the file for anything unreadable: missing,
+    truncated, not an image, or over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
+    where PIL itself only warns up to twice that size)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise VlcapError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL reports broken files as any of these
+        raise VlcapError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in for a dataset item whose image could not be read; collation drops it."""
+    message: str
 
 
 def check_images_exist(caption_set, image_dir, json_path):
@@ -66,14 +131,21 @@ def check_images_exist(caption_set, image_dir, json_path):
 
 
 class CaptionDataset(Dataset):
-    """One item per caption: ``(pixels, input_ids, labels)`` with the course's targets."""
+    """One item per caption: ``(pixels, input_ids, labels)`` with the course's targets, or
+    ``Unreadable`` when the image cannot be read (training goes on without it).
+
+    Empty (or whitespace-only) captions are left out and counted in ``empty``; captions longer
+    than ``max_tokens`` are cut and counted in ``truncated``."""
 
     def __init__(self, caption_set, image_dir, transform, tokenizer, max_tokens):
         self.image_dir = Path(image_dir)
         self.transform = transform
         self.items = []
-        self.truncated = 0
+        self.truncated = self.empty = 0
         for image_id, text in caption_set.captions:
+            if not text.strip():
+                self.empty += 1
+                continue
             input_ids, labels, truncated = tokenizer.training_pair(text, max_tokens)
             self.truncated += truncated
             self.items.append((caption_set.images[image_id], input_ids, labels))
@@ -83,26 +155,52 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index):
         file_name, input_ids, labels = self.items[index]
-        pixels = self.transform(load_image(self.image_dir / file_name))
+        try:
+            pixels = self.transform(load_image(self.image_dir / file_name))
+        except VlcapError as exc:  # returned, not raised: a DataLoader worker would wrap it in a traceback
+            return Unreadable(str(exc))
         return pixels, torch.tensor(input_ids), torch.tensor(labels)
 
 
 class ImageDataset(Dataset):
-    """One item per image file: ``(pixels, file_stem)``."""
+    """One item per image file: ``(pixels, file_stem)``. An unreadable image raises a
+    ``VlcapError``, or with ``skip_unreadable`` gives ``Unreadable`` (use ``collate_images``)."""
 
-    def __init__(self, paths, transform):
+    def __init__(self, paths, transform, skip_unreadable=False):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(load_image(self.paths[index])), self.paths[index].stem
+        try:
+            return self.transform(load_image(self.paths[index])), self.paths[index].stem
+        except VlcapError as exc:
+            if not self.skip_unreadable:
+                raise
+            return Unreadable(str(exc))
+
+
+def split_unreadable(batch):
+    readable = [item for item in batch if not isinstance(item, Unreadable)]
+    return readable, tuple(item.message for item in batch if isinstance(item, Unreadable))
+
+
+class CaptionBatch(NamedTuple):
+    pixels: Optional[torch.Tensor]  # None when every image of the batch was unreadable
+    input_ids: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    unreadable: tuple  # one message per dropped item
 
 
 def collate_captions(batch, pad_id):
-    """Pad inputs with ``pad_id`` (the end token, as the course does) and labels with IGNORE."""
+    """Pad inputs with ``pad_id`` (the end token, as the course does) and labels with IGNORE;
+    unreadable items are dropped and reported in ``unreadable``."""
+    batch, unreadable = split_unreadable(batch)
+    if not batch:
+        return CaptionBatch(None, None, None, unreadable)
     pixels, inputs, labels = zip(*batch)
     length = max(len(x) for x in inputs)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
@@ -110,4 +208,32 @@ def collate_captions(batch, pad_id):
     for row, (x, y) in enumerate(zip(inputs, labels)):
         input_ids[row, :len(x)] = x
         label_ids[row, :len(y)] = y
-    return torch.stack(pixels), input_ids, label_ids
+    return CaptionBatch(torch.stack(pixels), input_ids, label_ids, unreadable)
+
+
+def collate_images(batch):
+    """``(pixels or None, stems, unreadable messages)`` for an ``ImageDataset(skip_unreadable=True)``."""
+    batch, unreadable = split_unreadable(batch)
+    if not batch:
+        return None, [], unreadable
+    pixels, stems = zip(*batch)
+    return torch.stack(pixels), list(stems), unreadable
+
+
+class EpochSampler(Sampler):
+    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run rebuilds the
+    interrupted epoch's exact order and starts ``skip`` items into it without reading them."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed = size, seed
+        self.epoch = self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # distinct per (seed, epoch)
+        yield from torch.randperm(self.size, generator=generator)[self.skip:].tolist()
+
+    def __len__(self):
+        return self.size - self.skip

@@ -16,13 +16,14 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
+from vlcap.core import resume as resume_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
-from vlcap.core.data import (CaptionDataset, ImageDataset, check_images_exist, collate_captions,
-                             load_captions)
+from vlcap.core.data import (CaptionDataset, EpochSampler, ImageDataset, check_images_exist, collate_captions,
+                             collate_images, load_captions)
 from vlcap.core.decoding import caption_images
-from vlcap.core.errors import VlcapError
+from vlcap.core.errors import VlcapError, few
 from vlcap.core.gpt2 import save_course_weights
 from vlcap.core.peft import check_budget, count_parameters
 
@@ -36,6 +37,7 @@ class TrainResult:
     saved: int
     steps: int
     history: list = field(default_factory=list)
+    unreadable: list = field(default_factory=list)  # one message per image file that could not be read
 
 
 def resolve_device(name):
@@ -81,7 +83,7 @@ def make_loaders(cfg, captioner, tokenizer, device):
         raise VlcapError("no training data: pass --train-json FILE and --train-images DIR")
     transform = captioner.encoder.transform()
     loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-                       pin_memory=device.type == "cuda",
+                       pin_memory=device.type == "cuda", worker_init_fn=resume_lib.ignore_interrupts_in_worker,
                        collate_fn=functools.partial(collate_captions, pad_id=tokenizer.eot_id))
 
     def caption_dataset(json_path, image_dir):
@@ -90,8 +92,12 @@ def make_loaders(cfg, captioner, tokenizer, device):
         return captions, CaptionDataset(captions, image_dir, transform, tokenizer, cfg.data.max_caption_tokens)
 
     _, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_args)
+    if not len(train_set):
+        raise VlcapError(f"{cfg.data.train_json}: no non-empty captions to train on")
+    # The order comes from EpochSampler (a function of seed and epoch, so resume can rebuild it);
+    # the loader's own generator only seeds workers, and keeps the global RNG (dropout) untouched.
+    train_loader = DataLoader(train_set, sampler=EpochSampler(len(train_set), cfg.train.seed),
+                              generator=torch.Generator().manual_seed(cfg.train.seed), **loader_args)
     val = None
     if cfg.data.val_json and cfg.data.val_images:
         val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images)
@@ -99,8 +105,9 @@ def make_loaders(cfg, captioner, tokenizer, device):
         image_paths = [Path(cfg.data.val_images) / name for name in names]
         val = {
             "loss": DataLoader(val_set, shuffle=False, **loader_args),
-            "images": DataLoader(ImageDataset(image_paths, transform), batch_size=cfg.train.batch_size,
-                                 num_workers=cfg.train.num_workers),
+            "images": DataLoader(ImageDataset(image_paths, transform, skip_unreadable=True),
+                                 batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+                                 worker_init_fn=resume_lib.ignore_interrupts_in_worker, collate_fn=collate_images),
             "references": val_captions.references(),
             "paths": {p.stem: p for p in image_paths},
         }
@@ -108,9 +115,12 @@ def make_loaders(cfg, captioner, tokenizer, device):
 
 
 @torch.no_grad()
-def validation_loss(captioner, loader, device, dtype):
+def validation_loss(captioner, loader, device, dtype, unreadable):
     total, count = 0.0, 0
-    for pixels, input_ids, labels in loader:
+    for pixels, input_ids, labels, skipped in loader:
+        unreadable.update(skipped)
+        if pixels is None:
+            continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = captioner.loss(pixels.to(device), input_ids.to(device), labels.to(device))
         n = int((labels != -100).sum())
@@ -119,16 +129,21 @@ def validation_loss(captioner, loader, device, dtype):
 
 
 @torch.no_grad()
-def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype):
+def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, unreadable):
     if not cfg.train.metrics:
         return {}
     strategy = registry.get("decoding", cfg.decoding.strategy)
     predictions = {}
-    for pixels, stems in val["images"]:
+    for pixels, stems, skipped in val["images"]:
+        unreadable.update(skipped)
+        if pixels is None:
+            continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             captions = caption_images(captioner, pixels.to(device), tokenizer, strategy,
                                       cfg.decoding.options, cfg.decoding.max_length)
         predictions.update(zip(stems, captions))
+    if not predictions:
+        raise VlcapError(f"no validation image could be read: {few(sorted(unreadable), 2)}")
     references = {stem: val["references"][stem] for stem in predictions}
     return {name: float(registry.get("metric", name).compute(predictions, references, val["paths"]))
             for name in cfg.train.metrics}
@@ -160,10 +175,32 @@ def selection_key(cfg, registry, has_val):
     return choice, metric.higher_is_better
 
 
-def train(cfg, run_dir, registry, console=None):
+class NonFinite(VlcapError):
+    """A NaN/inf loss, gradient or weight stopped the run; the last good state was kept."""
+
+
+def check_finite(named_parameters, step, what):
+    """Refuse to write non-finite weights over the last good state."""
+    bad = [name for name, p in named_parameters if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFinite(f"parameters became non-finite ({few(bad)}) after step {step}; {what}")
+
+
+def write_history(run_dir, history):
+    """The whole history, atomically: a kill never leaves half a line, a resume never repeats one."""
+    with atomic_write(Path(run_dir) / "history.jsonl", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in history)
+
+
+def train(cfg, run_dir, registry, console=None, resume=False):
+    """Train ``cfg`` into ``run_dir``. With ``resume``, continue from ``run_dir``'s resume state
+    (``cfg`` must be that run's config, see ``resume.resume_config``)."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = resume_lib.load_state(run_dir) if resume else None
+    if not resume:  # a new run here makes an old resume state meaningless (and misleading)
+        resume_lib.state_path(run_dir).unlink(missing_ok=True)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     dtype = autocast_dtype(cfg.train.amp, device)
@@ -176,17 +213,22 @@ def train(cfg, run_dir, registry, console=None):
     key, higher_is_better = selection_key(cfg, registry, val is not None)
     with atomic_write(run_dir / "config.yaml", "w") as f:
         f.write(config_lib.dump_yaml(cfg))
-    if train_loader.dataset.truncated:
-        console.print(f"[yellow]{train_loader.dataset.truncated} training caption(s) longer than "
+    dataset = train_loader.dataset
+    if dataset.truncated:
+        console.print(f"[yellow]{dataset.truncated} training caption(s) longer than "
                       f"{cfg.data.max_caption_tokens} tokens were truncated[/]")
+    if dataset.empty:
+        console.print(f"[yellow]{dataset.empty} empty training caption(s) were left out[/]")
 
-    trainable = [p for p in captioner.parameters() if p.requires_grad]
+    named_trainable = [(n, p) for n, p in captioner.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named_trainable]
     # No weight decay on biases, LayerNorm and prefix vectors (GPT-2 / nanoGPT convention).
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
          {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
         lr=cfg.train.lr, fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    batches_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -196,57 +238,103 @@ def train(cfg, run_dir, registry, console=None):
                                   warmup_lr_init=cfg.train.lr * 0.01, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}: {counts.trainable:,} trainable "
-                  f"parameters, {len(train_loader.dataset):,} captions, {total_steps} steps -> {run_dir}")
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
-    best_value, step, history, saved = None, 0, [], 0
+    state_file = resume_lib.state_path(run_dir)
+    best_value, step, history, unreadable, saved = None, 0, [], set(), 0
+    start_epoch, skip_batches, running, seen = 0, 0, 0.0, 0
+    if state is not None:
+        resume_lib.restore_trainable(captioner, state["trainable"], state_file)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_value, history, unreadable = state["step"], state["best_value"], state["history"], set(state["unreadable"])
+        start_epoch, skip_batches, running, seen = state["epoch"], state["batches"], state["running"], state["seen"]
+        if step >= total_steps:
+            raise VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to resume")
+        resume_lib.set_rng_state(state["rng"])  # last, after everything that draws random numbers
+
+    def save_resume_state(epoch, batches):
+        check_finite(named_trainable, step, f"the last good state stays in {state_file}")
+        resume_lib.save_state(run_dir, {
+            "trainable": {n: p.detach().cpu() for n, p in named_trainable},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": resume_lib.rng_state(), "epoch": epoch, "batches": batches, "running": running, "seen": seen,
+            "step": step, "best_value": best_value, "history": history, "unreadable": sorted(unreadable)})
+
+    def last_good():
+        return f"the last good state is {state_file}" if state_file.exists() else "no state was saved yet"
+
+    def stop(signal_name):
+        return VlcapError(f"stopped by {signal_name} at step {step} of {total_steps}; state saved to {state_file}; "
+                          f"continue with: vlcap train --resume {run_dir}")
+
+    resumed = f" (resumed at step {step})" if state is not None else ""
+    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}: {counts.trainable:,} trainable "
+                  f"parameters, {len(dataset):,} captions, {total_steps} steps{resumed} -> {run_dir}")
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console)
-    with progress:
-        task = progress.add_task("train", total=total_steps, stats="")
-        for epoch in range(epochs):
+    with progress, resume_lib.stop_requests() as stop_signals:
+        task = progress.add_task("train", total=total_steps, completed=step, stats="")
+        for epoch in range(start_epoch, epochs):
             captioner.train()
-            running, seen, started = 0.0, 0, time.perf_counter()
-            micro_batches = len(train_loader)
-            for i, (pixels, input_ids, labels) in enumerate(train_loader):
-                pixels, input_ids, labels = pixels.to(device), input_ids.to(device), labels.to(device)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = captioner.loss(pixels, input_ids, labels)
-                if not torch.isfinite(loss):
-                    raise VlcapError(f"loss became {float(loss)} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
-                                     f"the last good checkpoint is {last_path if last_path.exists() else 'not written yet'}; "
-                                     "lower train.lr or set train.amp=off")
-                scaler.scale(loss / cfg.train.grad_accum).backward()
-                running, seen = running + loss.item() * len(pixels), seen + len(pixels)
-                if (i + 1) % cfg.train.grad_accum and i + 1 != micro_batches:
+            train_loader.sampler.set_epoch(epoch, skip=skip_batches * cfg.train.batch_size)
+            started = time.perf_counter()
+            for i, batch in enumerate(train_loader, start=skip_batches):
+                unreadable.update(batch.unreadable)
+                if batch.pixels is not None:
+                    pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        loss = captioner.loss(pixels, input_ids, labels)
+                    if not torch.isfinite(loss):
+                        raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
+                                        f"{last_good()}; lower train.lr or set train.amp=off")
+                    scaler.scale(loss / cfg.train.grad_accum).backward()
+                    running, seen = running + loss.item() * len(pixels), seen + len(pixels)
+                if (i + 1) % cfg.train.grad_accum and i + 1 != batches_per_epoch:
                     continue
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.clip_grad)
+                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.clip_grad)
+                if not scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
+                    raise NonFinite(f"gradient norm became {float(norm)} at step {step + 1} (epoch {epoch + 1}, "
+                                    f"batch {i + 1}); {last_good()}; lower train.lr")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 scheduler.step_update(step)
-                rate = seen / (time.perf_counter() - started)
+                rate = seen / max(time.perf_counter() - started, 1e-9)
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
-                                stats=f"loss {running / seen:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
+                                stats=f"loss {running / max(seen, 1):.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
+                if stop_signals or step % cfg.train.save_every == 0:
+                    save_resume_state(epoch, i + 1)
+                if stop_signals:
+                    raise stop(stop_signals[0])
                 if step >= total_steps:
                     break
+            skip_batches = 0
+            if seen == 0:
+                raise VlcapError(f"no training image could be read in epoch {epoch + 1}: {few(sorted(unreadable), 2)}")
 
-            record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(seen, 1)}
+            record = {"epoch": epoch + 1, "step": step, "train_loss": running / seen}
             if val is not None:
                 captioner.eval()
-                record["val_loss"] = validation_loss(captioner, val["loss"], device, dtype)
-                record.update(validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype))
+                record["val_loss"] = validation_loss(captioner, val["loss"], device, dtype, unreadable)
+                record.update(validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, unreadable))
             history.append(record)
+            check_finite(named_trainable, step, f"{last_good()}")
             saved = save_checkpoint(last_path, captioner, method, cfg, tokenizer, registry)
             value = record[key]
             if best_value is None or (value > best_value if higher_is_better else value < best_value):
                 best_value = value
                 save_checkpoint(best_path, captioner, method, cfg, tokenizer, registry)
-            with open(run_dir / "history.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_history(run_dir, history)
+            running, seen = 0.0, 0
+            save_resume_state(epoch + 1, 0)
             progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in record.items()))
-    return TrainResult(run_dir, best_path, last_path, counts.trainable, saved, step, history)
+            if stop_signals:
+                raise stop(stop_signals[0])
+    if unreadable:
+        console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(sorted(unreadable), 3)}[/]")
+    return TrainResult(run_dir, best_path, last_path, counts.trainable, saved, step, history, sorted(unreadable))

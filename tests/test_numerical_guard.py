@@ -1,0 +1,66 @@
+"""A NaN/inf loss or gradient stops the run naming the step and batch, and never overwrites the
+last good resume state or checkpoint with non-finite weights."""
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import data_overrides, tiny_config
+from vlcap.cli import main
+from vlcap.core.captioner import Captioner
+from vlcap.core.resume import load_state
+from vlcap.core.trainer import NonFinite, train
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward (a finite loss), infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def break_loss_at(monkeypatch, call, breaker):
+    original, calls = Captioner.loss, []
+
+    def loss(self, *args):
+        calls.append(self.training)  # validation batches call loss too, in eval mode
+        value = original(self, *args)
+        return breaker(value) if self.training and sum(calls) == call else value
+
+    monkeypatch.setattr(Captioner, "loss", loss)
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (lambda loss: loss * float("nan"), r"loss became nan at step 3 \(epoch 2, batch 1\)"),
+    (InfiniteGradient.apply, r"gradient norm became (inf|nan) at step 3 \(epoch 2, batch 1\)"),
+])
+def test_non_finite_step_stops_and_keeps_the_last_good_state(tmp_path, registry, small_synthetic, monkeypatch,
+                                                             breaker, message):
+    cfg = tiny_config("adapter", **data_overrides(small_synthetic), train={"epochs": 2, "batch_size": 20, "save_every": 1})
+    run_dir = tmp_path / "run"
+    break_loss_at(monkeypatch, 3, breaker)  # 2 steps per epoch
+    with pytest.raises(NonFinite, match=message) as error:
+        train(cfg, run_dir, registry)
+    assert f"the last good state is {run_dir / 'resume/state.pt'}" in str(error.value)
+    state = load_state(run_dir)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+    last = load_file(run_dir / "last.safetensors")  # from the end of epoch 1
+    assert all(torch.isfinite(t).all() for t in last.values())
+
+    monkeypatch.undo()
+    result = train(cfg, run_dir, registry, resume=True)
+    assert result.steps == 4 and [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_absurd_learning_rate_fails_in_one_line(tmp_path, small_synthetic):
+    d = small_synthetic
+    result = CliRunner().invoke(main, [str(a) for a in (
+        "train", "--preset", "tiny", "--train-json", d / "train.json", "--train-images", d / "images_train",
+        "--out", tmp_path / "run", "--lr", 1e6, "--max-steps", 5, "--set", "train.warmup_steps=0")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "became" in result.output and "lower train.lr" in result.output, result.output

@@ -1,0 +1,96 @@
+"""Checkpoints that were passed around and edited: refused with a message before any tensor is
+used, and nothing named in a file is ever imported."""
+import json
+import pickle
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_config
+from vlcap.core.checkpoint import load_checkpoint, save_checkpoint
+from vlcap.core.errors import VlcapError
+from vlcap.core.gpt2 import GPT2Decoder
+from vlcap.core.trainer import prepare_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(registry, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_config("lora")
+    tokenizer, captioner, method = prepare_model(cfg, registry, root)
+    save_checkpoint(root / "good.safetensors", captioner, method, cfg, tokenizer, registry)
+    return root / "good.safetensors"
+
+
+def tampered(checkpoint, tmp_path, change):
+    with safe_open(str(checkpoint), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(checkpoint)
+    metadata["config"], metadata["peft"] = json.loads(metadata["config"]), json.loads(metadata["peft"])
+    change(tensors, metadata)
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    path = tmp_path / "tampered.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def edit_config(section, key, value):
+    return lambda t, m: m["config"][section].update({key: value})
+
+
+def count(m, delta):
+    m["parameters"] = str(int(m["parameters"]) + delta)
+
+
+@pytest.mark.parametrize("change, message", [
+    # a tensor of the wrong shape, the count edited to match
+    (lambda t, m: (t.update({"projection.weight": torch.zeros(64, 65)}), count(m, 64)),
+     r"projection.weight has shape \(64, 65\), the model needs \(64, 64\)"),
+    # an extra tensor, the count edited to match
+    (lambda t, m: (t.update({"decoder.h.0.mlp.evil": torch.zeros(2)}), count(m, 2)), "unused keys: decoder.h.0.mlp.evil"),
+    # the parameter count alone edited
+    (lambda t, m: count(m, -1), "metadata says .*; the file was altered"),
+    (lambda t, m: m.update(parameters="36000000"), "metadata says 36,000,000; the file was altered"),
+    # the config edited so the model it describes has other shapes
+    (lambda t, m: m["config"]["peft"]["options"].update(r=4), "has shape .*, the model needs"),
+    (lambda t, m: m["config"]["model"]["decoder"].update(n_embd=32, n_head=2), "decoder_model.bin.*shape"),
+    (edit_config("train", "unknown", 1), r"metadata.train: unknown key\(s\) unknown"),
+    # the PEFT entry edited: another name, a module path, a non-mapping
+    (lambda t, m: m["peft"].update(name="adapter"), "metadata names PEFT method 'adapter' but its config says 'lora'"),
+    (lambda t, m: m["peft"].update(name="os:system"), "metadata names PEFT method 'os:system'"),
+    (lambda t, m: m.update(peft=["lora"]), "damaged vlcap metadata"),
+])
+def test_tampered_checkpoint_is_refused_before_use(checkpoint, tmp_path, registry, change, message):
+    with pytest.raises(VlcapError, match=message):
+        load_checkpoint(tampered(checkpoint, tmp_path, change), registry)
+
+
+def test_method_that_is_not_installed_names_the_package(checkpoint, tmp_path, registry):
+    def from_elsewhere(t, m):
+        m["peft"].update(name="ia3", package="vlcap-ia3", version="0.2")
+        m["config"]["peft"]["method"] = "ia3"
+    modules = set(sys.modules)
+    with pytest.raises(VlcapError, match=r"PEFT method 'ia3' from package 'vlcap-ia3' \(version 0.2\), "
+                                         "which is not installed; pip install vlcap-ia3"):
+        load_checkpoint(tampered(checkpoint, tmp_path, from_elsewhere), registry)
+    assert not {m for m in set(sys.modules) - modules if "ia3" in m}  # nothing was imported by that name
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_decoder_weights_with_pickled_code_are_refused(tmp_path, capsys):
+    path = tmp_path / "decoder_model.bin"
+    torch.save({"wte.weight": torch.zeros(2), "x": Payload()}, path)  # what a hostile file would hold
+    with pytest.raises(VlcapError, match="decoder_model.bin: not a readable torch state dict"):
+        GPT2Decoder(tiny_config().model.decoder).load_course_weights(path)
+    assert "pickled code ran" not in capsys.readouterr().out
+    path.write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(VlcapError, match="not a readable torch state dict"):
+        GPT2Decoder(tiny_config().model.decoder).load_course_weights(path)
+    assert "pickled code ran" not in capsys.readouterr().out
