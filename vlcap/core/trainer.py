@@ -16,13 +16,15 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
+from vlcap.core import distributed
 from vlcap.core.atomic import atomic_write
-from vlcap.core.captioner import build_captioner, tokenizer_for
+from vlcap.core.captioner import CaptionLoss, build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
 from vlcap.core.data import (CaptionDataset, ImageDataset, check_images_exist, collate_captions,
                              load_captions)
 from vlcap.core.decoding import caption_images
 from vlcap.core.errors import VlcapError
+from vlcap.core.feature_cache import CachedCaptionDataset, training_cache
 from vlcap.core.gpt2 import save_course_weights
 from vlcap.core.peft import check_budget, count_parameters
 
@@ -45,12 +47,23 @@ def resolve_device(name):
 
 
 def autocast_dtype(amp, device):
-    """Mixed precision on CUDA only: bf16 where the GPU has it, else fp16 (with loss scaling)."""
-    if device.type != "cuda" or amp == "off":
+    """Mixed precision: on CUDA bf16 where the GPU has it, else fp16 (with loss scaling); on CPU
+    only when asked for with ``train.amp=bf16``."""
+    if device.type != "cuda":
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "off":
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def configure_decoder(captioner, cfg):
+    """The decoder's throughput options: gradient checkpointing and ``torch.compile`` (in place,
+    so parameter names and checkpoints stay the same)."""
+    captioner.decoder.gradient_checkpointing = cfg.train.grad_checkpointing
+    if cfg.train.compile:
+        captioner.decoder.compile(backend="inductor" if cfg.train.compile is True else cfg.train.compile)
 
 
 def seed_everything(seed):
@@ -76,11 +89,11 @@ def prepare_model(cfg, registry, run_dir=None):
     return tokenizer, captioner, method
 
 
-def make_loaders(cfg, captioner, tokenizer, device):
+def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), cache=None):
     if not cfg.data.train_json or not cfg.data.train_images:
         raise VlcapError("no training data: pass --train-json FILE and --train-images DIR")
     transform = captioner.encoder.transform()
-    loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+    loader_args = dict(batch_size=distributed.per_rank_batch(cfg.train.batch_size, ctx), num_workers=cfg.train.num_workers,
                        pin_memory=device.type == "cuda",
                        collate_fn=functools.partial(collate_captions, pad_id=tokenizer.eot_id))
 
@@ -89,9 +102,17 @@ def make_loaders(cfg, captioner, tokenizer, device):
         check_images_exist(captions, image_dir, json_path)
         return captions, CaptionDataset(captions, image_dir, transform, tokenizer, cfg.data.max_caption_tokens)
 
-    _, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_args)
+    train_captions, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images)
+    if cache is not None:
+        cache.check_images(set(train_captions.images.values()), cfg.data.train_images, cfg.data.train_json)
+        train_set = CachedCaptionDataset(train_set, cache)
+    sampler, batch_sampler = distributed.train_sampler(train_set, loader_args["batch_size"], ctx, cfg.train.seed,
+                                                       cfg.train.length_buckets)
+    if batch_sampler is None:
+        train_loader = DataLoader(train_set, sampler=sampler, **loader_args)
+    else:
+        train_loader = DataLoader(train_set, batch_sampler=batch_sampler,
+                                  **{k: v for k, v in loader_args.items() if k != "batch_size"})
     val = None
     if cfg.data.val_json and cfg.data.val_images:
         val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images)
@@ -152,17 +173,23 @@ def train(cfg, run_dir, registry, console=None):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    ctx, device = distributed.init(resolve_device(cfg.train.device))
+    if not ctx.is_main:  # rank 0 alone logs, shows progress and writes the run directory
+        console = Console(quiet=True)
     dtype = autocast_dtype(cfg.train.amp, device)
 
     tokenizer, captioner, method = prepare_model(cfg, registry, run_dir)
     counts = count_parameters(captioner)
     check_budget(counts.trainable)
     captioner.to(device)
-    train_loader, val = make_loaders(cfg, captioner, tokenizer, device)
+    cache = training_cache(cfg, captioner.encoder, run_dir, console, ctx.is_main, ctx.barrier)
+    train_loader, val = make_loaders(cfg, captioner, tokenizer, device, ctx, cache)
+    configure_decoder(captioner, cfg)
+    step_model = distributed.wrap(CaptionLoss(captioner, from_features=cache is not None), ctx, device)
     key, higher_is_better = selection_key(cfg, registry, val is not None)
-    with atomic_write(run_dir / "config.yaml", "w") as f:
-        f.write(config_lib.dump_yaml(cfg))
+    if ctx.is_main:
+        with atomic_write(run_dir / "config.yaml", "w") as f:
+            f.write(config_lib.dump_yaml(cfg))
     if train_loader.dataset.truncated:
         console.print(f"[yellow]{train_loader.dataset.truncated} training caption(s) longer than "
                       f"{cfg.data.max_caption_tokens} tokens were truncated[/]")
@@ -183,29 +210,34 @@ def train(cfg, run_dir, registry, console=None):
                                   warmup_lr_init=cfg.train.lr * 0.01, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}: {counts.trainable:,} trainable "
-                  f"parameters, {len(train_loader.dataset):,} captions, {total_steps} steps -> {run_dir}")
+    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}"
+                  f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}: {counts.trainable:,} trainable "
+                  f"parameters, {len(train_loader.dataset):,} captions, {total_steps} steps -> {run_dir}"
+                  f"{f' (from feature cache {cache.path})' if cache else ''}")
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
     best_value, step, history, saved = None, 0, [], 0
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console)
+                        console=console, disable=not ctx.is_main)
     with progress:
         task = progress.add_task("train", total=total_steps, stats="")
         for epoch in range(epochs):
             captioner.train()
-            running, seen, started = 0.0, 0, time.perf_counter()
+            distributed.set_epoch(train_loader, epoch)
+            running, seen, tokens, started = 0.0, 0, 0, time.perf_counter()
             micro_batches = len(train_loader)
             for i, (pixels, input_ids, labels) in enumerate(train_loader):
                 pixels, input_ids, labels = pixels.to(device), input_ids.to(device), labels.to(device)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = captioner.loss(pixels, input_ids, labels)
+                    loss = step_model(pixels, input_ids, labels)
                 if not torch.isfinite(loss):
                     raise VlcapError(f"loss became {float(loss)} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
                                      f"the last good checkpoint is {last_path if last_path.exists() else 'not written yet'}; "
                                      "lower train.lr or set train.amp=off")
-                scaler.scale(loss / cfg.train.grad_accum).backward()
-                running, seen = running + loss.item() * len(pixels), seen + len(pixels)
+                scaler.scale(distributed.global_token_mean(loss, labels, ctx) / cfg.train.grad_accum).backward()
+                # Token-weighted, like the validation loss: the same number with any process count.
+                n = int((labels != -100).sum())
+                running, seen, tokens = running + loss.item() * n, seen + len(pixels), tokens + n
                 if (i + 1) % cfg.train.grad_accum and i + 1 != micro_batches:
                     continue
                 scaler.unscale_(optimizer)
@@ -215,18 +247,23 @@ def train(cfg, run_dir, registry, console=None):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 scheduler.step_update(step)
-                rate = seen / (time.perf_counter() - started)
+                loss_sum, items, token_sum = ctx.sum(running, seen, tokens)  # over all processes
+                rate = items / (time.perf_counter() - started)
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
-                                stats=f"loss {running / seen:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
+                                stats=f"loss {loss_sum / token_sum:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
                 if step >= total_steps:
                     break
 
-            record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(seen, 1)}
+            loss_sum, token_sum = ctx.sum(running, tokens)
+            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(token_sum, 1)}
+            history.append(record)
+            if not ctx.is_main:  # the others wait while rank 0 validates and writes checkpoints
+                ctx.barrier()
+                continue
             if val is not None:
                 captioner.eval()
                 record["val_loss"] = validation_loss(captioner, val["loss"], device, dtype)
                 record.update(validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype))
-            history.append(record)
             saved = save_checkpoint(last_path, captioner, method, cfg, tokenizer, registry)
             value = record[key]
             if best_value is None or (value > best_value if higher_is_better else value < best_value):
@@ -236,4 +273,6 @@ def train(cfg, run_dir, registry, console=None):
                 f.write(json.dumps(record) + "\n")
             progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in record.items()))
+            ctx.barrier()
+    distributed.cleanup(ctx)
     return TrainResult(run_dir, best_path, last_path, counts.trainable, saved, step, history)
