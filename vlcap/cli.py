@@ -82,10 +82,15 @@ def parameter_table(counts, title):
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set peft.options.r=16 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Build the model (shapes only), print parameter counts, exit.")
+@click.option("--feature-cache", type=click.Path(file_okay=False),
+              help="Train from this cache of the encoder's tokens (see `vlcap cache-features`).")
+@click.option("--cache-features", is_flag=True,
+              help="Build the feature cache first (at --feature-cache, default OUT/feature_cache) unless it exists.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the stopped run in this directory, with its own config.yaml (only --device may change).")
 def train(config_file, preset, peft, encoder, decoder_weights, train_json, train_images, val_json,
-          val_images, out, epochs, max_steps, batch_size, lr, device, assignments, dry_run, resume_dir):
+          val_images, out, epochs, max_steps, batch_size, lr, device, assignments, dry_run, feature_cache,
+          cache_features, resume_dir):
     """Train a captioner: only the cross-attention, projection and PEFT parameters learn."""
     if resume_dir:
         ctx = click.get_current_context()
@@ -100,7 +105,8 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
         return
     options = {"peft": {"method": peft}, "model": {"encoder": encoder, "decoder_weights": decoder_weights},
                "data": {"train_json": train_json, "train_images": train_images,
-                        "val_json": val_json, "val_images": val_images},
+                        "val_json": val_json, "val_images": val_images, "feature_cache": feature_cache,
+                        "cache_features": cache_features or None},
                "train": {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
                          "device": device}}
     flags = {section: {k: v for k, v in values.items() if v is not None} for section, values in options.items()}
@@ -121,8 +127,37 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
 
 
 def report_training(result):
-    console.print(f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
-                  f"(best) and {result.last_checkpoint} (last)")
+    from vlcap.core.distributed import is_main_process
+    if is_main_process():
+        console.print(f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
+                      f"(best) and {result.last_checkpoint} (last)")
+
+
+@main.command("cache-features")
+@click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False), help="Folder of images to encode.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create.")
+@click.option("--encoder", help="timm ViT name (default: the preset's / config's encoder).")
+@click.option("--preset", type=click.Choice(sorted(config_lib.PRESETS)), default="full", show_default=True,
+              help="Resolve the encoder as `vlcap train --preset` does.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML run config (as for train).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Config override, as for train.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+def cache_features(image_dir, out, encoder, preset, config_file, assignments, dtype, batch_size, device):
+    """Run the frozen encoder over every image in a folder once; `train --feature-cache` reads the tokens."""
+    from vlcap.core.captioner import build_encoder
+    from vlcap.core.feature_cache import write_feature_cache
+    from vlcap.core.peft import seeded
+    from vlcap.core.trainer import resolve_device
+    flags = {"model": {"encoder": encoder}} if encoder else {}
+    cfg = config_lib.resolve(preset, config_file, [flags, config_lib.parse_set(assignments)])
+    device = resolve_device(device)
+    with seeded(cfg.model.init_seed):  # the same random weights a non-pretrained encoder gets in training
+        vit = build_encoder(cfg).to(device)
+    cache = write_feature_cache(vit, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
+                                console=err_console)
+    console.print(f"cached {len(cache.rows):,} images -> {cache.path}")
 
 
 @main.command()

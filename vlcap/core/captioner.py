@@ -22,18 +22,41 @@ class Captioner(nn.Module):
         mark_pretrained(encoder.parameters())
         mark_pretrained(decoder.pretrained_parameters())
 
+    def encoder_features(self, pixels):
+        """The frozen ViT's output tokens ``(B, tokens, embed_dim)``, what a feature cache stores."""
+        with torch.no_grad():
+            return self.encoder(pixels)
+
     def encode(self, pixels):
         """Image tokens in decoder width, ``(B, tokens, n_embd)``; the ViT runs without autograd."""
-        with torch.no_grad():
-            features = self.encoder(pixels)
-        return self.projection(features)
+        return self.projection(self.encoder_features(pixels))
 
     def forward(self, pixels, input_ids):
         return self.decoder(input_ids, self.encode(pixels))
 
     def loss(self, pixels, input_ids, labels):
-        logits = self(pixels, input_ids)
+        return self.loss_from_features(self.encoder_features(pixels), input_ids, labels)
+
+    def loss_from_features(self, features, input_ids, labels):
+        """The training loss from precomputed ViT tokens (a feature cache): the ViT never runs."""
+        logits = self.decoder(input_ids, self.projection(features))
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class CaptionLoss(nn.Module):
+    """The training step's forward as one module, so DistributedDataParallel (which syncs the
+    gradients of whatever runs through its own forward) can wrap it. ``inputs`` are pixels, or
+    ViT tokens when training from a feature cache."""
+
+    def __init__(self, captioner, from_features=False):
+        super().__init__()
+        self.captioner = captioner
+        self.from_features = from_features
+
+    def forward(self, inputs, input_ids, labels):
+        if self.from_features:
+            return self.captioner.loss_from_features(inputs, input_ids, labels)
+        return self.captioner.loss(inputs, input_ids, labels)
 
 
 def build_captioner(cfg, registry, decoder_weights=None, meta=False):
@@ -45,7 +68,7 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
     """
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with seeded(cfg.model.init_seed), device:
-        encoder = ImageEncoder(cfg.model.encoder, pretrained=cfg.model.encoder_pretrained and not meta)
+        encoder = build_encoder(cfg, meta)
         decoder = GPT2Decoder(cfg.model.decoder)
         captioner = Captioner(encoder, decoder)
     if decoder_weights is not None and not meta:
@@ -55,6 +78,13 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
         peft_config = apply_peft(captioner, method, cfg.peft.options)
     cfg.peft.options = config_dict(peft_config)
     return captioner, method
+
+
+def build_encoder(cfg, meta=False):
+    """The frozen encoder ``cfg`` names. Call it first thing under ``seeded(cfg.model.init_seed)``
+    (as ``build_captioner`` does) so a non-pretrained encoder comes out the same wherever it is
+    built: the feature cache relies on that."""
+    return ImageEncoder(cfg.model.encoder, pretrained=cfg.model.encoder_pretrained and not meta)
 
 
 def tokenizer_for(cfg):

@@ -6,7 +6,7 @@ so a checkpoint can rebuild its model from its own metadata.
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
@@ -43,6 +43,11 @@ class DataConfig:
     val_json: Optional[str] = None
     val_images: Optional[str] = None
     max_caption_tokens: int = 60
+    # Train from the frozen ViT's cached tokens (`vlcap cache-features`) instead of the images.
+    feature_cache: Optional[str] = None
+    # Build the cache first (at feature_cache, default RUN/feature_cache) unless it exists.
+    cache_features: bool = False
+    feature_cache_dtype: str = "float16"  # float16 | float32
 
 
 @dataclass
@@ -56,7 +61,7 @@ class TrainConfig:
     warmup_steps: int = 500
     min_lr_ratio: float = 0.01
     clip_grad: float = 1.0
-    amp: str = "auto"  # auto | off | bf16 | fp16 (autocast is used on CUDA only)
+    amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16/fp16 on CUDA, off on CPU (bf16 works on CPU)
     seed: int = 0
     save_every: int = 200  # optimizer steps between resume-state saves (also saved each epoch and on SIGTERM/SIGINT)
     num_workers: int = 2
@@ -66,6 +71,9 @@ class TrainConfig:
     metrics: list = field(default_factory=lambda: ["cider"])
     best_metric: str = "auto"  # auto: the first of `metrics`, else validation loss
     max_val_images: Optional[int] = None  # caption at most this many validation images for metrics
+    compile: Union[bool, str] = False  # torch.compile the decoder: true (inductor) or a backend name
+    grad_checkpointing: bool = False  # recompute decoder block activations in backward
+    length_buckets: bool = False  # batch captions of similar token length together (less padding)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.tokenizer import IGNORE_INDEX
@@ -218,22 +218,3 @@ def collate_images(batch):
         return None, [], unreadable
     pixels, stems = zip(*batch)
     return torch.stack(pixels), list(stems), unreadable
-
-
-class EpochSampler(Sampler):
-    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run rebuilds the
-    interrupted epoch's exact order and starts ``skip`` items into it without reading them."""
-
-    def __init__(self, size, seed):
-        self.size, self.seed = size, seed
-        self.epoch = self.skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # distinct per (seed, epoch)
-        yield from torch.randperm(self.size, generator=generator)[self.skip:].tolist()
-
-    def __len__(self):
-        return self.size - self.skip

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -122,6 +123,7 @@ class GPT2Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.gradient_checkpointing = False  # train.grad_checkpointing: less memory, ~30% more compute
         self._init_pretrained_like()
 
     def _init_pretrained_like(self):
@@ -146,7 +148,11 @@ class GPT2Decoder(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the decoder context of {self.cfg.block_size}")
         x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
         for block in self.h:
-            x = block(x, memory)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute the block's activations in backward instead of keeping them.
+                x = torch.utils.checkpoint.checkpoint(block, x, memory, use_reentrant=False)
+            else:
+                x = block(x, memory)
         return self.lm_head(self.ln_f(x))
 
     def pretrained_parameters(self):

@@ -3,7 +3,7 @@
 ``RUN_DIR/resume/state.pt`` holds everything the next step depends on: every trainable
 parameter (the training form, e.g. prefix tuning's MLP, not the exported checkpoint form), the
 optimizer, scheduler and loss-scaler state, the Python/NumPy/torch (and CUDA) random states, the
-data position (epoch + batches consumed; the order itself is rebuilt by ``EpochSampler``), the
+data position (epoch + batches consumed; the order itself is rebuilt by ``distributed.EpochSampler``), the
 step, the best value so far and the history. It is written atomically, so a kill leaves the
 previous state intact, and read back with ``torch.load(weights_only=True)``: plain containers
 and tensors only, no pickled code. The trainable-only safetensors files stay the exchange format.

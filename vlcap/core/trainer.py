@@ -16,14 +16,16 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
+from vlcap.core import distributed
 from vlcap.core import resume as resume_lib
 from vlcap.core.atomic import atomic_write
-from vlcap.core.captioner import build_captioner, tokenizer_for
+from vlcap.core.captioner import CaptionLoss, build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
-from vlcap.core.data import (CaptionDataset, EpochSampler, ImageDataset, check_images_exist, collate_captions,
+from vlcap.core.data import (CaptionDataset, ImageDataset, check_images_exist, collate_captions,
                              collate_images, load_captions)
 from vlcap.core.decoding import caption_images
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.feature_cache import CachedCaptionDataset, training_cache
 from vlcap.core.gpt2 import save_course_weights
 from vlcap.core.peft import check_budget, count_parameters
 
@@ -47,12 +49,23 @@ def resolve_device(name):
 
 
 def autocast_dtype(amp, device):
-    """Mixed precision on CUDA only: bf16 where the GPU has it, else fp16 (with loss scaling)."""
-    if device.type != "cuda" or amp == "off":
+    """Mixed precision: on CUDA bf16 where the GPU has it, else fp16 (with loss scaling); on CPU
+    only when asked for with ``train.amp=bf16``."""
+    if device.type != "cuda":
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "off":
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def configure_decoder(captioner, cfg):
+    """The decoder's throughput options: gradient checkpointing and ``torch.compile`` (in place,
+    so parameter names and checkpoints stay the same)."""
+    captioner.decoder.gradient_checkpointing = cfg.train.grad_checkpointing
+    if cfg.train.compile:
+        captioner.decoder.compile(backend="inductor" if cfg.train.compile is True else cfg.train.compile)
 
 
 def seed_everything(seed):
@@ -78,11 +91,11 @@ def prepare_model(cfg, registry, run_dir=None):
     return tokenizer, captioner, method
 
 
-def make_loaders(cfg, captioner, tokenizer, device):
+def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), cache=None):
     if not cfg.data.train_json or not cfg.data.train_images:
         raise VlcapError("no training data: pass --train-json FILE and --train-images DIR")
     transform = captioner.encoder.transform()
-    loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+    loader_args = dict(batch_size=distributed.per_rank_batch(cfg.train.batch_size, ctx), num_workers=cfg.train.num_workers,
                        pin_memory=device.type == "cuda", worker_init_fn=resume_lib.ignore_interrupts_in_worker,
                        collate_fn=functools.partial(collate_captions, pad_id=tokenizer.eot_id))
 
@@ -91,13 +104,23 @@ def make_loaders(cfg, captioner, tokenizer, device):
         check_images_exist(captions, image_dir, json_path)
         return captions, CaptionDataset(captions, image_dir, transform, tokenizer, cfg.data.max_caption_tokens)
 
-    _, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images)
+    train_captions, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images)
     if not len(train_set):
         raise VlcapError(f"{cfg.data.train_json}: no non-empty captions to train on")
-    # The order comes from EpochSampler (a function of seed and epoch, so resume can rebuild it);
-    # the loader's own generator only seeds workers, and keeps the global RNG (dropout) untouched.
-    train_loader = DataLoader(train_set, sampler=EpochSampler(len(train_set), cfg.train.seed),
-                              generator=torch.Generator().manual_seed(cfg.train.seed), **loader_args)
+    if cache is not None:
+        cache.check_images(set(train_captions.images.values()), cfg.data.train_images, cfg.data.train_json)
+        train_set = CachedCaptionDataset(train_set, cache)
+    # The order is a function of (seed, epoch) alone, so a resumed run rebuilds it and N processes
+    # see the batches one process would; the loader's own generator only seeds workers and keeps
+    # the global RNG (dropout) untouched.
+    sampler, batch_sampler = distributed.train_sampler(train_set, loader_args["batch_size"], ctx, cfg.train.seed,
+                                                       cfg.train.length_buckets)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    if batch_sampler is None:
+        train_loader = DataLoader(train_set, sampler=sampler, generator=generator, **loader_args)
+    else:
+        train_loader = DataLoader(train_set, batch_sampler=batch_sampler, generator=generator,
+                                  **{k: v for k, v in loader_args.items() if k != "batch_size"})
     val = None
     if cfg.data.val_json and cfg.data.val_images:
         val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images)
@@ -202,17 +225,23 @@ def train(cfg, run_dir, registry, console=None, resume=False):
     if not resume:  # a new run here makes an old resume state meaningless (and misleading)
         resume_lib.state_path(run_dir).unlink(missing_ok=True)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    ctx, device = distributed.init(resolve_device(cfg.train.device))
+    if not ctx.is_main:  # rank 0 alone logs, shows progress and writes the run directory
+        console = Console(quiet=True)
     dtype = autocast_dtype(cfg.train.amp, device)
 
     tokenizer, captioner, method = prepare_model(cfg, registry, run_dir)
     counts = count_parameters(captioner)
     check_budget(counts.trainable)
     captioner.to(device)
-    train_loader, val = make_loaders(cfg, captioner, tokenizer, device)
+    cache = training_cache(cfg, captioner.encoder, run_dir, console, ctx.is_main, ctx.barrier)
+    train_loader, val = make_loaders(cfg, captioner, tokenizer, device, ctx, cache)
+    configure_decoder(captioner, cfg)
+    step_model = distributed.wrap(CaptionLoss(captioner, from_features=cache is not None), ctx, device)
     key, higher_is_better = selection_key(cfg, registry, val is not None)
-    with atomic_write(run_dir / "config.yaml", "w") as f:
-        f.write(config_lib.dump_yaml(cfg))
+    if ctx.is_main:
+        with atomic_write(run_dir / "config.yaml", "w") as f:
+            f.write(config_lib.dump_yaml(cfg))
     dataset = train_loader.dataset
     if dataset.truncated:
         console.print(f"[yellow]{dataset.truncated} training caption(s) longer than "
@@ -227,7 +256,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
         [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
          {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
         lr=cfg.train.lr, fused=device.type == "cuda")
-    batches_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -241,14 +270,15 @@ def train(cfg, run_dir, registry, console=None, resume=False):
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
     state_file = resume_lib.state_path(run_dir)
     best_value, step, history, unreadable, saved = None, 0, [], set(), 0
-    start_epoch, skip_batches, running, seen = 0, 0, 0.0, 0
+    start_epoch, skip_batches, running, seen, tokens = 0, 0, 0.0, 0, 0
     if state is not None:
         resume_lib.restore_trainable(captioner, state["trainable"], state_file)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, best_value, history, unreadable = state["step"], state["best_value"], state["history"], set(state["unreadable"])
-        start_epoch, skip_batches, running, seen = state["epoch"], state["batches"], state["running"], state["seen"]
+        start_epoch, skip_batches = state["epoch"], state["batches"]
+        running, seen, tokens = state["running"], state["seen"], state["tokens"]
         if step >= total_steps:
             raise VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to resume")
         resume_lib.set_rng_state(state["rng"])  # last, after everything that draws random numbers
@@ -259,6 +289,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
             "trainable": {n: p.detach().cpu() for n, p in named_trainable},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": resume_lib.rng_state(), "epoch": epoch, "batches": batches, "running": running, "seen": seen,
+            "tokens": tokens,
             "step": step, "best_value": best_value, "history": history, "unreadable": sorted(unreadable)})
 
     def last_good():
@@ -269,28 +300,32 @@ def train(cfg, run_dir, registry, console=None, resume=False):
                           f"continue with: vlcap train --resume {run_dir}")
 
     resumed = f" (resumed at step {step})" if state is not None else ""
-    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}: {counts.trainable:,} trainable "
-                  f"parameters, {len(dataset):,} captions, {total_steps} steps{resumed} -> {run_dir}")
+    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}"
+                  f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}: {counts.trainable:,} trainable "
+                  f"parameters, {len(dataset):,} captions, {total_steps} steps{resumed} -> {run_dir}"
+                  f"{f' (from feature cache {cache.path})' if cache else ''}")
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console)
+                        console=console, disable=not ctx.is_main)
     with progress, resume_lib.stop_requests() as stop_signals:
         task = progress.add_task("train", total=total_steps, completed=step, stats="")
         for epoch in range(start_epoch, epochs):
             captioner.train()
-            train_loader.sampler.set_epoch(epoch, skip=skip_batches * cfg.train.batch_size)
-            started = time.perf_counter()
+            distributed.set_epoch(train_loader, epoch, skip_batches)
+            started, seen_before = time.perf_counter(), seen
             for i, batch in enumerate(train_loader, start=skip_batches):
                 unreadable.update(batch.unreadable)
                 if batch.pixels is not None:
                     pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        loss = captioner.loss(pixels, input_ids, labels)
+                        loss = step_model(pixels, input_ids, labels)
                     if not torch.isfinite(loss):
                         raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
                                         f"{last_good()}; lower train.lr or set train.amp=off")
-                    scaler.scale(loss / cfg.train.grad_accum).backward()
-                    running, seen = running + loss.item() * len(pixels), seen + len(pixels)
+                    scaler.scale(distributed.global_token_mean(loss, labels, ctx) / cfg.train.grad_accum).backward()
+                    # Token-weighted, like the validation loss: the same number with any process count.
+                    n = int((labels != -100).sum())
+                    running, seen, tokens = running + loss.item() * n, seen + len(pixels), tokens + n
                 if (i + 1) % cfg.train.grad_accum and i + 1 != batches_per_epoch:
                     continue
                 scaler.unscale_(optimizer)
@@ -303,10 +338,11 @@ def train(cfg, run_dir, registry, console=None, resume=False):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 scheduler.step_update(step)
-                rate = seen / max(time.perf_counter() - started, 1e-9)
+                loss_sum, items, token_sum = ctx.sum(running, seen - seen_before, tokens)  # over all processes
+                rate = items / max(time.perf_counter() - started, 1e-9)
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
-                                stats=f"loss {running / max(seen, 1):.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
-                if stop_signals or step % cfg.train.save_every == 0:
+                                stats=f"loss {loss_sum / max(token_sum, 1):.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
+                if ctx.is_main and (stop_signals or step % cfg.train.save_every == 0):
                     save_resume_state(epoch, i + 1)
                 if stop_signals:
                     raise stop(stop_signals[0])
@@ -316,12 +352,17 @@ def train(cfg, run_dir, registry, console=None, resume=False):
             if seen == 0:
                 raise VlcapError(f"no training image could be read in epoch {epoch + 1}: {few(sorted(unreadable), 2)}")
 
-            record = {"epoch": epoch + 1, "step": step, "train_loss": running / seen}
+            loss_sum, token_sum = ctx.sum(running, tokens)
+            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(token_sum, 1)}
+            history.append(record)
+            running, seen, tokens = 0.0, 0, 0
+            if not ctx.is_main:  # the others wait while rank 0 validates and writes checkpoints
+                ctx.barrier()
+                continue
             if val is not None:
                 captioner.eval()
                 record["val_loss"] = validation_loss(captioner, val["loss"], device, dtype, unreadable)
                 record.update(validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, unreadable))
-            history.append(record)
             check_finite(named_trainable, step, f"{last_good()}")
             saved = save_checkpoint(last_path, captioner, method, cfg, tokenizer, registry)
             value = record[key]
@@ -329,12 +370,13 @@ def train(cfg, run_dir, registry, console=None, resume=False):
                 best_value = value
                 save_checkpoint(best_path, captioner, method, cfg, tokenizer, registry)
             write_history(run_dir, history)
-            running, seen = 0.0, 0
             save_resume_state(epoch + 1, 0)
             progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in record.items()))
+            ctx.barrier()
             if stop_signals:
                 raise stop(stop_signals[0])
+    distributed.cleanup(ctx)
     if unreadable:
         console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(sorted(unreadable), 3)}[/]")
     return TrainResult(run_dir, best_path, last_path, counts.trainable, saved, step, history, sorted(unreadable))

@@ -1,0 +1,181 @@
+"""Training throughput, side by side on one synthetic batch: vlcap with every installed PEFT method
+(from images, and from the feature cache) against transformers' VisionEncoderDecoderModel (ViT +
+GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same sizes, random weights.
+
+    pip install -e ".[bench]"
+    python benchmarks/train_throughput.py --size full --batch-size 4 --steps 3
+
+Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
+its own. Every configuration runs the same step: forward, token-mean cross-entropy, backward,
+clip, AdamW.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlcap.core import config as config_lib
+from vlcap.core.captioner import build_captioner, tokenizer_for
+from vlcap.core.checkpoint import save_checkpoint
+from vlcap.core.feature_cache import write_feature_cache
+from vlcap.core.plugins import registry as load_registry
+from vlcap.core.synthetic import draw
+from vlcap.core.trainer import resolve_device
+
+ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224"}
+HF = "HF VisionEncoderDecoder + peft LoRA"
+
+
+def vlcap_config(size, method):
+    model = {"encoder": ENCODER[size], "encoder_pretrained": False, "random_decoder": True}
+    return config_lib.resolve("tiny" if size == "tiny" else "full", overrides=[{"model": model, "peft": {"method": method}}])
+
+
+def synthetic_batch(args, captioner, folder):
+    """``batch_size`` shape images (written as PNGs, for the cache) + random caption tokens."""
+    import random
+    rng = random.Random(0)
+    for i in range(args.batch_size):
+        draw(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), "middle", rng).save(folder / f"{i}.png")
+    transform = captioner.encoder.transform()
+    from PIL import Image
+    pixels = torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(args.batch_size)])
+    ids = torch.randint(0, 50257, (args.batch_size, args.caption_tokens + 1), generator=torch.Generator().manual_seed(0))
+    return pixels, ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def hf_model(captioner, cfg):
+    """transformers' ViT + GPT-2 (cross-attention) at vlcap's sizes, LoRA r=8 on the self-attention
+    and the cross-attention trainable, as vlcap's lora trains them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
+    vit, dec = captioner.encoder.vit, cfg.model.decoder
+    encoder = ViTModel(ViTConfig(hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks),
+                                 num_attention_heads=vit.blocks[0].attn.num_heads,
+                                 intermediate_size=vit.blocks[0].mlp.fc1.out_features,
+                                 image_size=vit.patch_embed.img_size[0], patch_size=vit.patch_embed.patch_size[0]),
+                       add_pooling_layer=False)
+    decoder = GPT2LMHeadModel(GPT2Config(n_embd=dec.n_embd, n_layer=dec.n_layer, n_head=dec.n_head,
+                                         n_positions=dec.block_size, vocab_size=dec.vocab_size, add_cross_attention=True))
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.encoder.requires_grad_(False)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, fan_in_fan_out=True,
+                      target_modules=r".*h\.\d+\.attn\.c_attn", modules_to_save=["crossattention", "ln_cross_attn"])
+    return get_peft_model(model, lora)
+
+
+def measure(args):
+    """Run one configuration; print its numbers as JSON."""
+    device = resolve_device(args.device)
+    registry = load_registry()
+    name = args.one
+    method = name.split()[1] if name.startswith("vlcap") else "lora"
+    cfg = vlcap_config(args.size, method)
+    torch.manual_seed(0)
+    captioner, peft_method = build_captioner(cfg, registry)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        pixels, input_ids, labels = (t.to(device) for t in synthetic_batch(args, captioner, tmp / "images"))
+        if name == HF:
+            model = hf_model(captioner, cfg).to(device)
+            del captioner
+
+            def loss_fn():
+                logits = model(pixel_values=pixels, decoder_input_ids=input_ids).logits
+                return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        else:
+            model = captioner.to(device)
+            if name.endswith("+ cache"):
+                cache = write_feature_cache(captioner.encoder, tmp / "images", tmp / "cache", device=device)
+                rows = [cache.rows[f"{i}.png"] for i in range(args.batch_size)]
+
+                def loss_fn():  # read the tokens from the memory-mapped cache every step
+                    features = torch.from_numpy(cache.features[rows].astype("float32")).to(device)
+                    return captioner.loss_from_features(features, input_ids, labels)
+            else:
+                def loss_fn():
+                    return captioner.loss(pixels, input_ids, labels)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        for _ in range(args.warmup):
+            step()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - started) / args.steps
+        if name == HF:
+            model.save_pretrained(tmp / "hf")
+            size = sum(f.stat().st_size for f in (tmp / "hf").rglob("*") if f.is_file())
+        else:
+            save_checkpoint(tmp / "ckpt.safetensors", captioner, peft_method, cfg, tokenizer_for(cfg), registry)
+            size = (tmp / "ckpt.safetensors").stat().st_size
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"name": name, "samples_per_s": args.batch_size / seconds, "step_s": seconds,
+                      "peak_bytes": peak, "trainable": sum(p.numel() for p in trainable), "checkpoint_bytes": size}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--caption-tokens", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
+    args = parser.parse_args()
+    if args.one:
+        return measure(args)
+
+    methods = load_registry().names("peft")
+    names = [f"vlcap {m}" for m in methods] + [f"vlcap {m} + cache" for m in methods] + [HF]
+    rows = []
+    for name in names:
+        command = [sys.executable, __file__, "--one", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                                              if k != "one"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  measured {name}", file=sys.stderr)
+
+    device = resolve_device(args.device)
+    print(f"\n{args.size}: {ENCODER[args.size]} + GPT-2 ({'2 layers, 64 wide' if args.size == 'tiny' else 'small'}), "
+          f"random weights, batch {args.batch_size}, {args.caption_tokens} caption tokens, {args.steps} timed steps "
+          f"on {device} ({torch.get_num_threads()} threads)\n")
+    print("| configuration | samples/s | s/step | peak memory | trainable | checkpoint |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['samples_per_s']:.2f} | {r['step_s']:.3f} | {r['peak_bytes'] / 2**20:,.0f} MiB "
+              f"| {r['trainable']:,} | {r['checkpoint_bytes'] / 2**20:.1f} MiB |")
+    by_name = {r["name"]: r for r in rows}
+    print()
+    for m in methods:
+        print(f"vlcap {m}: {by_name[f'vlcap {m} + cache']['samples_per_s'] / by_name[f'vlcap {m}']['samples_per_s']:.2f}x "
+              f"faster per step from the feature cache; {by_name[f'vlcap {m}']['samples_per_s'] / by_name[HF]['samples_per_s']:.2f}x "
+              "the HF stack's samples/s from images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Throughput options change speed or memory, not what is learned."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from vlcap.core.captioner import build_captioner
+from vlcap.core.trainer import autocast_dtype, configure_decoder, train
+
+
+@pytest.fixture
+def captioner_and_batch(registry):
+    captioner, _ = build_captioner(tiny_config("adapter", peft={"options": {"layers": "all"}}), registry)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50257, (2, 9))
+    return captioner.train(), (torch.randn(2, 3, 160, 160), ids, ids.roll(-1, 1))
+
+
+def gradients(captioner, batch):
+    captioner.zero_grad()
+    captioner.loss(*batch).backward()
+    return {n: p.grad.clone() for n, p in captioner.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(captioner_and_batch):
+    captioner, batch = captioner_and_batch
+    plain = gradients(captioner, batch)
+    configure_decoder(captioner, tiny_config(train={"grad_checkpointing": True}))
+    assert captioner.decoder.gradient_checkpointing
+    checkpointed = gradients(captioner, batch)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_decoder_gives_the_same_loss_and_parameter_names(captioner_and_batch):
+    captioner, batch = captioner_and_batch
+    names, loss = [n for n, _ in captioner.named_parameters()], captioner.loss(*batch)
+    configure_decoder(captioner, tiny_config(train={"compile": "eager"}))  # dynamo tracing, no C++ build
+    assert [n for n, _ in captioner.named_parameters()] == names  # checkpoints keep their keys
+    torch.testing.assert_close(captioner.loss(*batch), loss)
+
+
+def test_bf16_autocast_on_cpu_only_when_asked(captioner_and_batch):
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    captioner, batch = captioner_and_batch
+    full = captioner.loss(*batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = captioner.loss(*batch)
+    assert float(half) == pytest.approx(float(full), rel=2e-2)
+
+
+def test_all_throughput_options_together_train(tmp_path, synthetic, registry):
+    data = {"train_json": str(synthetic / "train.json"), "train_images": str(synthetic / "images_train")}
+    cfg = tiny_config("lora", data=data, train={"max_steps": 2, "batch_size": 8, "amp": "bf16",
+                                                 "length_buckets": True, "grad_checkpointing": True})
+    result = train(cfg, tmp_path / "run", registry)
+    assert result.steps == 2 and result.history[0]["train_loss"] > 0
+    assert load_file(result.last_checkpoint)

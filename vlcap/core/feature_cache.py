@@ -1,0 +1,208 @@
+"""The frozen-encoder feature cache: the ViT's output tokens for every image in a folder, computed
+once and memory-mapped, so training reads tokens instead of running the ViT every epoch.
+
+A cache is a directory:
+    features.npy    (images, tokens, width) float16 (or float32), read as a numpy memmap
+    manifest.json   what produced the tokens (encoder, weights fingerprint, timm version,
+                    preprocessing) and, per image file, its row and the size + mtime_ns it had
+
+Training refuses a cache whose encoder, weights, preprocessing or image files differ from the run's.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from rich.progress import Progress
+from timm.data import resolve_data_config
+from torch.utils.data import DataLoader, Dataset
+
+from vlcap.core.atomic import atomic_write
+from vlcap.core.data import IMAGE_SUFFIXES, ImageDataset
+from vlcap.core.errors import VlcapError, few
+
+FORMAT = "vlcap-feature-cache/1"
+DTYPES = ("float16", "float32")
+
+
+def encoder_fingerprint(encoder):
+    """A hash of the encoder's name and a few of its tensors (first, middle, last): it changes with
+    the model, its pretrained weights, or (for a random encoder) ``model.init_seed``."""
+    tensors = list(encoder.state_dict().values())
+    digest = hashlib.sha256(encoder.name.encode())
+    for t in (tensors[0], tensors[len(tensors) // 2], tensors[-1]):
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def encoder_description(encoder):
+    """What the cached tokens depend on; a cache is usable only if all of it matches."""
+    transform = resolve_data_config({}, model=encoder.vit)
+    return {"encoder": encoder.name, "fingerprint": encoder_fingerprint(encoder),
+            "transform": json.loads(json.dumps(transform)),  # tuples -> lists, as read back
+            "tokens": encoder.num_tokens, "width": encoder.embed_dim}
+
+
+def list_images(image_dir):
+    """Image files under ``image_dir`` as sorted relative POSIX paths (the caption files' names)."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise VlcapError(f"{image_dir}: image folder not found")
+    return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def file_stamp(path):
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+
+
+def write_feature_cache(encoder, image_dir, out, dtype="float16", batch_size=32, device="cpu",
+                        num_workers=0, console=None):
+    """Run ``encoder`` over every image under ``image_dir`` and write the cache directory ``out``
+    (into a temporary directory beside it, renamed into place when complete)."""
+    out, image_dir = Path(out), Path(image_dir)
+    if dtype not in DTYPES:
+        raise VlcapError(f"feature cache dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if out.exists():
+        raise VlcapError(f"{out}: already exists; delete it or choose another --out")
+    names = list_images(image_dir)
+    if not names:
+        raise VlcapError(f"{image_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) to cache")
+    shape = (len(names), encoder.num_tokens, encoder.embed_dim)
+    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if console is not None:
+        console.print(f"feature cache: {shape[0]:,} images x {shape[1]} tokens x {shape[2]} {dtype} = "
+                      f"{human_bytes(needed)} on disk ({human_bytes(free)} free at {out.parent})")
+    if needed > free:
+        raise VlcapError(f"{out}: the feature cache needs {human_bytes(needed)} but only {human_bytes(free)} "
+                         f"is free on that disk; choose another --out")
+
+    manifest = {"format": FORMAT, **encoder_description(encoder), "timm": timm.__version__,
+                "dtype": dtype, "shape": list(shape),
+                "images": {name: [row, *file_stamp(image_dir / name)] for row, name in enumerate(names)}}
+    loader = DataLoader(ImageDataset([image_dir / n for n in names], encoder.transform()),
+                        batch_size=batch_size, num_workers=num_workers)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
+        row = 0
+        with Progress(console=console, disable=console is None) as progress:
+            task = progress.add_task("encode images", total=len(names))
+            for pixels, _ in loader:
+                with torch.no_grad():
+                    tokens = encoder(pixels.to(device)).float().cpu().numpy()
+                features[row:row + len(tokens)] = tokens
+                row += len(tokens)
+                progress.update(task, advance=len(tokens))
+        features.flush()
+        del features
+        with atomic_write(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FeatureCache(out)
+
+
+class FeatureCache:
+    """A cache directory opened for reading; ``features`` is memory-mapped on first use (in each
+    dataloader worker), so a cache larger than RAM is fine."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise VlcapError(f"{self.path}: not a feature cache (no manifest.json); build one with "
+                             "`vlcap cache-features`") from None
+        except json.JSONDecodeError:
+            raise VlcapError(f"{self.path}/manifest.json: not valid JSON; rebuild the cache") from None
+        if self.manifest.get("format") != FORMAT:
+            raise VlcapError(f"{self.path}: not a {FORMAT} cache (format {self.manifest.get('format')!r}); rebuild it")
+        self.rows = {name: entry[0] for name, entry in self.manifest["images"].items()}
+        self._features = None
+
+    @property
+    def features(self):
+        if self._features is None:
+            self._features = np.load(self.path / "features.npy", mmap_mode="r")
+        return self._features
+
+    def check_encoder(self, encoder):
+        """Refuse tokens another encoder, other weights or other preprocessing produced."""
+        ours, theirs = encoder_description(encoder), self.manifest
+        rebuild = f"rebuild it with `vlcap cache-features --encoder {encoder.name}` or drop --feature-cache"
+        if theirs["encoder"] != ours["encoder"]:
+            raise VlcapError(f"{self.path}: cached with encoder '{theirs['encoder']}' but this run uses "
+                             f"'{ours['encoder']}'; {rebuild}")
+        if theirs["transform"] != ours["transform"]:
+            raise VlcapError(f"{self.path}: cached with preprocessing {theirs['transform']} (image size "
+                             f"{theirs['transform'].get('input_size')}) but this run uses {ours['transform']}; {rebuild}")
+        if theirs["fingerprint"] != ours["fingerprint"] or [theirs["tokens"], theirs["width"]] != [ours["tokens"], ours["width"]]:
+            raise VlcapError(f"{self.path}: cached with other '{ours['encoder']}' weights (fingerprint "
+                             f"{theirs['fingerprint']}, this run {ours['fingerprint']}: pretrained flag or "
+                             f"model.init_seed differ); {rebuild}")
+
+    def check_images(self, names, image_dir, where):
+        """Refuse if any of ``names`` (files under ``image_dir`` that ``where`` uses) is not cached
+        or has changed on disk since."""
+        image_dir = Path(image_dir)
+        missing = sorted(n for n in names if n not in self.rows)
+        if missing:
+            raise VlcapError(f"{self.path}: {len(missing)} image(s) of {where} are not in the cache: "
+                             f"{few(missing)}; rebuild it with `vlcap cache-features --images {image_dir}`")
+        changed = sorted(n for n in names if file_stamp(image_dir / n) != self.manifest["images"][n][1:])
+        if changed:
+            raise VlcapError(f"{self.path}: {len(changed)} image file(s) in {image_dir} changed since they were "
+                             f"cached: {few(changed)}; rebuild the cache")
+
+
+class CachedCaptionDataset(Dataset):
+    """A ``CaptionDataset`` whose items carry the image's cached ViT tokens instead of pixels."""
+
+    def __init__(self, captions, cache):
+        self.items = captions.items
+        self.truncated = captions.truncated
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        file_name, input_ids, labels = self.items[index]
+        tokens = torch.from_numpy(self.cache.features[self.cache.rows[file_name]].astype(np.float32))
+        return tokens, torch.tensor(input_ids), torch.tensor(labels)
+
+
+def training_cache(cfg, encoder, run_dir, console, is_main, barrier):
+    """The feature cache a run trains from, or None. With ``data.cache_features`` it is built
+    first (by the main process; the others wait) unless it exists already."""
+    if not cfg.data.feature_cache and not cfg.data.cache_features:
+        return None
+    path = Path(cfg.data.feature_cache or Path(run_dir) / "feature_cache")
+    if cfg.data.cache_features and not path.exists():
+        if is_main:
+            write_feature_cache(encoder, cfg.data.train_images, path, dtype=cfg.data.feature_cache_dtype,
+                                batch_size=cfg.train.batch_size, device=next(encoder.parameters()).device,
+                                num_workers=cfg.train.num_workers, console=console)
+        barrier()
+    cfg.data.feature_cache = str(path)
+    cache = FeatureCache(path)
+    cache.check_encoder(encoder)
+    return cache
