@@ -178,7 +178,7 @@ class CachedCaptionDataset(Dataset):
 
     def __init__(self, captions, cache):
         self.items = captions.items
-        self.truncated = captions.truncated
+        self.truncated, self.empty = captions.truncated, captions.empty
         self.cache = cache
 
     def __len__(self):
