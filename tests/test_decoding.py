@@ -3,16 +3,17 @@ beam search finds the best caption, sampling is seeded."""
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from conftest import PEFT_METHODS, tiny_config
+from conftest import PEFT_METHODS, install_package, tiny_config
+from vlcap.cli import main
 from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.decoding import (CachedNextToken, RecomputeNextToken, ban_repeated_ngrams, caption_images,
                                  length_normalised)
+from vlcap.core.plugins import load_registry
 
 MAX_LENGTH = 10
 STRATEGIES = {  # strategy -> options that exercise it
@@ -62,10 +63,35 @@ def captions(captioners, registry, method, pixels, strategy, options, cached=Tru
 
 
 def test_list_plugins_shows_the_decoding_strategies():
-    out = subprocess.run([sys.executable, "-m", "vlcap", "list-plugins", "--json"], capture_output=True,
-                         text=True, check=True).stdout
-    kinds = {e["name"]: e["kind"] for e in json.loads(out)}
+    result = CliRunner().invoke(main, ["list-plugins", "--json"])
+    kinds = {e["name"]: e["kind"] for e in json.loads(result.output)}
     assert all(kinds.get(name) == "decoding" for name in STRATEGIES)
+
+
+STRATEGY_PLUGIN = """
+import vlcap
+from vlcap.core.decoding import DecodingStrategy, decode_token_by_token
+
+class LeastLikely(DecodingStrategy):
+    name = "least_likely"
+    description = "third-party test strategy"
+
+    def generate(self, model, config, *, start_id, end_id, max_length):
+        return decode_token_by_token(model, lambda logits: logits.argmin(-1),
+                                     start_id=start_id, end_id=end_id, max_length=max_length)
+
+@vlcap.hookimpl
+def register_decoding_strategies(register):
+    register(LeastLikely())
+"""
+
+
+def test_a_third_party_strategy_decodes_without_core_changes(site, captioners, pixels):
+    install_package(site, "vlcap-least", "vlcap_least", STRATEGY_PLUGIN)
+    strategy = load_registry().get("decoding", "least_likely")
+    captioner, _, tokenizer = captioners["lora"]
+    out = caption_images(captioner, pixels, tokenizer, strategy, {}, 3)
+    assert len(out) == 4 and all(out)  # the least likely token is never the end token here
 
 
 @pytest.mark.parametrize("method", PEFT_METHODS)
