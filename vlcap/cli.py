@@ -174,7 +174,7 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
                             strategy=strategy, options=options, max_length=max_length,
                             batch_size=batch_size, device=device, console=err_console)
     for path, reason in result.bad_images:
-        err_console.print(f"  unreadable: {path} ({reason})", markup=False, highlight=False)
+        err_console.print(f"  unreadable: {path} ({reason})", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {len(result.predictions)} captions to {out}")
     if result.bad_images and not skip_bad_images:
         raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "

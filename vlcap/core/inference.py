@@ -81,7 +81,7 @@ def caption_folder(images_dir, checkpoint, out, registry, *, decoder_weights=Non
             for path, (image, reason) in zip(batch, pool.map(read, batch)):
                 if image is None:
                     progress.console.print(f"warning: {path}: unreadable image ({reason}); skipped",
-                                           markup=False, highlight=False)
+                                           markup=False, highlight=False, soft_wrap=True)
                     bad.append((path, reason))
                 else:
                     pixels.append(image)
