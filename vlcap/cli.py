@@ -343,5 +343,37 @@ def write_per_image_csv(path, rows):
         f.write(text.getvalue().encode("utf-8"))
 
 
+@main.command()
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint from `vlcap train`.")
+@click.option("--decoder-weights", type=click.Path(dir_okay=False),
+              help="decoder_model.bin (default: the path the checkpoint recorded).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions JSON {file stem: caption}.")
+@click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`).")
+@click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search).")
+@click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="A decoding strategy option, e.g. --set length_penalty=0.8 (repeatable).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
+def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
+            batch_size, device, skip_bad_images):
+    """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
+    from vlcap.core.inference import caption_folder
+    options = config_lib.parse_set(assignments)
+    if num_beams is not None:
+        options["num_beams"] = num_beams
+    result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
+                            strategy=strategy, options=options, max_length=max_length,
+                            batch_size=batch_size, device=device, console=err_console)
+    for path, reason in result.bad_images:
+        err_console.print(f"  unreadable: {path} ({reason})", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {len(result.predictions)} captions to {out}")
+    if result.bad_images and not skip_bad_images:
+        raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "
+                         "fix or remove them, or pass --skip-bad-images")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,10 +53,15 @@ class SelfAttention(nn.Module):
         # (B, n_head, P, head_dim), prepended to the keys/values and visible to every position.
         self.kv_prefix = None
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
-        if self.kv_prefix is None:
+        if cache is not None:  # incremental decoding: past keys/values (prefix included) are cached
+            k, v = cache.append_self_kv(k, v)
+            T, S = q.size(2), k.size(2)
+            mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.kv_prefix is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             pk, pv = self.kv_prefix(x.size(0))
@@ -82,10 +87,31 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
 
-    def forward(self, x, memory):
+    def memory_kv(self, memory):
+        """Keys and values of the image tokens, ``(B, n_head, tokens, head_dim)`` each."""
+        return split_heads(self.k(memory), self.n_head), split_heads(self.v(memory), self.n_head)
+
+    def forward(self, x, memory, cache=None):
         q = split_heads(self.q(x), self.n_head)
-        k, v = split_heads(self.k(memory), self.n_head), split_heads(self.v(memory), self.n_head)
-        return self.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, *self.memory_kv(memory))
+        else:
+            y = attend_shared_memory(q, cache.cross_k, cache.cross_v)
+        return self.c_proj(merge_heads(y))
+
+
+def attend_shared_memory(q, k, v):
+    """Cross-attention of ``R = B * beams`` rows (image-major) to ``B`` images' keys/values.
+
+    Cross-attention has no mask, so the queries of all beams of one image can be stacked along
+    the time axis and attend in one call to that image's keys/values, which are never copied.
+    """
+    B, H, N, D = k.shape
+    R, _, T, _ = q.shape
+    beams = R // B
+    q = q.view(B, beams, H, T, D).transpose(1, 2).reshape(B, H, beams * T, D)
+    y = F.scaled_dot_product_attention(q, k, v)
+    return y.view(B, H, beams, T, D).transpose(1, 2).reshape(R, H, T, D)
 
 
 class Block(nn.Module):
@@ -107,9 +133,9 @@ class Block(nn.Module):
         self.post_cross_attn = nn.Identity()
         self.post_mlp = nn.Identity()
 
-    def forward(self, x, memory):
-        x = x + self.post_attn(self.attn(self.ln_1(x)))
-        x = x + self.post_cross_attn(self.cross_attn(self.ln_cross(x), memory))
+    def forward(self, x, memory, cache=None):
+        x = x + self.post_attn(self.attn(self.ln_1(x), cache))
+        x = x + self.post_cross_attn(self.cross_attn(self.ln_cross(x), memory, cache))
         return x + self.post_mlp(self.mlp(self.ln_2(x)))
 
 
@@ -142,17 +168,25 @@ class GPT2Decoder(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids, memory):
+    def forward(self, input_ids, memory=None, cache=None):
+        """Logits ``(B, T, vocab)``. Training passes the whole sequence and the image tokens
+        ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
+        (``vlcap.core.kv_cache``), which holds the image keys/values and grows by ``T``."""
+        past = 0 if cache is None else cache.length
         T = input_ids.size(1)
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds the decoder context of {self.cfg.block_size}")
-        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
-        for block in self.h:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if past + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the decoder context of {self.cfg.block_size}")
+        x = self.wte(input_ids) + self.wpe(torch.arange(past, past + T, device=input_ids.device))
+        for i, block in enumerate(self.h):
+            if cache is not None:
+                x = block(x, memory, cache.layers[i])
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Recompute the block's activations in backward instead of keeping them.
                 x = torch.utils.checkpoint.checkpoint(block, x, memory, use_reentrant=False)
             else:
                 x = block(x, memory)
+        if cache is not None:
+            cache.length += T
         return self.lm_head(self.ln_f(x))
 
     def pretrained_parameters(self):

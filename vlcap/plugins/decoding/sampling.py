@@ -1,0 +1,29 @@
+"""What the sampling strategies (top_k, top_p) share: temperature, seed and the loop."""
+from dataclasses import dataclass
+from typing import Optional
+
+from vlcap.core.decoding import DecodingStrategy, decode_token_by_token, make_generator, sample
+from vlcap.core.errors import VlcapError
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    seed: Optional[int] = None  # same seed, same model, same images: the same captions
+
+
+class SamplingStrategy(DecodingStrategy):
+    def keep(self, logits, config):
+        """``logits`` with the tokens this strategy never samples set to -inf."""
+        raise NotImplementedError
+
+    def check(self, config):
+        if config.temperature <= 0:
+            raise VlcapError(f"decoding.options.temperature: must be > 0, got {config.temperature}")
+
+    def generate(self, model, config, *, start_id, end_id, max_length):
+        self.check(config)
+        generator = make_generator(config.seed, model.device)
+        return decode_token_by_token(
+            model, lambda logits: sample(self.keep(logits.float(), config), config.temperature, generator),
+            start_id=start_id, end_id=end_id, max_length=max_length)
