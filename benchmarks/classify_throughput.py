@@ -16,6 +16,7 @@ from rich.table import Table
 
 from vlcap.core import classify as zs
 from vlcap.core.clip import Clip, load_clip
+from vlcap.core.data import find_images
 
 
 def build(spec, device):
@@ -40,7 +41,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     limits = dict(item.rsplit("=", 1) for item in args.limit)
-    paths = zs.find_images(args.images_dir)
+    paths = find_images(args.images_dir)
     device = torch.device(args.device)
     progress_console = Console(stderr=True)  # progress bars on stderr, the table alone on stdout
     table = Table(title=f"zero-shot image embedding, {device.type}, {torch.get_num_threads()} threads")

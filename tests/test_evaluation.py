@@ -137,7 +137,7 @@ def test_clipscore_equals_an_independent_computation(tmp_path, tiny_clip):
 def test_unreadable_image_is_named(tmp_path, tiny_clip):
     paths = write_images(tmp_path / "images", count=3)
     paths["img1"].write_bytes(b"not a png")
-    with pytest.raises(VlcapError, match=r"img1.png: not a readable image"):
+    with pytest.raises(VlcapError, match=r"img1.png: unreadable image"):
         clip_scores(dict(zip(paths, CAPTIONS)), paths, load_clip(str(tiny_clip), device="cpu"), show_progress=False)
 
 

@@ -221,6 +221,7 @@ def classify(images_dir, labels_file, out, templates, clip_model, report, ground
              batch_size, device, skip_bad_images):
     """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts."""
     from vlcap.core import classify as zs
+    from vlcap.core.data import find_images
     from vlcap.core.clip import load_clip
     from vlcap.core.data import load_image
     if not (out or report or plot_top5):
@@ -230,7 +231,7 @@ def classify(images_dir, labels_file, out, templates, clip_model, report, ground
     # Every input is checked before the (possibly large) model loads.
     labels = zs.load_labels(labels_file)
     templates = [zs.check_template(t) for t in templates] or list(zs.DEFAULT_TEMPLATES)
-    paths = zs.find_images(images_dir)
+    paths = find_images(images_dir)
     names = [p.name for p in paths]
     if report:
         truth = zs.load_ground_truth(ground_truth, names, labels) if ground_truth else zs.ground_truth_from_names(names, labels)
@@ -295,7 +296,9 @@ def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, b
                           f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}[/]")
     rows = per_image_rows(result)
     if per_image_path:
-        write_per_image_csv(per_image_path, rows)
+        from vlcap.core.outputs import write_csv
+        columns = ["stem", "caption", "clipscore", "cider"]
+        write_csv(per_image_path, columns, ([row[c] for c in columns] for row in rows))
     if as_json:
         click.echo(json.dumps({"images": result.images, "cider": result.cider.score,
                                "clipscore": clip.score if clip else None, "clip_model": result.clip_model,
@@ -331,18 +334,6 @@ def per_image_rows(result):
              "cider": result.cider.per_image[s]} for s in stems]
 
 
-def write_per_image_csv(path, rows):
-    import csv
-    import io
-    from vlcap.core.atomic import atomic_write
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["stem", "caption", "clipscore", "cider"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path) as f:
-        f.write(text.getvalue().encode("utf-8"))
-
-
 @main.command()
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint from `vlcap train`.")
@@ -367,8 +358,8 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
     result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
                             strategy=strategy, options=options, max_length=max_length,
                             batch_size=batch_size, device=device, console=err_console)
-    for path, reason in result.bad_images:
-        err_console.print(f"  unreadable: {path} ({reason})", markup=False, highlight=False, soft_wrap=True)
+    for message in result.bad_images:
+        err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {len(result.predictions)} captions to {out}")
     if result.bad_images and not skip_bad_images:
         raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "

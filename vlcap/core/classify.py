@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import IMAGE_SUFFIXES, load_image
+from vlcap.core.data import image_loader
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.outputs import write_csv
 
 PLACEHOLDER = "{object}"
 # CLIP's own prompt ensemble for CIFAR-10/100 (openai/CLIP data/prompts.md). The course's set is 50
@@ -85,60 +85,26 @@ def ensemble(per_template):
     return F.normalize(torch.stack(list(per_template)).mean(dim=0), dim=-1)
 
 
-def find_images(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VlcapError(f"{folder}: image folder not found")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise VlcapError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-    return paths
-
-
-class _ImageFiles(Dataset):
-    """``(index, pixels)``, or ``(index, reason)`` for a file PIL cannot read, so one broken image
-    is reported instead of stopping the DataLoader."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            return index, self.transform(load_image(self.paths[index]))
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL: unidentified/truncated/corrupt files
-            return index, f"{type(exc).__name__}: {exc}"
-
-
-def _keep_readable(batch):
-    good = [(i, x) for i, x in batch if torch.is_tensor(x)]
-    bad = [(i, x) for i, x in batch if not torch.is_tensor(x)]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], pixels, bad
-
-
 @dataclass
 class ImageSet:
     files: list  # file names (with extension) of the images that were read, in input order
     embeddings: torch.Tensor  # (len(files), dim), unit length
-    bad: list  # (file name, reason) for the files that could not be read
+    bad: list  # (file name, message) for the files that could not be read
 
 
 def encode_images(clip, paths, batch_size=128, console=None):
     """Embed every image once, batched, with a progress bar; unreadable files are warned about
     (one line each) and collected in ``ImageSet.bad``."""
-    loader = DataLoader(_ImageFiles(paths, clip.preprocess), batch_size=batch_size, collate_fn=_keep_readable)
+    loader = image_loader(paths, clip.preprocess, batch_size, clip.device)
     files, chunks, bad = [], [], []
     progress = Progress(TextColumn("[bold]embedding images"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=console, transient=True)
     with progress:
         task = progress.add_task("images", total=len(paths))
-        for indices, pixels, unreadable in loader:
-            for index, reason in unreadable:
-                progress.console.print(f"[yellow]warning:[/] {paths[index]}: unreadable image ({reason})")
-                bad.append((paths[index].name, reason))
+        for pixels, indices, unreadable in loader:
+            for item in unreadable:
+                progress.console.print(f"warning: {item.message}", markup=False, highlight=False, soft_wrap=True)
+                bad.append((item.path.name, item.message))
             if pixels is not None:
                 chunks.append(clip.encode_images(pixels).cpu())
                 files.extend(paths[i].name for i in indices)
@@ -206,10 +172,7 @@ def accuracy(probs, files, truth, labels):
 def write_predictions(path, files, probs, labels):
     """``filename,label`` rows sorted by file name, written atomically."""
     predicted = [labels.ids[i] for i in probs.argmax(dim=-1).tolist()]
-    with atomic_write(path, "w") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["filename", "label"])
-        writer.writerows(sorted(zip(files, predicted)))
+    write_csv(path, ["filename", "label"], sorted(zip(files, predicted)))
 
 
 def sample(files, count, seed=0):

@@ -3,6 +3,7 @@
 Schema: ``{"annotations": [{"caption", "id", "image_id"}], "images": [{"file_name", "id"}]}``.
 """
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.tokenizer import IGNORE_INDEX
@@ -118,7 +119,8 @@ def load_image(path):
 @dataclass(frozen=True)
 class Unreadable:
     """Stands in for a dataset item whose image could not be read; collation drops it."""
-    message: str
+    path: Path
+    message: str  # names the file and what is wrong with it
 
 
 def check_images_exist(caption_set, image_dir, json_path):
@@ -158,13 +160,13 @@ class CaptionDataset(Dataset):
         try:
             pixels = self.transform(load_image(self.image_dir / file_name))
         except VlcapError as exc:  # returned, not raised: a DataLoader worker would wrap it in a traceback
-            return Unreadable(str(exc))
+            return Unreadable(self.image_dir / file_name, str(exc))
         return pixels, torch.tensor(input_ids), torch.tensor(labels)
 
 
 class ImageDataset(Dataset):
-    """One item per image file: ``(pixels, file_stem)``. An unreadable image raises a
-    ``VlcapError``, or with ``skip_unreadable`` gives ``Unreadable`` (use ``collate_images``)."""
+    """One item per image file: ``(pixels, index)``. An unreadable image raises a ``VlcapError``,
+    or with ``skip_unreadable`` gives ``Unreadable`` (batch with ``collate_images``)."""
 
     def __init__(self, paths, transform, skip_unreadable=False):
         self.paths = [Path(p) for p in paths]
@@ -176,16 +178,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index):
         try:
-            return self.transform(load_image(self.paths[index])), self.paths[index].stem
+            return self.transform(load_image(self.paths[index])), index
         except VlcapError as exc:
             if not self.skip_unreadable:
                 raise
-            return Unreadable(str(exc))
+            return Unreadable(self.paths[index], str(exc))
 
 
 def split_unreadable(batch):
     readable = [item for item in batch if not isinstance(item, Unreadable)]
-    return readable, tuple(item.message for item in batch if isinstance(item, Unreadable))
+    return readable, tuple(item for item in batch if isinstance(item, Unreadable))
 
 
 class CaptionBatch(NamedTuple):
@@ -199,6 +201,7 @@ def collate_captions(batch, pad_id):
     """Pad inputs with ``pad_id`` (the end token, as the course does) and labels with IGNORE;
     unreadable items are dropped and reported in ``unreadable``."""
     batch, unreadable = split_unreadable(batch)
+    unreadable = tuple(item.message for item in unreadable)
     if not batch:
         return CaptionBatch(None, None, None, unreadable)
     pixels, inputs, labels = zip(*batch)
@@ -212,9 +215,36 @@ def collate_captions(batch, pad_id):
 
 
 def collate_images(batch):
-    """``(pixels or None, stems, unreadable messages)`` for an ``ImageDataset(skip_unreadable=True)``."""
+    """``(pixels or None, indices, Unreadable items)`` for an ``ImageDataset(skip_unreadable=True)``."""
     batch, unreadable = split_unreadable(batch)
     if not batch:
         return None, [], unreadable
-    pixels, stems = zip(*batch)
-    return torch.stack(pixels), list(stems), unreadable
+    pixels, indices = zip(*batch)
+    return torch.stack(pixels), list(indices), unreadable
+
+
+def image_loader(paths, transform, batch_size, device, num_workers=None, worker_init_fn=None):
+    """Batches ``(pixels or None, indices, Unreadable items)`` of every image in ``paths``; an
+    unreadable file is reported, not raised, so one broken image never stops a long run."""
+    if num_workers is None:  # decoding JPEGs is the bottleneck once the model runs on a GPU
+        num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return DataLoader(ImageDataset(paths, transform, skip_unreadable=True), batch_size=batch_size,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=collate_images,
+                      worker_init_fn=worker_init_fn)
+
+
+def find_images(folder, unique_stems=False):
+    """The image files in ``folder`` (jpg/jpeg/png/webp, any case), sorted by name. With
+    ``unique_stems`` (outputs keyed by file stem, as the course's captions are), two files with one
+    stem are an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VlcapError(f"{folder}: image folder not found")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise VlcapError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    shared = sorted(stem for stem, n in Counter(p.stem for p in paths).items() if n > 1)
+    if unique_stems and shared:
+        raise VlcapError(f"{folder}: several images share the file stem(s) {few(shared)}; outputs are "
+                         "keyed by stem, so rename or remove the duplicates")
+    return paths

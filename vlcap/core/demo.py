@@ -3,15 +3,13 @@
 Writes a synthetic shapes set, trains every installed PEFT method with the tiny preset, reloads
 each checkpoint from disk, captions held-out images and prints one comparison table.
 """
-import torch
 from rich.table import Table
-from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
 from vlcap.core.checkpoint import load_checkpoint
-from vlcap.core.data import ImageDataset, load_captions
-from vlcap.core.decoding import caption_images
+from vlcap.core.data import load_captions
 from vlcap.core.errors import VlcapError
+from vlcap.core.inference import caption_paths
 from vlcap.core.synthetic import make_synthetic_set
 from vlcap.core.trainer import train
 
@@ -54,11 +52,7 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
         loaded = load_checkpoint(result.best_checkpoint, registry)
         if loaded.method.can_merge:
             loaded.method.merge(loaded.captioner)
-        strategy = registry.get("decoding", cfg.decoding.strategy)
-        predictions = {}
-        for pixels, stems in DataLoader(ImageDataset(paths, loaded.captioner.encoder.transform()), batch_size=25):
-            predictions.update(zip(stems, caption_images(loaded.captioner, pixels, loaded.tokenizer, strategy,
-                                                         cfg.decoding.options, cfg.decoding.max_length)))
+        predictions = caption_paths(loaded, paths, registry, batch_size=25, console=console).predictions
         captions_by_method[method] = predictions
         exact = sum(p.lower().rstrip(".") in {r.lower().rstrip(".") for r in references[s]}
                     for s, p in predictions.items()) / len(predictions)

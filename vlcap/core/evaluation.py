@@ -12,12 +12,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.data import DataLoader, Dataset
 
-from vlcap.core.data import load_captions, load_image
+from vlcap.core.data import image_loader, load_captions
 from vlcap.core.errors import VlcapError, few
 
 JAVA_HINT = "install a Java runtime, e.g. apt-get install default-jre-headless"
@@ -100,30 +98,6 @@ def cider(predictions, references):
     return CiderResult(float(score), {key: float(s) for key, s in zip(tokenized_references, scores)})
 
 
-class _ClipImages(Dataset):
-    """Preprocessed images for CLIP; an unreadable file comes back as ``None`` so the main process
-    can name it (an exception raised in a DataLoader worker arrives as a multi-line traceback)."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            return self.preprocess(load_image(self.paths[index])), index
-        except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
-            return None, index
-
-
-def _collate(batch):
-    unreadable = [index for pixels, index in batch if pixels is None]
-    good = [(pixels, index) for pixels, index in batch if pixels is not None]
-    pixels = torch.stack([p for p, _ in good]) if good else None
-    return pixels, [index for _, index in good], unreadable
-
-
 def check_images(stems, image_paths, where="CLIPScore"):
     missing = [str(image_paths.get(s, s)) for s in stems if s not in image_paths or not Path(image_paths[s]).is_file()]
     if missing:
@@ -135,10 +109,7 @@ def clip_scores(predictions, image_paths, clip, batch_size=64, num_workers=None,
     with ``clip`` (a ``vlcap.core.clip.Clip``), and the mean over images."""
     stems = list(predictions)
     check_images(stems, image_paths)
-    if num_workers is None:  # decoding JPEGs is the bottleneck once CLIP runs on a GPU
-        num_workers = min(4, os.cpu_count() or 1) if clip.device.type == "cuda" else 0
-    loader = DataLoader(_ClipImages([Path(image_paths[s]) for s in stems], clip.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=clip.device.type == "cuda")
+    loader = image_loader([Path(image_paths[s]) for s in stems], clip.preprocess, batch_size, clip.device, num_workers)
     per_image = {}
     progress = Progress(TextColumn("CLIPScore"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console or Console(stderr=True), disable=not show_progress, transient=True)
@@ -146,8 +117,7 @@ def clip_scores(predictions, image_paths, clip, batch_size=64, num_workers=None,
         task = progress.add_task("clipscore", total=len(stems))
         for pixels, indices, unreadable in loader:
             if unreadable:
-                raise VlcapError(f"{image_paths[stems[unreadable[0]]]}: not a readable image "
-                                 f"({len(unreadable)} unreadable in this batch); replace or remove it")
+                raise VlcapError(f"{unreadable[0].message}; replace or remove it ({len(unreadable)} unreadable in this batch)")
             batch = [stems[i] for i in indices]
             cos = (clip.encode_images(pixels) * clip.encode_texts([predictions[s] for s in batch])).sum(-1)
             per_image.update(zip(batch, (2.5 * cos.clamp(min=0)).tolist()))

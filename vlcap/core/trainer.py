@@ -21,8 +21,7 @@ from vlcap.core import resume as resume_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.captioner import CaptionLoss, build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
-from vlcap.core.data import (CaptionDataset, ImageDataset, check_images_exist, collate_captions,
-                             collate_images, load_captions)
+from vlcap.core.data import CaptionDataset, check_images_exist, collate_captions, image_loader, load_captions
 from vlcap.core.decoding import caption_images
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.feature_cache import CachedCaptionDataset, training_cache
@@ -128,9 +127,8 @@ def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), c
         image_paths = [Path(cfg.data.val_images) / name for name in names]
         val = {
             "loss": DataLoader(val_set, shuffle=False, **loader_args),
-            "images": DataLoader(ImageDataset(image_paths, transform, skip_unreadable=True),
-                                 batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-                                 worker_init_fn=resume_lib.ignore_interrupts_in_worker, collate_fn=collate_images),
+            "images": image_loader(image_paths, transform, cfg.train.batch_size, device, cfg.train.num_workers,
+                                   worker_init_fn=resume_lib.ignore_interrupts_in_worker),
             "references": val_captions.references(),
             "paths": {p.stem: p for p in image_paths},
         }
@@ -157,10 +155,11 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, 
         return {}
     strategy = registry.get("decoding", cfg.decoding.strategy)
     predictions = {}
-    for pixels, stems, skipped in val["images"]:
-        unreadable.update(skipped)
+    for pixels, indices, skipped in val["images"]:
+        unreadable.update(item.message for item in skipped)
         if pixels is None:
             continue
+        stems = [val["images"].dataset.paths[i].stem for i in indices]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             captions = caption_images(captioner, pixels.to(device), tokenizer, strategy,
                                       cfg.decoding.options, cfg.decoding.max_length)
