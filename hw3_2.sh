@@ -3,7 +3,8 @@
 #   bash hw3_2.sh IMAGES_DIR OUT_JSON DECODER_WEIGHTS
 # The trained checkpoint is $VLCAP_CHECKPOINT if set, else checkpoints/best.safetensors beside
 # this script. Decoding: beam search with 3 beams (override with $VLCAP_CAPTION_ARGS, e.g.
-# VLCAP_CAPTION_ARGS="--decoding greedy").
+# VLCAP_CAPTION_ARGS="--decoding greedy"). Needs vlcap installed (pip install -e .): its
+# decoding strategies are plugins found through the installed entry points.
 set -euo pipefail
 if [ "$#" -ne 3 ]; then
     echo "usage: bash $0 IMAGES_DIR OUT_JSON DECODER_WEIGHTS" >&2
