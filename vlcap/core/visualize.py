@@ -47,6 +47,7 @@ class Drawn:
     caption: str
     words: list  # panel titles after <start>
     panels: int  # panels drawn, <start> included
+    note: str = ""
 
 
 def collect_images(paths):
@@ -174,7 +175,7 @@ def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None
                 word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
                 word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(encoder.grid_size),
                 num_prefix_tokens=np.array(encoder.num_prefix_tokens), layer=np.array(layer), head=np.array(str(head)))
-        drawn.append(Drawn(target.name, png, npz, caption, [w.text for w in words], panels))
+        drawn.append(Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note))
     return drawn
 
 
