@@ -21,7 +21,7 @@ from vlcap.core.tokenizer import Tokenizer
 from vlcap.core.trainer import train
 from vlcap.core.visualize import Target, visualize
 
-LINE = re.compile(r'^(\S+\.png): (\d+) panels, "(.*)"')
+LINE = re.compile(r'^(\S+\.png): (\d+) panels?, "(.*)"')
 
 
 @pytest.fixture(scope="module")

@@ -417,9 +417,10 @@ def visualize(images, checkpoint, decoder_weights, out_dir, strategy, num_beams,
     loaded = load_checkpoint(checkpoint, registry(), decoder_weights=decoder_weights, device=resolve_device(device))
     for drawn in viz.visualize(loaded, targets, out_dir, registry(), strategy=strategy, options=options,
                                max_length=max_length, layer=layer, head=head, pieces=pieces, save_npz=save_npz):
+        panels = f"{drawn.panels} panel{'s' * (drawn.panels != 1)}"
         note = f" ({drawn.note})" if drawn.note else ""
-        console.print(f"{drawn.png}: {drawn.panels} panels, \"{drawn.caption}\"{note}", markup=False,
-                      highlight=False, soft_wrap=True)
+        console.print(f"{drawn.png}: {panels}, \"{drawn.caption}\"{note}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each figure shows the image as the encoder sees it (its timm transform resizes and crops, and
 the patch grid covers exactly that), titled ``<start>``, then one panel per produced word: that
 word's attention (``vlcap.core.attention``) over the patch grid, bilinearly upsampled to the
-image, scaled to its own maximum and blended over the image. ``--rank-by clipscore`` picks the
+image, stretched to its own min..max and blended over the image. ``--rank-by clipscore`` picks the
 best and worst scored images of a prediction file and draws the caption that was scored.
 """
 import io
