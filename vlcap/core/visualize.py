@@ -6,7 +6,6 @@ word's attention (``vlcap.core.attention``) over the patch grid, bilinearly upsa
 image, stretched to its own min..max and blended over the image. ``--rank-by clipscore`` picks the
 best and worst scored images of a prediction file and draws the caption that was scored.
 """
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,13 @@ import torch.nn.functional as F
 from vlcap.core.atomic import atomic_write
 from vlcap.core.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
                                   word_attention)
+from vlcap.core.clip import load_clip
 from vlcap.core.config import plugin_config
-from vlcap.core.data import find_images, load_image
+from vlcap.core.data import find_images, load_captions, load_image
 from vlcap.core.decoding import generate_tokens
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.evaluation import (check_images, check_predictions, clip_scores, course_references, image_paths_for,
+                                   load_predictions)
 from vlcap.core.inference import decoding_choice
 from vlcap.core.trainer import autocast_dtype
 
@@ -70,13 +72,15 @@ def collect_images(paths):
     return [Target(p, p.stem) for p in files]
 
 
+def check_readable(targets):
+    """Every image opens, checked before any model loads or any figure is written."""
+    for target in targets:
+        load_image(target.path)
+
+
 def rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model=None, top=1, bottom=1, console=None):
     """The ``top`` best and ``bottom`` worst images of a prediction file by CLIPScore (the
     evaluation code's checks and scores), as targets carrying their scored caption."""
-    from vlcap.core.clip import load_clip
-    from vlcap.core.data import load_captions
-    from vlcap.core.evaluation import (check_images, check_predictions, clip_scores, course_references,
-                                       image_paths_for, load_predictions)
     if top < 0 or bottom < 0 or top + bottom == 0:
         raise VlcapError(f"--top/--bottom: ask for at least one image (got --top {top} --bottom {bottom})")
     predictions = load_predictions(pred_path)
@@ -125,9 +129,7 @@ def draw_attention(image, titles, grids, title, path, per_row=PANELS_PER_ROW):
 
 def save_attention_npz(path, **arrays):
     with atomic_write(path, "wb") as f:
-        buffer = io.BytesIO()  # np.savez seeks, so build it in memory, then write in one go
-        np.savez_compressed(buffer, **arrays)
-        f.write(buffer.getvalue())
+        np.savez_compressed(f, **arrays)
 
 
 def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None, max_length=None, layer=-1,
@@ -178,8 +180,3 @@ def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None
         drawn.append(Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note))
     return drawn
 
-
-def check_readable(targets):
-    """Every image opens, checked before any model loads or any figure is written."""
-    for target in targets:
-        load_image(target.path)
