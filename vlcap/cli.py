@@ -366,5 +366,62 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
                          "fix or remove them, or pass --skip-bad-images")
 
 
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint from `vlcap train`.")
+@click.option("--decoder-weights", type=click.Path(dir_okay=False),
+              help="decoder_model.bin (default: the path the checkpoint recorded).")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs (and .npz).")
+@click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`).")
+@click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search).")
+@click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="A decoding strategy option, e.g. --set min_length=3 (repeatable).")
+@click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer (negative: from the last).")
+@click.option("--head", default="mean", show_default=True, help="Attention head index, or 'mean' over heads.")
+@click.option("--pieces", is_flag=True, help="One panel per BPE token instead of per word.")
+@click.option("--save-npz", is_flag=True, help="Also write the raw attention weights as STEM.npz.")
+@click.option("--rank-by", type=click.Choice(["clipscore"]),
+              help="Draw the best/worst images of --pred by CLIPScore (instead of IMAGES).")
+@click.option("--pred", "pred_path", type=click.Path(dir_okay=False), help="Predictions JSON to rank (its captions are drawn).")
+@click.option("--annotations", "annotations_path", type=click.Path(dir_okay=False), help="The reference captions (val.json).")
+@click.option("--images", "image_dir", type=click.Path(file_okay=False), help="The annotated images, for --rank-by.")
+@click.option("--top", type=int, default=1, show_default=True, help="How many of the best images to draw.")
+@click.option("--bottom", type=int, default=1, show_default=True, help="How many of the worst images to draw.")
+@click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+def visualize(images, checkpoint, decoder_weights, out_dir, strategy, num_beams, max_length, assignments, layer, head,
+              pieces, save_npz, rank_by, pred_path, annotations_path, image_dir, top, bottom, clip_model, device):
+    """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
+    from vlcap.core import visualize as viz
+    from vlcap.core.attention import parse_head
+    from vlcap.core.checkpoint import load_checkpoint
+    from vlcap.core.trainer import resolve_device
+    parse_head(head)  # the range is checked once the checkpoint says how many heads there are
+    options = config_lib.parse_set(assignments)
+    if num_beams is not None:
+        options["num_beams"] = num_beams
+    if rank_by:
+        if images:
+            raise VlcapError(f"--rank-by draws images chosen from --pred; drop the IMAGES arguments ({few(images)})")
+        if not (pred_path and annotations_path and image_dir):
+            raise VlcapError("--rank-by clipscore needs --pred pred.json, --annotations val.json and --images DIR")
+        targets = viz.rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model, top, bottom,
+                                        console=err_console)
+    else:
+        if pred_path or annotations_path or image_dir:
+            raise VlcapError("--pred, --annotations and --images choose images for --rank-by clipscore; "
+                             "pass --rank-by clipscore, or give the images as arguments")
+        targets = viz.collect_images(images)
+        viz.check_readable(targets)
+    loaded = load_checkpoint(checkpoint, registry(), decoder_weights=decoder_weights, device=resolve_device(device))
+    for drawn in viz.visualize(loaded, targets, out_dir, registry(), strategy=strategy, options=options,
+                               max_length=max_length, layer=layer, head=head, pieces=pieces, save_npz=save_npz):
+        panels = f"{drawn.panels} panel{'s' * (drawn.panels != 1)}"
+        note = f" ({drawn.note})" if drawn.note else ""
+        console.print(f"{drawn.png}: {panels}, \"{drawn.caption}\"{note}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -138,13 +138,19 @@ def evaluating(module):
         module.train(was_training)
 
 
-def caption_images(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):
-    """Captions (strings) for a batch of preprocessed images. ``cached=False`` recomputes the
-    whole sequence every step (for tests and benchmarks; same captions, much slower)."""
+def generate_tokens(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):
+    """Token ids per image (no start token, cut before the end token) for a batch of preprocessed
+    images. ``cached=False`` recomputes the whole sequence every step (for tests and benchmarks;
+    same tokens, much slower)."""
     config = plugin_config(strategy, options, "decoding.options")
     with evaluating(captioner), torch.inference_mode():
         memory = captioner.encode(pixels)
         model = next_token_model(captioner.decoder, memory, cached)
-        token_lists = strategy.generate(model, config, start_id=tokenizer.eot_id,
-                                        end_id=tokenizer.eot_id, max_length=max_length)
+        return strategy.generate(model, config, start_id=tokenizer.eot_id,
+                                 end_id=tokenizer.eot_id, max_length=max_length)
+
+
+def caption_images(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):
+    """Captions (strings) for a batch of preprocessed images (see ``generate_tokens``)."""
+    token_lists = generate_tokens(captioner, pixels, tokenizer, strategy, options, max_length, cached)
     return [tokenizer.decode(tokens).strip() for tokens in token_lists]

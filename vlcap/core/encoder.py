@@ -1,5 +1,6 @@
 """The frozen image encoder: any timm ViT, whose token sequence (CLS + patches) feeds the decoder."""
 import timm
+import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
@@ -36,6 +37,13 @@ class ImageEncoder(nn.Module):
     def transform(self):
         """Eval-time preprocessing from the encoder's own timm data config (size, mean, std)."""
         return create_transform(**resolve_data_config({}, model=self.vit), is_training=False)
+
+    def unnormalize(self, pixels):
+        """Preprocessed ``(3, H, W)`` pixels back to an ``(H, W, 3)`` RGB array in [0, 1]: the
+        image exactly as the encoder sees it (resized and cropped), which the patch grid covers."""
+        data = resolve_data_config({}, model=self.vit)
+        mean, std = (torch.tensor(data[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
+        return (pixels.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
     @property
     def num_tokens(self):

@@ -86,6 +86,9 @@ class CrossAttention(nn.Module):
         # model, so training starts from GPT-2's fluency instead of from noise.
         nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
+        # Set to a list by ``vlcap.core.attention.recording_cross_attention``: while it is, the
+        # full-sequence path computes its attention weights explicitly and appends them here.
+        self.record = None
 
     def memory_kv(self, memory):
         """Keys and values of the image tokens, ``(B, n_head, tokens, head_dim)`` each."""
@@ -93,11 +96,19 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, memory, cache=None):
         q = split_heads(self.q(x), self.n_head)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, *self.memory_kv(memory))
-        else:
+        if cache is not None:
             y = attend_shared_memory(q, cache.cross_k, cache.cross_v)
+        elif self.record is not None:
+            y = self.attend_and_record(q, *self.memory_kv(memory))
+        else:
+            y = F.scaled_dot_product_attention(q, *self.memory_kv(memory))
         return self.c_proj(merge_heads(y))
+
+    def attend_and_record(self, q, k, v):
+        """What SDPA computes, with the weights ``(B, n_head, T, tokens)`` kept in ``record``."""
+        weights = torch.softmax((q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1)), dim=-1)
+        self.record.append(weights)
+        return weights.to(v.dtype) @ v
 
 
 def attend_shared_memory(q, k, v):

@@ -1,0 +1,182 @@
+"""`vlcap visualize`: per-word cross-attention heat maps over the image, one PNG per image.
+
+Each figure shows the image as the encoder sees it (its timm transform resizes and crops, and
+the patch grid covers exactly that), titled ``<start>``, then one panel per produced word: that
+word's attention (``vlcap.core.attention``) over the patch grid, bilinearly upsampled to the
+image, stretched to its own min..max and blended over the image. ``--rank-by clipscore`` picks the
+best and worst scored images of a prediction file and draws the caption that was scored.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlcap.core.atomic import atomic_write
+from vlcap.core.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
+                                  word_attention)
+from vlcap.core.clip import load_clip
+from vlcap.core.config import plugin_config
+from vlcap.core.data import find_images, load_captions, load_image
+from vlcap.core.decoding import generate_tokens
+from vlcap.core.errors import VlcapError, few
+from vlcap.core.evaluation import (check_images, check_predictions, clip_scores, course_references, image_paths_for,
+                                   load_predictions)
+from vlcap.core.inference import decoding_choice
+from vlcap.core.trainer import autocast_dtype
+
+PANELS_PER_ROW = 5
+COLORMAP = "jet"
+
+
+@dataclass
+class Target:
+    """An image to draw; ``caption`` (teacher-forced) instead of decoding when given."""
+    path: Path
+    name: str  # output file stem
+    caption: Optional[str] = None
+    note: str = ""  # added to the figure title, e.g. the CLIPScore
+
+
+@dataclass
+class Drawn:
+    name: str
+    png: Path
+    npz: Optional[Path]
+    caption: str
+    words: list  # panel titles after <start>
+    panels: int  # panels drawn, <start> included
+    note: str = ""
+
+
+def collect_images(paths):
+    """``IMAGES...`` arguments (files, or folders of images) as targets named by file stem."""
+    if not paths:
+        raise VlcapError("no images: pass image files or folders, or --rank-by clipscore with --pred")
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += find_images(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise VlcapError(f"{path}: image not found")
+    stems = [p.stem for p in files]
+    shared = sorted({s for s in stems if stems.count(s) > 1})
+    if shared:
+        raise VlcapError(f"several images share the file stem(s) {few(shared)}; the PNGs are named by stem, "
+                         "so rename them or pass them separately")
+    return [Target(p, p.stem) for p in files]
+
+
+def check_readable(targets):
+    """Every image opens, checked before any model loads or any figure is written."""
+    for target in targets:
+        load_image(target.path)
+
+
+def rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model=None, top=1, bottom=1, console=None):
+    """The ``top`` best and ``bottom`` worst images of a prediction file by CLIPScore (the
+    evaluation code's checks and scores), as targets carrying their scored caption."""
+    if top < 0 or bottom < 0 or top + bottom == 0:
+        raise VlcapError(f"--top/--bottom: ask for at least one image (got --top {top} --bottom {bottom})")
+    predictions = load_predictions(pred_path)
+    caption_set = load_captions(annotations_path)
+    check_predictions(predictions, course_references(caption_set), where=f"{pred_path} (against {annotations_path})")
+    image_paths = image_paths_for(caption_set, image_dir)
+    check_images(predictions, image_paths, where=f"{annotations_path} (images in {image_dir})")
+    scores = clip_scores(predictions, image_paths, load_clip(clip_model), console=console).per_image
+    ranked = sorted(scores, key=lambda stem: -scores[stem])  # stable: ties keep the file's order
+    chosen = [("best", i, s) for i, s in enumerate(ranked[:top], 1)]
+    chosen += [("worst", i, s) for i, s in enumerate(ranked[::-1][:min(bottom, len(ranked))], 1)]
+    return [Target(Path(image_paths[stem]), f"{kind}-{rank}_{stem}", predictions[stem],
+                   f"{kind} {rank} by CLIPScore: {scores[stem]:.4f}") for kind, rank, stem in chosen]
+
+
+def heat_map(grid, size):
+    """A ``(rows, cols)`` patch map bilinearly upsampled to ``size`` (H, W), scaled to [0, 1]."""
+    up = F.interpolate(grid[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    up = up - up.min()
+    return (up / up.max() if up.max() > 0 else up).numpy()
+
+
+def draw_attention(image, titles, grids, title, path, per_row=PANELS_PER_ROW):
+    """Save the figure as a PNG (atomically): ``image`` (H, W, 3) titled ``<start>``, then one
+    panel per ``grids[i]`` blended over it and titled ``titles[i]``. Returns the panels drawn."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    panels = 1 + len(grids)
+    cols = min(per_row, panels)
+    rows = math.ceil(panels / cols)
+    figure = Figure(figsize=(2.2 * cols, 2.3 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    axes[0].imshow(image)
+    axes[0].set_title("<start>", fontsize=10)
+    for ax, word, grid in zip(axes[1:], titles, grids):
+        ax.imshow(image)
+        ax.imshow(heat_map(grid, image.shape[:2]), cmap=COLORMAP, alpha=0.5, vmin=0, vmax=1)
+        ax.set_title(word, fontsize=10)
+    for ax in axes:
+        ax.axis("off")
+    figure.suptitle(title, fontsize=11, wrap=True)
+    with atomic_write(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=100)
+    return sum(1 for ax in axes if ax.images)
+
+
+def save_attention_npz(path, **arrays):
+    with atomic_write(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None, max_length=None, layer=-1,
+              head="mean", pieces=False, save_npz=False):
+    """Draw the cross-attention of decoder layer ``layer`` (head ``head``: an index or "mean")
+    for each target: the caption decoding produces (``strategy``/``options`` over the
+    checkpoint's), or the target's own caption, teacher-forced. Returns one ``Drawn`` per target."""
+    captioner, tokenizer, cfg = loaded.captioner, loaded.tokenizer, loaded.config
+    layer = check_layer(layer, cfg.model.decoder.n_layer)
+    head_index = parse_head(head, cfg.model.decoder.n_head)
+    name, options = decoding_choice(cfg.decoding, strategy, options)
+    decoding = registry.get("decoding", name)
+    plugin_config(decoding, options, "decoding.options")  # a bad option fails before any work
+    max_length = max_length or cfg.decoding.max_length
+    encoder = captioner.encoder
+    transform = encoder.transform()
+    device = next(captioner.parameters()).device
+    dtype = autocast_dtype(cfg.train.amp, device)
+    out_dir = Path(out_dir)
+    drawn = []
+    for target in targets:
+        pixels = transform(load_image(target.path)).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if target.caption is None:
+                tokens = generate_tokens(captioner, pixels[None], tokenizer, decoding, options, max_length)[0]
+            else:
+                tokens = tokenizer.encode(target.caption)
+            weights = token_attention(captioner, pixels, tokens, tokenizer.eot_id, layer, head_index)
+        caption = tokenizer.decode(tokens).strip() if target.caption is None else target.caption
+        words = group_words(tokenizer, tokens, pieces)
+        per_word = word_attention(weights, words)
+        grids = patch_grid(per_word, encoder)
+        heads = "mean of heads" if head_index is None else f"head {head_index}"
+        title = f"\u201c{caption}\u201d\n{target.note + ' | ' if target.note else ''}cross-attention layer {layer}, {heads}"
+        png = out_dir / f"{target.name}.png"
+        panels = draw_attention(encoder.unnormalize(pixels), [w.text for w in words], grids, title, png)
+        npz = None
+        if save_npz:
+            npz = out_dir / f"{target.name}.npz"
+            save_attention_npz(
+                npz, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
+                tokens=np.array([w.text for w in group_words(tokenizer, tokens, pieces=True)], dtype=str),
+                token_weights=weights.numpy(), token_maps=patch_grid(weights, encoder).numpy(),
+                words=np.array([w.text for w in words], dtype=str),
+                word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
+                word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(encoder.grid_size),
+                num_prefix_tokens=np.array(encoder.num_prefix_tokens), layer=np.array(layer), head=np.array(str(head)))
+        drawn.append(Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note))
+    return drawn
+
