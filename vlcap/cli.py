@@ -16,22 +16,24 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class VlcapGroup(click.Group):
-    """Turns a ``VlcapError`` (a problem the user can fix) into one line on stderr, no traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except VlcapError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
 def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """vlcap's own warnings as one line on stderr; anyone else's as Python prints them."""
     if issubclass(category, VlcapWarning):
         err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     else:
         _default(message, category, filename, lineno, file, line)
+
+
+class VlcapGroup(click.Group):
+    """Turns a ``VlcapError`` (a problem the user can fix) into one line on stderr, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = show_warning
+                return super().invoke(ctx)
+        except VlcapError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=VlcapGroup)
@@ -45,7 +47,6 @@ def main(strict_plugins, trace_plugins):
 
     Plugins load from the `vlcap` entry-point group; VLCAP_LOAD_PLUGINS=pkg-a,pkg-b loads only
     those packages' (empty: none but vlcap's own)."""
-    warnings.showwarning = show_warning
 
 
 def registry():
