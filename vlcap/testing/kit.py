@@ -149,7 +149,8 @@ def check_cached_decoding(name, registry):
         rows = ids[::2, :2].repeat_interleave(2, 0)[swap]
         for t in range(2, ids.size(1)):
             rows = torch.cat([rows, ids[:, t:t + 1]], 1)
-            torch.testing.assert_close(cached.logits(rows), full.logits(rows), rtol=1e-4, atol=1e-4)
+            # float32 sums in another order: logits of magnitude ~10 agree to ~1e-4 of that scale
+            torch.testing.assert_close(cached.logits(rows), full.logits(rows), rtol=1e-4, atol=1e-3)
     for strategy, options in (("greedy", {}), ("beam", {"num_beams": 3})):
         strategy = registry.get("decoding", strategy)
         assert generate(captioner, tokenizer, strategy, options, cached=True) == \
