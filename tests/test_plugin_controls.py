@@ -4,6 +4,7 @@ import ast
 import json
 import re
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -153,3 +154,16 @@ def test_every_hook_has_a_test(hook):
     tests = {node.name for path in (ROOT / "tests").glob("test_*.py")
              for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
     assert f"test_hook_{hook}" in tests
+
+
+def test_pytest_option_runs_the_kit_for_the_named_plugin_only():
+    def pytest_run(*args):
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+                               str(ROOT / "tests/test_conformance.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    result = pytest_run("--vlcap-plugin", "lora", "-k", "budget")
+    assert result.returncode == 0, result.stdout
+    assert "PASSED tests/test_conformance.py::test_peft_method_conforms[lora-budget]" in result.stdout
+    assert "adapter" not in result.stdout and "prefix" not in result.stdout
+    result = pytest_run("--vlcap-plugin", "nope")
+    assert result.returncode == 4  # pytest's usage error
+    assert "--vlcap-plugin nope: not an installed PEFT method or decoding strategy" in result.stderr

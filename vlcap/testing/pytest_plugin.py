@@ -34,18 +34,22 @@ def pytest_addoption(parser):
                          "strategy only (repeatable; default: every installed one).")
 
 
+def pytest_configure(config):
+    names = config.getoption("vlcap_plugin")
+    if names:  # checked up front, so a typo is a usage error rather than an empty test run
+        from vlcap.core.plugins import registry
+        everything = set(registry().names("peft")) | set(registry().names("decoding"))
+        unknown = [n for n in names if n not in everything]
+        if unknown:
+            raise pytest.UsageError(f"--vlcap-plugin {', '.join(unknown)}: not an installed PEFT method or "
+                                    f"decoding strategy; installed: {', '.join(sorted(everything))}")
+
+
 def selected(config, kind):
     from vlcap.core.plugins import registry
     installed = registry().names(kind)
     names = config.getoption("vlcap_plugin")
-    if not names:
-        return installed
-    everything = set(registry().names("peft")) | set(registry().names("decoding"))
-    unknown = [n for n in names if n not in everything]
-    if unknown:
-        raise pytest.UsageError(f"--vlcap-plugin {', '.join(unknown)}: not an installed PEFT method or decoding "
-                                f"strategy; installed: {', '.join(sorted(everything))}")
-    return [n for n in names if n in installed]
+    return [n for n in names if n in installed] if names else installed
 
 
 def pytest_generate_tests(metafunc):

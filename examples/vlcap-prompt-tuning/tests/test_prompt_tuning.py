@@ -67,3 +67,33 @@ def test_typical_set_keeps_the_tokens_nearest_the_entropy():
     kept = typical(logits, 0.5).isfinite()[0].tolist()
     assert kept == [True, True, False, False]
     assert typical(logits, 1e-6).isfinite()[0].tolist() == [False, True, False, False]
+
+
+def test_installed_package_is_listed_with_its_name_and_version():
+    import json
+    import subprocess
+    from importlib.metadata import version
+    out = subprocess.run(["vlcap", "list-plugins", "--json"], capture_output=True, text=True, check=True).stdout
+    mine = {e["name"]: e for e in json.loads(out) if e["package"] == "vlcap-prompt-tuning"}
+    assert set(mine) == {"prompt", "typical"}
+    assert mine["prompt"]["kind"] == "peft" and mine["prompt"]["version"] == version("vlcap-prompt-tuning")
+
+
+def test_vlcap_trains_with_prompt_and_captions_with_typical(tmp_path):
+    import json
+    from click.testing import CliRunner
+    from vlcap.cli import main
+    from vlcap.core.synthetic import make_synthetic_set
+    data = make_synthetic_set(tmp_path / "data", train_images=4, val_images=2)
+    out = tmp_path / "run"
+    trained = CliRunner().invoke(main, [
+        "train", "--preset", "tiny", "--peft", "prompt", "--set", "peft.options.init=text",
+        "--train-json", str(data / "train.json"), "--train-images", str(data / "images_train"),
+        "--val-json", str(data / "val.json"), "--val-images", str(data / "images_val"),
+        "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--set", "train.metrics=[]"])
+    assert trained.exit_code == 0, trained.output
+    captioned = CliRunner().invoke(main, ["caption", str(data / "images_val"), "--checkpoint", str(out / "best.safetensors"),
+                                          "--out", str(tmp_path / "pred.json"), "--decoding", "typical", "--set", "seed=0",
+                                          "--max-length", "5"])
+    assert captioned.exit_code == 0, captioned.output
+    assert len(json.loads((tmp_path / "pred.json").read_text())) == 2
