@@ -44,11 +44,11 @@ def perturb_trainable(captioner, std=0.3, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def decoding_captioner(method):
+def decoding_captioner(method, registry):
     """A perturbed tiny captioner (shared by the decoding checks, which never change it) whose end
     token is likely enough that captions end at varying lengths."""
     cfg = tiny_config(method)
-    captioner, _ = build_captioner(cfg, installed_registry())
+    captioner, _ = build_captioner(cfg, registry)
     perturb_trainable(captioner)
     tokenizer = tokenizer_for(cfg)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def check_merge(name, registry):
 
 def check_beam1_is_greedy(name, registry):
     """Beam search with one beam is greedy decoding."""
-    captioner, tokenizer = decoding_captioner(name)
+    captioner, tokenizer = decoding_captioner(name, registry)
     greedy = generate(captioner, tokenizer, registry.get("decoding", "greedy"), {}, cached=True)
     assert generate(captioner, tokenizer, registry.get("decoding", "beam"), {"num_beams": 1}, cached=True) == greedy
 
@@ -134,7 +134,7 @@ def check_beam1_is_greedy(name, registry):
 def check_cached_decoding(name, registry):
     """The decoding cache equals full recompute: next-token logits through expand and reorder,
     and the captions of greedy and 3-beam search."""
-    captioner, tokenizer = decoding_captioner(name)
+    captioner, tokenizer = decoding_captioner(name, registry)
     decoder = captioner.decoder
     ids = token_ids(IMAGES * 2, 6, decoder.cfg.vocab_size)
     with torch.inference_mode():
@@ -208,7 +208,7 @@ DECODING_METHOD = "prefix"  # its prefix keys/values sit in the cache, the harde
 def check_valid_output(name, registry):
     """With its default options the strategy returns, per image, a list of token ids of the
     vocabulary, at most ``max_length`` long, without the end token."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
     out = generate(captioner, tokenizer, registry.get("decoding", name), {}, cached=True)
     assert isinstance(out, list) and len(out) == IMAGES, f"'{name}' must return one token list per image"
     for tokens in out:
@@ -219,7 +219,7 @@ def check_valid_output(name, registry):
 
 def check_strategy_cached_equals_recompute(name, registry):
     """The strategy gives the same captions through the cache as with full recompute."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
     strategy = registry.get("decoding", name)
     assert generate(captioner, tokenizer, strategy, {}, cached=True) == \
         generate(captioner, tokenizer, strategy, {}, cached=False)
