@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import PEFT_METHODS, tiny_config
+from conftest import tiny_config
 from vlcap.core import peft as peft_lib
 from vlcap.core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from vlcap.core.errors import VlcapError
@@ -26,15 +26,12 @@ def trained_like(registry, tmp_path, method, **options):
     return captioner.eval(), path, saved
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
-def test_save_load_reproduces_logits_exactly(registry, tmp_path, batch, method):
-    captioner, path, saved = trained_like(registry, tmp_path, method, **({"reparam": False} if method == "prefix" else {}))
+def test_checkpoint_holds_exactly_the_trainable_parameters(registry, tmp_path):
+    # (save -> load giving the same logits is the conformance kit's, for every method)
+    captioner, path, saved = trained_like(registry, tmp_path, "lora")
     trainable = {n for n, p in captioner.named_parameters() if p.requires_grad}
     assert set(load_file(path)) == trainable
     assert saved == read_metadata(path)["parameters"] == peft_lib.count_parameters(captioner).trainable
-    loaded = load_checkpoint(path, registry)
-    with torch.no_grad():
-        assert torch.equal(loaded.captioner(*batch), captioner(*batch))
 
 
 def test_metadata_describes_the_run(registry, tmp_path):

@@ -1,5 +1,5 @@
-"""Decoding strategies: cached == full recompute, beam(1) == greedy, merged LoRA == unmerged,
-beam search finds the best caption, sampling is seeded."""
+"""Decoding strategies: every option cached == full recompute, beam search finds the best caption,
+sampling is seeded (per-plugin cache, beam-1 and merge checks: the conformance kit)."""
 import itertools
 import json
 import math
@@ -8,11 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import PEFT_METHODS, install_package, tiny_config
+from conftest import install_package, tiny_config
 from vlcap.cli import main
 from vlcap.core.captioner import build_captioner, tokenizer_for
-from vlcap.core.decoding import (CachedNextToken, RecomputeNextToken, ban_repeated_ngrams, caption_images,
-                                 length_normalised)
+from vlcap.core.decoding import ban_repeated_ngrams, caption_images, length_normalised
 from vlcap.core.plugins import load_registry
 
 MAX_LENGTH = 10
@@ -41,7 +40,7 @@ def make_captioner(method, registry):
 
 @pytest.fixture(scope="module")
 def captioners(registry):
-    return {method: make_captioner(method, registry) for method in PEFT_METHODS}
+    return {method: make_captioner(method, registry) for method in ("lora", "prefix")}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def register_decoding_strategies(register):
 """
 
 
-def test_a_third_party_strategy_decodes_without_core_changes(site, captioners, pixels):
+def test_hook_register_decoding_strategies(site, captioners, pixels):
     install_package(site, "vlcap-least", "vlcap_least", STRATEGY_PLUGIN)
     strategy = load_registry().get("decoding", "least_likely")
     captioner, _, tokenizer = captioners["lora"]
@@ -94,40 +93,13 @@ def test_a_third_party_strategy_decodes_without_core_changes(site, captioners, p
     assert len(out) == 4 and all(out)  # the least likely token is never the end token here
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
-def test_cached_logits_match_full_recompute_through_expand_and_reorder(captioners, pixels, method):
-    decoder = captioners[method][0].decoder
-    ids = torch.randint(0, 50257, (4 * 2, 6), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        memory = captioners[method][0].encode(pixels)
-        cached, full = CachedNextToken(decoder, memory), RecomputeNextToken(decoder, memory)
-        for model in (cached, full):
-            model.logits(ids[::2, :2])  # one row per image, then two beams each
-            model.expand(2)
-        swap = torch.tensor([1, 0, 2, 2, 5, 4, 7, 7])  # beams move within their image only
-        for model in (cached, full):
-            model.reorder(swap)
-        rows = ids[::2, :2].repeat_interleave(2, 0)[swap]
-        for t in range(2, 6):
-            rows = torch.cat([rows, ids[:, t:t + 1]], 1)
-            torch.testing.assert_close(cached.logits(rows), full.logits(rows), rtol=1e-4, atol=1e-4)
-        # the image keys/values were computed once per image and never copied per beam
-        assert cached.cache.layers[0].cross_k.size(0) == 4
-
-
-@pytest.mark.parametrize("method", PEFT_METHODS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_cached_decoding_equals_full_recompute(captioners, registry, pixels, method, strategy):
-    cached = captions(captioners, registry, method, pixels, strategy, STRATEGIES[strategy])
-    assert cached == captions(captioners, registry, method, pixels, strategy, STRATEGIES[strategy], cached=False)
-
-
-@pytest.mark.parametrize("method", PEFT_METHODS)
-def test_beam_search_with_one_beam_is_greedy(captioners, registry, pixels, method):
-    greedy = captions(captioners, registry, method, pixels, "greedy", {})
-    assert greedy == captions(captioners, registry, method, pixels, "beam", {"num_beams": 1})
-    lengths = {len(c.split()) for c in greedy}
-    assert len(lengths) > 1  # captions end at different steps, so the end-token handling is covered
+def test_cached_decoding_equals_full_recompute_with_every_option(captioners, registry, pixels, strategy):
+    # The kit checks each strategy's defaults; these options take the other branches.
+    cached = captions(captioners, registry, "prefix", pixels, strategy, STRATEGIES[strategy])
+    assert cached == captions(captioners, registry, "prefix", pixels, strategy, STRATEGIES[strategy], cached=False)
+    if strategy == "greedy":  # captions end at different steps, so the end-token handling is covered
+        assert len({len(c.split()) for c in cached}) > 1
 
 
 def test_sampling_with_one_candidate_is_greedy_and_seeds_reproduce(captioners, registry, pixels):
@@ -137,19 +109,6 @@ def test_sampling_with_one_candidate_is_greedy_and_seeds_reproduce(captioners, r
     first = captions(captioners, registry, "lora", pixels, "top_p", {"p": 0.95, "seed": 3, "temperature": 2.0})
     assert first == captions(captioners, registry, "lora", pixels, "top_p", {"p": 0.95, "seed": 3, "temperature": 2.0})
     assert first != captions(captioners, registry, "lora", pixels, "top_p", {"p": 0.95, "seed": 4, "temperature": 2.0})
-
-
-def test_merged_lora_gives_the_same_logits_and_captions(registry, pixels):
-    captioner, method, tokenizer = make_captioner("lora", registry)
-    ids = torch.randint(0, 50257, (4, 8), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        before = captioner(pixels, ids)
-    beam = registry.get("decoding", "beam")
-    unmerged = caption_images(captioner, pixels, tokenizer, beam, {"num_beams": 3}, MAX_LENGTH)
-    method.merge(captioner)
-    with torch.inference_mode():
-        torch.testing.assert_close(captioner(pixels, ids), before, rtol=1e-3, atol=1e-3)
-    assert caption_images(captioner, pixels, tokenizer, beam, {"num_beams": 3}, MAX_LENGTH) == unmerged
 
 
 def test_decoding_runs_under_autocast(captioners, registry, pixels):

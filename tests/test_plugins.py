@@ -52,7 +52,7 @@ def install_peft_package(root, dist_name, method_name, entry_point=None):
     install_package(root, dist_name, module, PEFT_PLUGIN.format(name=method_name), entry_point=entry_point)
 
 
-def test_third_party_package_is_discovered_like_a_builtin(site):
+def test_hook_register_peft_methods(site):
     install_peft_package(site, "vlcap-toy", "toy")
     registry = load_registry()
     entry = registry.entry("peft", "toy")

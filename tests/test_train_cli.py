@@ -74,10 +74,10 @@ def test_training_is_reproducible(tmp_path, synthetic):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
 @pytest.mark.parametrize("encoder", ["vit_base_patch16_clip_224.openai", "vit_large_patch14_clip_224.openai"])
-def test_full_size_dry_run_stays_under_budget(method, encoder):
-    result = run("train", "--dry-run", "--peft", method, "--encoder", encoder)
+def test_full_size_dry_run_stays_under_budget(encoder):
+    # (every method's budget at full size is the conformance kit's)
+    result = run("train", "--dry-run", "--peft", "lora", "--encoder", encoder)
     assert result.exit_code == 0, result.output
     trainable = int(re.search(r"trainable: ([\d,]+) of the", result.output).group(1).replace(",", ""))
     assert 28_366_848 < trainable < 35_000_000  # cross-attention alone is 28,366,848
@@ -156,7 +156,7 @@ def register_metrics(register):
 """
 
 
-def test_installed_metric_is_reported_and_selects_the_best_checkpoint(tmp_path, synthetic, site):
+def test_hook_register_metrics(tmp_path, synthetic, site):
     install_package(site, "vlcap-words", "vlcap_words", METRIC_PLUGIN)
     registry = load_registry()
     cfg = tiny_config("lora", **data_overrides(synthetic), train={"max_steps": 6, "batch_size": 60,

@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -9,10 +10,18 @@ from rich.console import Console
 from rich.table import Table
 
 from vlcap.core import config as config_lib
-from vlcap.core.errors import VlcapError, few
+from vlcap.core.errors import VlcapError, VlcapWarning, few
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """vlcap's own warnings as one line on stderr; anyone else's as Python prints them."""
+    if issubclass(category, VlcapWarning):
+        err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 class VlcapGroup(click.Group):
@@ -20,27 +29,53 @@ class VlcapGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = show_warning
+                return super().invoke(ctx)
         except VlcapError as exc:
             raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=VlcapGroup)
 @click.version_option(package_name="vlcap")
-def main():
-    """Parameter-efficient fine-tuning of ViT + GPT-2 image captioners."""
+@click.option("--strict-plugins", is_flag=True, envvar="VLCAP_STRICT_PLUGINS",
+              help="A plugin that fails to import or register is an error, not a skipped plugin with a warning.")
+@click.option("--trace-plugins", is_flag=True, envvar="VLCAP_TRACE_PLUGINS",
+              help="Log every plugin hook call to stderr.")
+def main(strict_plugins, trace_plugins):
+    """Parameter-efficient fine-tuning of ViT + GPT-2 image captioners.
+
+    Plugins load from the `vlcap` entry-point group; VLCAP_LOAD_PLUGINS=pkg-a,pkg-b loads only
+    those packages' (empty: none but vlcap's own)."""
 
 
 def registry():
+    """The plugin registry, with the group's --strict-plugins / --trace-plugins applied."""
     from vlcap.core.plugins import registry as load
-    return load()
+    ctx = click.get_current_context(silent=True)
+    params = ctx.find_root().params if ctx else {}
+    return load(strict=params.get("strict_plugins", False), trace=params.get("trace_plugins", False))
 
 
 @main.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON objects instead of a table.")
-def list_plugins(as_json):
+@click.option("--hooks", is_flag=True, help="Show each plugin module: its package and the hooks it implements.")
+def list_plugins(as_json, hooks):
     """List the installed PEFT methods, decoding strategies and metrics."""
-    entries = registry().entries()
+    reg = registry()
+    if hooks:
+        if as_json:
+            click.echo(json.dumps([m.as_dict() for m in reg.modules], indent=2))
+            return
+        table = Table(title="vlcap plugin modules")
+        for column in ("entry point", "module", "package", "version", "hooks"):
+            table.add_column(column, overflow="fold")
+        for m in reg.modules:
+            table.add_row(m.entry_point, m.module, m.package, m.version,
+                          f"[red]failed: {m.error}[/]" if m.error else "\n".join(m.hooks))
+        console.print(table)
+        return
+    entries = reg.entries()
     if as_json:
         click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
         return
@@ -49,6 +84,8 @@ def list_plugins(as_json):
         table.add_column(column)
     for e in entries:
         table.add_row(e.name, e.kind, e.package, e.version, e.description)
+    for m in reg.failed():
+        table.add_row(m.entry_point, "[red]failed", m.package, m.version, f"skipped: {m.error}")
     console.print(table)
 
 

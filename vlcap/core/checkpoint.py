@@ -9,6 +9,7 @@ keys, shapes or count do not match the model it describes.
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
-from vlcap.core.errors import VlcapError, few
+from vlcap.core.errors import VlcapError, VlcapWarning, few
 from vlcap.core.peft import check_budget, config_dict, count_parameters
 from vlcap.core.tokenizer import Tokenizer
 
@@ -101,6 +102,11 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     if peft["name"] not in registry.names("peft"):
         raise VlcapError(f"{path}: needs PEFT method '{peft['name']}' from package '{peft['package']}' "
                          f"(version {peft['version']}), which is not installed; pip install {peft['package']}")
+    installed = registry.entry("peft", peft["name"])
+    if (installed.package, installed.version) != (peft["package"], peft["version"]):
+        warnings.warn(f"{path}: made with PEFT method '{peft['name']}' from {peft['package']} {peft['version']}, "
+                      f"loading it with {installed.package} {installed.version}; if its outputs differ, "
+                      f"pip install {peft['package']}=={peft['version']}", VlcapWarning, stacklevel=2)
     weights = decoder_weights or cfg.model.decoder_weights
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")

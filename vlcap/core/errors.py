@@ -9,3 +9,8 @@ def few(items, limit=4):
     if not items:
         return "none"
     return ", ".join(map(str, items[:limit])) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class VlcapWarning(UserWarning):
+    """Something the user should know that does not stop the command (a plugin skipped, a
+    checkpoint made with another plugin version). The CLI prints it as one line."""

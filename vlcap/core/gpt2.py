@@ -161,6 +161,11 @@ class GPT2Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False  # train.grad_checkpointing: less memory, ~30% more compute
+        # Hook point for prompt-style methods: a callable ``batch_size -> (B, P, n_embd)`` of input
+        # embeddings placed before the token embeddings. They take positions 0..P-1 (the text
+        # moves to P..P+T-1, as in HF peft's prompt tuning), every text position attends to them,
+        # and their P outputs are dropped, so the logits still line up with the labels.
+        self.input_prefix = None
         self._init_pretrained_like()
 
     def _init_pretrained_like(self):
@@ -182,12 +187,24 @@ class GPT2Decoder(nn.Module):
     def forward(self, input_ids, memory=None, cache=None):
         """Logits ``(B, T, vocab)``. Training passes the whole sequence and the image tokens
         ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
-        (``vlcap.core.kv_cache``), which holds the image keys/values and grows by ``T``."""
-        past = 0 if cache is None else cache.length
-        T = input_ids.size(1)
+        (``vlcap.core.kv_cache``), which holds the image keys/values (and has already run any
+        ``input_prefix``) and grows by ``T``."""
+        x = self.wte(input_ids)
+        P = 0
+        if cache is None and self.input_prefix is not None:
+            prefix = self.input_prefix(input_ids.size(0))
+            x, P = torch.cat([prefix.to(x.dtype), x], dim=1), prefix.size(1)
+        return self.lm_head(self.ln_f(self.transform(x, memory, cache)[:, P:]))
+
+    def transform(self, x, memory=None, cache=None):
+        """The transformer blocks on input embeddings ``x`` ``(B, T, n_embd)`` (position
+        embeddings added here): hidden states before ``ln_f``. With a cache, positions continue
+        after the ones it holds, and it grows by ``T``."""
+        past = 0 if cache is None else cache.positions
+        T = x.size(1)
         if past + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the decoder context of {self.cfg.block_size}")
-        x = self.wte(input_ids) + self.wpe(torch.arange(past, past + T, device=input_ids.device))
+            raise ValueError(f"sequence of {past + T} positions exceeds the decoder context of {self.cfg.block_size}")
+        x = x + self.wpe(torch.arange(past, past + T, device=x.device))
         for i, block in enumerate(self.h):
             if cache is not None:
                 x = block(x, memory, cache.layers[i])
@@ -197,8 +214,8 @@ class GPT2Decoder(nn.Module):
             else:
                 x = block(x, memory)
         if cache is not None:
-            cache.length += T
-        return self.lm_head(self.ln_f(x))
+            cache.positions += T
+        return x
 
     def pretrained_parameters(self):
         """The parameters a ``decoder_model.bin`` provides (everything but the cross-attention)."""

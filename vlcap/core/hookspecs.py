@@ -9,6 +9,8 @@ thing the plugin provides::
     @vlcap.hookimpl
     def register_peft_methods(register):
         register(MyMethod())
+
+docs/plugins.md documents every hook here with an example (a test keeps it so).
 """
 import pluggy
 

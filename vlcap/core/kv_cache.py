@@ -3,8 +3,10 @@
 Rows are laid out image-major: with ``beams`` rows per image, row ``b * beams + j`` is beam ``j``
 of image ``b``. Per layer the cache holds
 
-- the self-attention keys/values of every position so far, ``(rows, n_head, P + length, head_dim)``,
-  where a prefix-tuning method's ``kv_prefix`` occupies the first ``P`` slots from the start;
+- the self-attention keys/values of every position so far, ``(rows, n_head, P + positions, head_dim)``,
+  where a prefix-tuning method's ``kv_prefix`` occupies the first ``P`` slots from the start,
+  followed by the positions of the decoder's ``input_prefix`` (prompt tuning), which ``build``
+  runs through the decoder once (prefill) so decoding starts right after them;
 - the cross-attention keys/values of the image tokens, ``(images, n_head, tokens, head_dim)``:
   computed once per image when the cache is built and shared by all its beams
   (``gpt2.attend_shared_memory``), never copied by ``expand`` or ``reorder``.
@@ -33,18 +35,30 @@ class LayerCache:
 class DecoderCache:
     def __init__(self, layers):
         self.layers = layers
-        self.length = 0  # text positions seen so far (the position of the next token)
+        self.positions = 0  # decoder positions seen so far: input prefix + text
+        self.prefix_length = 0  # of which the decoder's input_prefix took
+
+    @property
+    def length(self):
+        """Text tokens seen so far."""
+        return self.positions - self.prefix_length
 
     @classmethod
     def build(cls, decoder, memory):
-        """An empty cache for decoding ``memory`` (``(B, tokens, n_embd)``), one row per image."""
+        """A cache for decoding ``memory`` (``(B, tokens, n_embd)``), one row per image, holding
+        no text yet (but any input prefix, already run through the decoder)."""
         layers = []
         for block in decoder.h:
             layer = LayerCache(*block.cross_attn.memory_kv(memory))
             if block.attn.kv_prefix is not None:
                 layer.self_k, layer.self_v = block.attn.kv_prefix(memory.size(0))
             layers.append(layer)
-        return cls(layers)
+        cache = cls(layers)
+        if decoder.input_prefix is not None:
+            prefix = decoder.input_prefix(memory.size(0))
+            decoder.transform(prefix.to(decoder.wte.weight.dtype), memory, cache)
+            cache.prefix_length = prefix.size(1)
+        return cache
 
     def _map_self_kv(self, fn):
         for layer in self.layers:

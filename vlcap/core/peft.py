@@ -4,12 +4,17 @@ A method only says *what* to change, through the captioner's hook points:
 
 ==========================================  ===============================================
 ``captioner.decoder.h[i].attn``              self-attention: ``c_attn`` (fused q,k,v Linear),
-                                             ``c_proj``, ``kv_prefix`` (extra keys/values)
+                                             ``c_proj``, ``kv_prefix`` (a callable
+                                             ``batch_size -> (k, v)`` of extra keys/values)
 ``captioner.decoder.h[i].cross_attn``        cross-attention: ``q``, ``k``, ``v``, ``c_proj``
 ``captioner.decoder.h[i].mlp``               ``c_fc``, ``c_proj``
 ``captioner.decoder.h[i].post_attn`` /       identity slots applied to each sub-layer's output
 ``post_cross_attn`` / ``post_mlp``           before the residual add
-``captioner.decoder.wte``                    input embeddings (tied to the LM head)
+``captioner.decoder.wte``                    input embeddings (tied to the LM head, frozen)
+``captioner.decoder.input_prefix``           a callable ``batch_size -> (B, P, n_embd)``: input
+                                             embeddings placed before the text (prompt tuning);
+                                             they take positions 0..P-1, their outputs are
+                                             dropped, decoding caches them once per image
 ``captioner.projection``                     image tokens -> decoder width
 ``captioner.peft``                           ModuleDict for modules the method owns outright
 ==========================================  ===============================================
@@ -39,6 +44,10 @@ class PeftMethod:
     description = ""
     config_class = None  # a dataclass of the method's options, all with defaults
     can_merge = False  # True if ``merge`` folds the method into the frozen weights
+    # True if a freshly applied method leaves the captioner's output unchanged (e.g. LoRA's zero
+    # B, an adapter's zero up-projection): training then starts from the pretrained model. The
+    # conformance kit (vlcap.testing) holds a method to this claim.
+    zero_init = False
 
     def apply(self, captioner, config):
         """Add the method's parameters/modules to ``captioner`` (see the hook points above)."""

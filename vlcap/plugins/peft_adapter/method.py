@@ -8,6 +8,7 @@ class AdapterMethod(PeftMethod):
     name = "adapter"
     description = "Bottleneck adapters after decoder sub-layers (Houlsby or Pfeiffer placement)"
     config_class = AdapterConfig
+    zero_init = True  # the up-projection starts at zero
 
     def apply(self, captioner, config):
         if config.placement not in PLACEMENTS:

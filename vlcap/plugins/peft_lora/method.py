@@ -11,6 +11,7 @@ class LoraMethod(PeftMethod):
     description = "LoRA: low-rank updates of self-attention (fused q/k/v) and MLP weights (loralib)"
     config_class = LoraConfig
     can_merge = True
+    zero_init = True  # lora_B starts at zero
 
     def apply(self, captioner, config):
         unknown = sorted(set(config.targets) - set(TARGETS))

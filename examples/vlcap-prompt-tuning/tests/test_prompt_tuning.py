@@ -1,0 +1,99 @@
+"""The package's own tests: vlcap's conformance kit for both plugins, then what is specific to them."""
+import pytest
+
+pytest.importorskip("vlcap_prompt_tuning", reason="pip install ./examples/vlcap-prompt-tuning to test it")
+
+import torch  # noqa: E402
+
+from vlcap.core import config as config_lib  # noqa: E402
+from vlcap.core.captioner import build_captioner  # noqa: E402
+from vlcap.core.errors import VlcapError  # noqa: E402
+from vlcap.core.plugins import registry  # noqa: E402
+from vlcap.core.tokenizer import Tokenizer  # noqa: E402
+from vlcap.testing import DECODING_CHECKS, PEFT_CHECKS, check_decoding_strategy, check_peft_method  # noqa: E402
+from vlcap_prompt_tuning.typical import typical  # noqa: E402
+
+
+@pytest.mark.parametrize("check", PEFT_CHECKS)
+def test_prompt_passes_the_kit(check):
+    check_peft_method("prompt", check)
+
+
+@pytest.mark.parametrize("check", DECODING_CHECKS)
+def test_typical_passes_the_kit(check):
+    check_decoding_strategy("typical", check)
+
+
+def build(**options):
+    cfg = config_lib.resolve("tiny", overrides=[{"peft": {"method": "prompt", "options": options}}])
+    return build_captioner(cfg, registry())[0]
+
+
+def test_text_init_starts_from_the_texts_token_embeddings():
+    captioner = build(length=5, init="text", text="a photo of")
+    ids = Tokenizer().encode("a photo of")  # 3 tokens, repeated to fill 5
+    expected = captioner.decoder.wte.weight[(ids * 2)[:5]]
+    assert torch.equal(captioner.peft["prompt"].embedding, expected)
+    assert captioner.peft["prompt"].embedding.requires_grad
+
+
+def test_the_prompt_takes_the_first_positions_and_its_outputs_are_dropped():
+    captioner = build(length=4).eval()
+    ids = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(0))
+    memory = torch.zeros(2, 5, captioner.decoder.cfg.n_embd)
+    with torch.no_grad():
+        logits = captioner.decoder(ids, memory)
+        # the same computation by hand: prompt + tokens through the decoder, first 4 outputs dropped
+        prompt = captioner.peft["prompt"](2)
+        x = torch.cat([prompt, captioner.decoder.wte(ids)], 1)
+        by_hand = captioner.decoder.lm_head(captioner.decoder.ln_f(captioner.decoder.transform(x, memory)))[:, 4:]
+        captioner.decoder.input_prefix = None
+        without = captioner.decoder(ids, memory)
+    assert logits.shape == (2, 6, 50257)
+    torch.testing.assert_close(logits, by_hand)
+    assert not torch.allclose(logits, without)
+
+
+@pytest.mark.parametrize("options, message", [({"length": 0}, "length"), ({"init": "zeros"}, "init"),
+                                              ({"init": "text", "text": ""}, "text")])
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(VlcapError, match=message):
+        build(**options)
+
+
+def test_typical_set_keeps_the_tokens_nearest_the_entropy():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # entropy ~1.14 nats; surprisals 0.69, 1.20, 1.90, 3.00: nearest first 1, 0, 2, 3
+    kept = typical(logits, 0.5).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]
+    assert typical(logits, 1e-6).isfinite()[0].tolist() == [False, True, False, False]
+
+
+def test_installed_package_is_listed_with_its_name_and_version():
+    import json
+    import subprocess
+    from importlib.metadata import version
+    out = subprocess.run(["vlcap", "list-plugins", "--json"], capture_output=True, text=True, check=True).stdout
+    mine = {e["name"]: e for e in json.loads(out) if e["package"] == "vlcap-prompt-tuning"}
+    assert set(mine) == {"prompt", "typical"}
+    assert mine["prompt"]["kind"] == "peft" and mine["prompt"]["version"] == version("vlcap-prompt-tuning")
+
+
+def test_vlcap_trains_with_prompt_and_captions_with_typical(tmp_path):
+    import json
+    from click.testing import CliRunner
+    from vlcap.cli import main
+    from vlcap.core.synthetic import make_synthetic_set
+    data = make_synthetic_set(tmp_path / "data", train_images=4, val_images=2)
+    out = tmp_path / "run"
+    trained = CliRunner().invoke(main, [
+        "train", "--preset", "tiny", "--peft", "prompt", "--set", "peft.options.init=text",
+        "--train-json", str(data / "train.json"), "--train-images", str(data / "images_train"),
+        "--val-json", str(data / "val.json"), "--val-images", str(data / "images_val"),
+        "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--set", "train.metrics=[]"])
+    assert trained.exit_code == 0, trained.output
+    captioned = CliRunner().invoke(main, ["caption", str(data / "images_val"), "--checkpoint", str(out / "best.safetensors"),
+                                          "--out", str(tmp_path / "pred.json"), "--decoding", "typical", "--set", "seed=0",
+                                          "--max-length", "5"])
+    assert captioned.exit_code == 0, captioned.output
+    assert len(json.loads((tmp_path / "pred.json").read_text())) == 2

@@ -1,0 +1,20 @@
+"""The conformance kit: what every PEFT method and decoding strategy plugin must satisfy.
+
+vlcap's own plugins run it in vlcap's suite; a plugin package runs it against itself, either
+through the pytest plugin vlcap installs (``pytest --vlcap-plugin NAME``, see
+``vlcap.testing.pytest_plugin``) or by calling the helpers from its own tests::
+
+    import pytest
+    from vlcap.testing import PEFT_CHECKS, check_peft_method
+
+    @pytest.mark.parametrize("check", PEFT_CHECKS)
+    def test_prompt_conforms(check):
+        check_peft_method("prompt", check)
+
+Every check builds the ``tiny`` preset (random weights, offline) with the plugin's default
+options, except ``budget``, which builds the full-size model as shapes only. A check a plugin
+does not claim (``merge`` without ``can_merge``, ``zero_init`` without ``zero_init``) skips.
+"""
+from vlcap.testing.kit import (DECODING_CHECKS, PEFT_CHECKS, check_decoding_strategy, check_peft_method)
+
+__all__ = ["PEFT_CHECKS", "DECODING_CHECKS", "check_peft_method", "check_decoding_strategy"]
