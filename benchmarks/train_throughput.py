@@ -29,7 +29,8 @@ from vlcap.core.plugins import registry as load_registry
 from vlcap.core.synthetic import draw
 from vlcap.core.trainer import resolve_device
 
-ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224"}
+# full: ViT-B/16 + GPT-2 small; large: the course's CLIP ViT-L/14 + GPT-2 small.
+ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224", "large": "vit_large_patch14_clip_224"}
 HF = "HF VisionEncoderDecoder + peft LoRA"
 
 
@@ -137,7 +138,7 @@ def measure(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--size", choices=sorted(ENCODER), default="tiny")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--caption-tokens", type=int, default=20)
     parser.add_argument("--steps", type=int, default=5)

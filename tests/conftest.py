@@ -38,6 +38,18 @@ def data_overrides(root):
                      "val_json": str(root / "val.json"), "val_images": str(root / "images_val")}}
 
 
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, synthetic, registry):
+    """A tiny-preset checkpoint from a 2-step training run (its random decoder beside it)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config("lora", data={"train_json": str(synthetic / "train.json"),
+                                    "train_images": str(synthetic / "images_train")},
+                      train={"max_steps": 2, "batch_size": 8})
+    from vlcap.core.trainer import train
+    train(cfg, out, registry)
+    return out
+
+
 @pytest.fixture
 def batch():
     torch.manual_seed(0)

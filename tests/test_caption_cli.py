@@ -10,22 +10,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import SHARED, needs_shared, tiny_config
+from conftest import SHARED, needs_shared
 from vlcap.cli import main
-from vlcap.core.trainer import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hw3_2.sh"
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, synthetic, registry):
-    """A tiny-preset checkpoint from a 2-step training run (its random decoder beside it)."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config("lora", data={"train_json": str(synthetic / "train.json"),
-                                    "train_images": str(synthetic / "images_train")},
-                      train={"max_steps": 2, "batch_size": 8})
-    train(cfg, out, registry)
-    return out
 
 
 @pytest.fixture

@@ -18,21 +18,9 @@ from vlcap.core.clip import load_clip
 from vlcap.core.data import load_captions
 from vlcap.core.evaluation import clip_scores, image_paths_for
 from vlcap.core.tokenizer import Tokenizer
-from vlcap.core.trainer import train
 from vlcap.core.visualize import Target, visualize
 
 LINE = re.compile(r'^(\S+\.png): (\d+) panels?, "(.*)"')
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, synthetic, registry):
-    """A tiny-preset checkpoint from a 2-step training run (its random decoder beside it)."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config("lora", data={"train_json": str(synthetic / "train.json"),
-                                    "train_images": str(synthetic / "images_train")},
-                      train={"max_steps": 2, "batch_size": 8})
-    train(cfg, out, registry)
-    return out
 
 
 def run_visualize(*args):

@@ -371,17 +371,39 @@ def per_image_rows(result):
              "cider": result.cider.per_image[s]} for s in stems]
 
 
+def checkpoint_options(command):
+    """--checkpoint and --decoder-weights, for the commands that load a trained captioner."""
+    command = click.option("--decoder-weights", type=click.Path(dir_okay=False),
+                           help="decoder_model.bin (default: the path the checkpoint recorded).")(command)
+    return click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+                        help="A checkpoint from `vlcap train`.")(command)
+
+
+def decoding_options(command):
+    """--decoding, --num-beams, --max-length and --set, for the commands that generate captions."""
+    for option in reversed([
+            click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`)."),
+            click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search)."),
+            click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length)."),
+            click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                         help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable).")]):
+        command = option(command)
+    return command
+
+
+def decoding_set(assignments, num_beams):
+    """The decoding strategy's options from --set KEY=VALUE and the --num-beams shortcut."""
+    options = config_lib.parse_set(assignments)
+    if num_beams is not None:
+        options["num_beams"] = num_beams
+    return options
+
+
 @main.command()
 @click.argument("images_dir", type=click.Path(file_okay=False))
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint from `vlcap train`.")
-@click.option("--decoder-weights", type=click.Path(dir_okay=False),
-              help="decoder_model.bin (default: the path the checkpoint recorded).")
+@checkpoint_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions JSON {file stem: caption}.")
-@click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`).")
-@click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search).")
-@click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length).")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="A decoding strategy option, e.g. --set length_penalty=0.8 (repeatable).")
+@decoding_options
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
@@ -389,9 +411,7 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
             batch_size, device, skip_bad_images):
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
     from vlcap.core.inference import caption_folder
-    options = config_lib.parse_set(assignments)
-    if num_beams is not None:
-        options["num_beams"] = num_beams
+    options = decoding_set(assignments, num_beams)
     result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
                             strategy=strategy, options=options, max_length=max_length,
                             batch_size=batch_size, device=device, console=err_console)
@@ -405,15 +425,9 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 
 @main.command()
 @click.argument("images", nargs=-1, type=click.Path())
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint from `vlcap train`.")
-@click.option("--decoder-weights", type=click.Path(dir_okay=False),
-              help="decoder_model.bin (default: the path the checkpoint recorded).")
+@checkpoint_options
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs (and .npz).")
-@click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`).")
-@click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search).")
-@click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length).")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="A decoding strategy option, e.g. --set min_length=3 (repeatable).")
+@decoding_options
 @click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer (negative: from the last).")
 @click.option("--head", default="mean", show_default=True, help="Attention head index, or 'mean' over heads.")
 @click.option("--pieces", is_flag=True, help="One panel per BPE token instead of per word.")
@@ -435,9 +449,7 @@ def visualize(images, checkpoint, decoder_weights, out_dir, strategy, num_beams,
     from vlcap.core.checkpoint import load_checkpoint
     from vlcap.core.trainer import resolve_device
     parse_head(head)  # the range is checked once the checkpoint says how many heads there are
-    options = config_lib.parse_set(assignments)
-    if num_beams is not None:
-        options["num_beams"] = num_beams
+    options = decoding_set(assignments, num_beams)
     if rank_by:
         if images:
             raise VlcapError(f"--rank-by draws images chosen from --pred; drop the IMAGES arguments ({few(images)})")
