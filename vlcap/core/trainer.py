@@ -287,8 +287,8 @@ def train(cfg, run_dir, registry, console=None, resume=False):
         resume_lib.save_state(run_dir, {
             "trainable": {n: p.detach().cpu() for n, p in named_trainable},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": resume_lib.rng_state(), "epoch": epoch, "batches": batches, "running": running, "seen": seen,
-            "tokens": tokens,
+            "rng": resume_lib.rng_state(), "epoch": epoch, "batches": batches,
+            "running": running, "seen": seen, "tokens": tokens,
             "step": step, "best_value": best_value, "history": history, "unreadable": sorted(unreadable)})
 
     def last_good():
