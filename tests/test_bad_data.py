@@ -7,7 +7,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_config
 from vlcap.cli import main
 from vlcap.core.data import CaptionDataset, ImageDataset, load_captions, load_image
 from vlcap.core.errors import VlcapError
