@@ -57,19 +57,21 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
         if cache is not None:  # incremental decoding: past keys/values (prefix included) are cached
-            k, v = cache.append_self_kv(k, v)
-            T, S = q.size(2), k.size(2)
-            mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = attend_after_past(q, *cache.append_self_kv(k, v))
         elif self.kv_prefix is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             pk, pv = self.kv_prefix(x.size(0))
-            k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
-            T, P = q.size(2), pk.size(2)
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = attend_after_past(q, torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2))
         return self.c_proj(merge_heads(y))
+
+
+def attend_after_past(q, k, v):
+    """Causal attention where the ``T`` queries are the last ``T`` of the ``S`` key positions:
+    every earlier position (a prefix, the cached past) is visible to all of them."""
+    T, S = q.size(2), k.size(2)
+    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class CrossAttention(nn.Module):

@@ -28,6 +28,15 @@ def decoding_choice(decoding_cfg, strategy, options):
     return name, {**base, **(options or {})}
 
 
+def resolve_decoding(decoding_cfg, registry, strategy=None, options=None, max_length=None):
+    """``(strategy plugin, options, max_length)`` for a checkpoint's ``decoding`` config and the
+    caller's overrides; a bad option fails here, before any work."""
+    name, options = decoding_choice(decoding_cfg, strategy, options)
+    decoding = registry.get("decoding", name)
+    plugin_config(decoding, options, "decoding.options")
+    return decoding, options, max_length or decoding_cfg.max_length
+
+
 def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_length=None, batch_size=32,
                   console=None):
     """Caption the image files ``paths`` with a ``LoadedCaptioner``. Unreadable images get a warning
@@ -35,10 +44,7 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
     console = console or Console(stderr=True)
     if batch_size < 1:
         raise VlcapError(f"--batch-size: must be >= 1, got {batch_size}")
-    name, options = decoding_choice(loaded.config.decoding, strategy, options)
-    decoding = registry.get("decoding", name)
-    plugin_config(decoding, options, "decoding.options")  # a bad option fails before any work
-    max_length = max_length or loaded.config.decoding.max_length
+    decoding, options, max_length = resolve_decoding(loaded.config.decoding, registry, strategy, options, max_length)
     device = next(loaded.captioner.parameters()).device
     dtype = autocast_dtype(loaded.config.train.amp, device)
     loader = image_loader(paths, loaded.captioner.encoder.transform(), batch_size, device)

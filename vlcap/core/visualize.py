@@ -19,13 +19,12 @@ from vlcap.core.atomic import atomic_write
 from vlcap.core.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
                                   word_attention)
 from vlcap.core.clip import load_clip
-from vlcap.core.config import plugin_config
 from vlcap.core.data import find_images, load_captions, load_image
 from vlcap.core.decoding import generate_tokens
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.evaluation import (check_images, check_predictions, clip_scores, course_references, image_paths_for,
                                    load_predictions)
-from vlcap.core.inference import decoding_choice
+from vlcap.core.inference import resolve_decoding
 from vlcap.core.trainer import autocast_dtype
 
 PANELS_PER_ROW = 5
@@ -140,10 +139,7 @@ def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None
     captioner, tokenizer, cfg = loaded.captioner, loaded.tokenizer, loaded.config
     layer = check_layer(layer, cfg.model.decoder.n_layer)
     head_index = parse_head(head, cfg.model.decoder.n_head)
-    name, options = decoding_choice(cfg.decoding, strategy, options)
-    decoding = registry.get("decoding", name)
-    plugin_config(decoding, options, "decoding.options")  # a bad option fails before any work
-    max_length = max_length or cfg.decoding.max_length
+    decoding, options, max_length = resolve_decoding(cfg.decoding, registry, strategy, options, max_length)
     encoder = captioner.encoder
     transform = encoder.transform()
     device = next(captioner.parameters()).device

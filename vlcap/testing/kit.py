@@ -8,8 +8,7 @@ import torch
 from vlcap.core import config as config_lib
 from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.checkpoint import load_checkpoint, save_checkpoint
-from vlcap.core.config import plugin_config
-from vlcap.core.decoding import evaluating, next_token_model
+from vlcap.core.decoding import generate_tokens, next_token_model
 from vlcap.core.peft import PeftMethod, check_budget, count_parameters, is_pretrained, seeded
 from vlcap.core.plugins import PluginEntry, Registry, registry as installed_registry
 from vlcap.core.trainer import prepare_model
@@ -58,12 +57,9 @@ def decoding_captioner(method, registry):
 
 def generate(captioner, tokenizer, strategy, options, cached, images=IMAGES):
     """Token lists from ``strategy`` (seeded, so sampling strategies repeat)."""
-    config = plugin_config(strategy, options, "decoding.options")
-    with evaluating(captioner), torch.inference_mode(), seeded(0):
-        memory = captioner.encode(pixels_for(captioner, images))
-        model = next_token_model(captioner.decoder, memory, cached)
-        return strategy.generate(model, config, start_id=tokenizer.eot_id, end_id=tokenizer.eot_id,
-                                 max_length=MAX_LENGTH)
+    with seeded(0):
+        return generate_tokens(captioner, pixels_for(captioner, images), tokenizer, strategy, options,
+                               MAX_LENGTH, cached)
 
 
 # --- PEFT method checks -----------------------------------------------------------------
