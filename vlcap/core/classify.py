@@ -9,7 +9,6 @@ pass per template.
 """
 import csv
 import io
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import image_loader
+from vlcap.core.data import image_loader, read_json
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.outputs import write_csv
 
@@ -45,12 +44,8 @@ class Labels:
 def load_labels(path):
     """``id2label.json``: ``{"0": "bicycle", "1": "chair", ...}``."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VlcapError(f"{path}: label file not found; pass the course's id2label.json with --labels") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VlcapError(f"{path}: not valid JSON ({exc}); expected {{\"0\": \"bicycle\", ...}}") from None
+    data = read_json(path, "label file", '{"0": "bicycle", ...}',
+                     hint="; pass the course's id2label.json with --labels")
     if not isinstance(data, dict) or not data:
         raise VlcapError(f"{path}: expected a non-empty JSON object mapping class ids to names, e.g. {{\"0\": \"bicycle\"}}")
     labels = {}

@@ -34,14 +34,28 @@ class CaptionSet:
         return refs
 
 
+def read_json(path, what, expected, hint=""):
+    """The JSON value in ``path``, or one ``VlcapError`` line naming the file: not found (``what``
+    names the file, ``hint`` says what to pass instead), unreadable, empty or not JSON
+    (``expected`` describes the content it should have)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VlcapError(f"{path}: {what} not found{hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlcapError(f"{path}: cannot read the {what} ({exc}); expected {expected}") from None
+    if not text.strip():
+        raise VlcapError(f"{path}: the {what} is empty; expected {expected}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlcapError(f"{path}: not valid JSON ({exc}); expected {expected}") from None
+
+
 def load_captions(json_path):
     path = Path(json_path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VlcapError(f"{path}: caption file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VlcapError(f"{path}: not valid JSON ({exc}); expected the course's COCO-style caption file") from None
+    data = read_json(path, "caption file", "the course's COCO-style caption file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise VlcapError(f"{path}: expected {{\"images\": [...], \"annotations\": [...]}} (COCO-style captions)")
     try:

@@ -5,7 +5,6 @@ CIDEr: Stanford PTB tokenization (lower-case, punctuation removed) then coco-cap
 the course's evaluator calls. CLIPScore: 2.5 * max(cos(image, caption), 0) with OpenAI CLIP,
 averaged over images. Training (validation metrics) and ``vlcap evaluate`` both come here.
 """
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vlcap.core.data import image_loader, load_captions
+from vlcap.core.data import image_loader, load_captions, read_json
 from vlcap.core.errors import VlcapError, few
 
 JAVA_HINT = "install a Java runtime, e.g. apt-get install default-jre-headless"
@@ -140,19 +139,7 @@ def course_references(caption_set):
 
 def load_predictions(path):
     """The course's prediction file: one JSON object, image stem -> caption."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VlcapError(f"{path}: prediction file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VlcapError(f"{path}: cannot read the prediction file ({exc})") from None
-    if not text.strip():
-        raise VlcapError(f"{path}: the prediction file is empty; expected a JSON object of image stem -> caption")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VlcapError(f"{path}: not valid JSON ({exc}); expected an object of image stem -> caption") from None
+    return read_json(path, "prediction file", "a JSON object of image stem -> caption")
 
 
 def image_paths_for(caption_set, image_dir):
