@@ -1,10 +1,12 @@
 """Throughput options change speed or memory, not what is learned."""
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import tiny_config
 from vlcap.core.captioner import build_captioner
+from vlcap.core.tokenizer import IGNORE_INDEX
 from vlcap.core.trainer import autocast_dtype, configure_decoder, train
 
 
@@ -20,6 +22,25 @@ def gradients(captioner, batch):
     captioner.zero_grad()
     captioner.loss(*batch).backward()
     return {n: p.grad.clone() for n, p in captioner.named_parameters() if p.requires_grad}
+
+
+def test_lm_head_only_at_labels_is_the_full_cross_entropy(captioner_and_batch):
+    """The loss skips the LM head at unlabelled positions (padding, each caption's last input):
+    same value and gradients as cross-entropy over every position's logits with ignore_index."""
+    captioner, (pixels, ids, labels) = captioner_and_batch
+    labels = labels.clone()
+    labels[0, 5:] = IGNORE_INDEX  # a short caption, padded
+    labels[:, -1] = IGNORE_INDEX
+    fast = gradients(captioner, (pixels, ids, labels))
+    fast_loss = captioner.loss(pixels, ids, labels)
+    captioner.zero_grad()
+    logits = captioner(pixels, ids)
+    full_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    full_loss.backward()
+    torch.testing.assert_close(fast_loss, full_loss)
+    for name, p in captioner.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast[name], p.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(captioner_and_batch):

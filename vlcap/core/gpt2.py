@@ -191,12 +191,21 @@ class GPT2Decoder(nn.Module):
         ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
         (``vlcap.core.kv_cache``), which holds the image keys/values (and has already run any
         ``input_prefix``) and grows by ``T``."""
+        return self.logits(self.hidden_states(input_ids, memory, cache))
+
+    def logits(self, hidden):
+        """Next-token logits from ``hidden_states`` (any leading shape)."""
+        return self.lm_head(self.ln_f(hidden))
+
+    def hidden_states(self, input_ids, memory=None, cache=None):
+        """The last block's output at the text positions ``(B, T, n_embd)``, before ``ln_f``:
+        the loss takes the (50257-wide) LM head only where there is a label."""
         x = self.wte(input_ids)
         P = 0
         if cache is None and self.input_prefix is not None:
             prefix = self.input_prefix(input_ids.size(0))
             x, P = torch.cat([prefix.to(x.dtype), x], dim=1), prefix.size(1)
-        return self.lm_head(self.ln_f(self.transform(x, memory, cache)[:, P:]))
+        return self.transform(x, memory, cache)[:, P:]
 
     def transform(self, x, memory=None, cache=None):
         """The transformer blocks on input embeddings ``x`` ``(B, T, n_embd)`` (position
