@@ -4,6 +4,7 @@ from torch import nn
 from vlcap.core.errors import VlcapError
 from vlcap.core.peft import PeftMethod, select_layers, swap_linear
 from vlcap.plugins.peft_lora.config import TARGETS, LoraConfig
+from vlcap.plugins.peft_lora.layer import MergedLinear
 
 
 class LoraMethod(PeftMethod):
@@ -28,7 +29,7 @@ class LoraMethod(PeftMethod):
         for i in select_layers(config.layers, decoder.cfg.n_layer):
             block = decoder.h[i]
             if any(qkv):
-                swap_linear(block.attn, "c_attn", loralib.MergedLinear(width, 3 * width, enable_lora=qkv, **lora_args))
+                swap_linear(block.attn, "c_attn", MergedLinear(width, 3 * width, enable_lora=qkv, **lora_args))
             if "attn_proj" in config.targets:
                 swap_linear(block.attn, "c_proj", loralib.Linear(width, width, **lora_args))
             if "mlp" in config.targets:
