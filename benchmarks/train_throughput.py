@@ -3,15 +3,23 @@
 GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same sizes, random weights.
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py --size full --batch-size 4 --steps 3
+    python benchmarks/train_throughput.py --size full --batch-size 4 --steps 5
 
 Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
-its own. Every configuration runs the same step: forward, token-mean cross-entropy, backward,
-clip, AdamW.
+its own. Every configuration runs the same step on the same batch (captions of course-like
+lengths, padded as vlcap's collate pads them): forward, token-mean cross-entropy over the
+labelled positions, backward, clip, fused AdamW (vlcap's trainer and HF Trainer's default).
+
+HF's VisionEncoderDecoderModel adds a trained encoder-to-decoder projection only when the widths
+differ (ViT-L/14's 1024 vs GPT-2's 768); at ViT-B/16 (768 = 768) it feeds the ViT tokens to the
+cross-attention directly. vlcap always trains one, and its gradient flows back through every
+layer's image key/value projection, so at ViT-B/16 the HF row is also run with that same
+projection added ("+ projection"): the equal-architecture comparison.
 """
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from vlcap.core import config as config_lib
 from vlcap.core.captioner import build_captioner, tokenizer_for
@@ -27,11 +36,12 @@ from vlcap.core.checkpoint import save_checkpoint
 from vlcap.core.feature_cache import write_feature_cache
 from vlcap.core.plugins import registry as load_registry
 from vlcap.core.synthetic import draw
-from vlcap.core.trainer import resolve_device
+from vlcap.core.trainer import build_optimizer, resolve_device
 
 # full: ViT-B/16 + GPT-2 small; large: the course's CLIP ViT-L/14 + GPT-2 small.
 ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224", "large": "vit_large_patch14_clip_224"}
 HF = "HF VisionEncoderDecoder + peft LoRA"
+HF_PROJECTED = HF + " + projection"
 
 
 def vlcap_config(size, method):
@@ -39,22 +49,31 @@ def vlcap_config(size, method):
     return config_lib.resolve("tiny" if size == "tiny" else "full", overrides=[{"model": model, "peft": {"method": method}}])
 
 
-def synthetic_batch(args, captioner, folder):
-    """``batch_size`` shape images (written as PNGs, for the cache) + random caption tokens."""
+def synthetic_batch(args, captioner, eot_id, folder):
+    """``batch_size`` shape images (written as PNGs, for the cache) + random captions of
+    ``caption_tokens`` +-50% tokens (the course's captions average 12), laid out and padded as
+    vlcap trains on them: input ``[eot, t1..tN, eot, pad..]``, labels ``[t1..tN, eot, ignore..]``."""
     import random
+    from PIL import Image
+    from vlcap.core.data import collate_captions
+    from vlcap.core.tokenizer import IGNORE_INDEX
     rng = random.Random(0)
     for i in range(args.batch_size):
         draw(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), "middle", rng).save(folder / f"{i}.png")
     transform = captioner.encoder.transform()
-    from PIL import Image
-    pixels = torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(args.batch_size)])
-    ids = torch.randint(0, 50257, (args.batch_size, args.caption_tokens + 1), generator=torch.Generator().manual_seed(0))
-    return pixels, ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    items = []
+    for i in range(args.batch_size):
+        tokens = [rng.randrange(eot_id) for _ in range(rng.randint(args.caption_tokens // 2, args.caption_tokens * 3 // 2))]
+        pixels = transform(Image.open(folder / f"{i}.png").convert("RGB"))
+        items.append((pixels, torch.tensor([eot_id, *tokens, eot_id]), torch.tensor([*tokens, eot_id, IGNORE_INDEX])))
+    batch = collate_captions(items, pad_id=eot_id)
+    return batch.pixels, batch.input_ids, batch.labels
 
 
 def hf_model(captioner, cfg):
     """transformers' ViT + GPT-2 (cross-attention) at vlcap's sizes, LoRA r=8 on the self-attention
-    and the cross-attention trainable, as vlcap's lora trains them."""
+    and the cross-attention (and HF's own projection, where it has one) trainable, as vlcap's lora
+    trains them."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
     vit, dec = captioner.encoder.vit, cfg.model.decoder
@@ -67,9 +86,27 @@ def hf_model(captioner, cfg):
                                          n_positions=dec.block_size, vocab_size=dec.vocab_size, add_cross_attention=True))
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     model.encoder.requires_grad_(False)
+    trained = ["crossattention", "ln_cross_attn"] + (["enc_to_dec_proj"] if hasattr(model, "enc_to_dec_proj") else [])
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, fan_in_fan_out=True,
-                      target_modules=r".*h\.\d+\.attn\.c_attn", modules_to_save=["crossattention", "ln_cross_attn"])
+                      target_modules=r".*h\.\d+\.attn\.c_attn", modules_to_save=trained)
     return get_peft_model(model, lora)
+
+
+class HFWithProjection(torch.nn.Module):
+    """The HF stack with vlcap's trained projection between the frozen ViT and the cross-attention
+    (what VisionEncoderDecoderModel's ``enc_to_dec_proj`` is when the widths differ)."""
+
+    def __init__(self, model, width):
+        super().__init__()
+        self.model = model
+        self.projection = torch.nn.Linear(width, width)
+
+    def forward(self, pixel_values, decoder_input_ids):
+        from transformers.modeling_outputs import BaseModelOutput
+        with torch.no_grad():
+            tokens = self.model.get_encoder()(pixel_values=pixel_values).last_hidden_state
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.projection(tokens)),
+                          decoder_input_ids=decoder_input_ids)
 
 
 def measure(args):
@@ -84,9 +121,12 @@ def measure(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
-        pixels, input_ids, labels = (t.to(device) for t in synthetic_batch(args, captioner, tmp / "images"))
-        if name == HF:
-            model = hf_model(captioner, cfg).to(device)
+        pixels, input_ids, labels = (t.to(device) for t in synthetic_batch(args, captioner, tokenizer_for(cfg).eot_id, tmp / "images"))
+        if name.startswith(HF):
+            model = hf_model(captioner, cfg)
+            if name == HF_PROJECTED:
+                model = HFWithProjection(model, cfg.model.decoder.n_embd)
+            model = model.to(device)
             del captioner
 
             def loss_fn():
@@ -106,7 +146,7 @@ def measure(args):
                     return captioner.loss(pixels, input_ids, labels)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        optimizer = build_optimizer(trainable, cfg.train)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -120,12 +160,16 @@ def measure(args):
                 torch.cuda.synchronize()
         for _ in range(args.warmup):
             step()
-        started = time.perf_counter()
+        times = []
         for _ in range(args.steps):
+            started = time.perf_counter()
             step()
-        seconds = (time.perf_counter() - started) / args.steps
-        if name == HF:
-            model.save_pretrained(tmp / "hf")
+            times.append(time.perf_counter() - started)
+        seconds = statistics.median(times)  # robust to a busy moment on a shared machine
+        if name.startswith(HF):
+            (model.model if name == HF_PROJECTED else model).save_pretrained(tmp / "hf")
+            if name == HF_PROJECTED:
+                save_file(model.projection.state_dict(), tmp / "hf" / "projection.safetensors")
             size = sum(f.stat().st_size for f in (tmp / "hf").rglob("*") if f.is_file())
         else:
             save_checkpoint(tmp / "ckpt.safetensors", captioner, peft_method, cfg, tokenizer_for(cfg), registry)
@@ -140,7 +184,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(ENCODER), default="tiny")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--caption-tokens", type=int, default=20)
+    parser.add_argument("--caption-tokens", type=int, default=12, help="mean caption length (the course: 12)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto")
@@ -149,8 +193,12 @@ def main():
     if args.one:
         return measure(args)
 
-    methods = load_registry().names("peft")
+    registry = load_registry()
+    methods = registry.names("peft")
     names = [f"vlcap {m}" for m in methods] + [f"vlcap {m} + cache" for m in methods] + [HF]
+    shapes, _ = build_captioner(vlcap_config(args.size, methods[0]), registry, meta=True)
+    if shapes.encoder.embed_dim == shapes.decoder.cfg.n_embd:  # HF has no projection of its own
+        names.append(HF_PROJECTED)
     rows = []
     for name in names:
         command = [sys.executable, __file__, "--one", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -163,19 +211,19 @@ def main():
 
     device = resolve_device(args.device)
     print(f"\n{args.size}: {ENCODER[args.size]} + GPT-2 ({'2 layers, 64 wide' if args.size == 'tiny' else 'small'}), "
-          f"random weights, batch {args.batch_size}, {args.caption_tokens} caption tokens, {args.steps} timed steps "
+          f"random weights, batch {args.batch_size}, captions of {args.caption_tokens} +-50% tokens, median of {args.steps} timed steps "
           f"on {device} ({torch.get_num_threads()} threads)\n")
     print("| configuration | samples/s | s/step | peak memory | trainable | checkpoint |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['samples_per_s']:.2f} | {r['step_s']:.3f} | {r['peak_bytes'] / 2**20:,.0f} MiB "
               f"| {r['trainable']:,} | {r['checkpoint_bytes'] / 2**20:.1f} MiB |")
-    by_name = {r["name"]: r for r in rows}
+    speed = {r["name"]: r["samples_per_s"] for r in rows}
     print()
     for m in methods:
-        print(f"vlcap {m}: {by_name[f'vlcap {m} + cache']['samples_per_s'] / by_name[f'vlcap {m}']['samples_per_s']:.2f}x "
-              f"faster per step from the feature cache; {by_name[f'vlcap {m}']['samples_per_s'] / by_name[HF]['samples_per_s']:.2f}x "
-              "the HF stack's samples/s from images")
+        versus = "; ".join(f"{speed[f'vlcap {m}'] / speed[hf]:.2f}x {hf.replace(HF, 'HF')}" for hf in (HF, HF_PROJECTED) if hf in speed)
+        print(f"vlcap {m}: {speed[f'vlcap {m} + cache'] / speed[f'vlcap {m}']:.2f}x faster per step from the feature cache; "
+              f"samples/s from images {versus}")
 
 
 if __name__ == "__main__":
