@@ -6,20 +6,24 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from conftest import tiny_config
-from vlcap.core.distributed import Context, LengthBucketBatchSampler, per_rank_batch
+from vlcap.core.distributed import Context, LengthBucketBatchSampler, per_rank_batch, sync_gradients
 from vlcap.core.errors import VlcapError
 from vlcap.core.trainer import train
 
 SETTINGS = ["--preset", "tiny", "--peft", "adapter", "--max-steps", 4, "--batch-size", 8, "--device", "cpu",
-            "--set", "train.warmup_steps=1"]
+            "--set", "train.warmup_steps=1", "--set", "train.grad_accum=2"]
 
 
 def test_two_gloo_processes_match_one_process(tmp_path, synthetic, registry):
+    """With gradient accumulation: the processes all-reduce once per optimizer step (no_sync on
+    the first micro-batch) and still train what one process does."""
     data = {"train_json": str(synthetic / "train.json"), "train_images": str(synthetic / "images_train")}
-    cfg = tiny_config("adapter", data=data, train={"max_steps": 4, "batch_size": 8, "device": "cpu",
+    cfg = tiny_config("adapter", data=data, train={"max_steps": 4, "batch_size": 8, "device": "cpu", "grad_accum": 2,
                                                     "warmup_steps": 1, "epochs": 1})
     single = train(cfg, tmp_path / "one", registry)
 
@@ -39,6 +43,28 @@ def test_two_gloo_processes_match_one_process(tmp_path, synthetic, registry):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(torch.nn.Linear(4, 1))
+        reductions = []
+
+        def count(state, bucket):
+            reductions.append(bucket.buffer().numel())
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+        model.register_comm_hook(None, count)
+        ctx = Context(rank=0, world_size=2)  # what a rank of a 2-process run sees
+        for last in (False, False, True):  # grad_accum=3
+            with sync_gradients(model, ctx, last):
+                model(torch.ones(2, 4)).sum().backward()
+        assert reductions == [5]  # one all-reduce of the 4 weights + bias, at the last micro-batch
+        torch.testing.assert_close(model.module.weight.grad, torch.full((1, 4), 6.0))  # 3 micro-batches x 2 rows
+    finally:
+        dist.destroy_process_group()
 
 
 def test_the_global_batch_must_split_evenly():

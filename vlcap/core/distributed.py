@@ -5,6 +5,7 @@ them everything here degrades to one process (world size 1, no process group). `
 is the *global* batch: each of N processes loads batch_size / N items per step, and the gradient
 is the token mean over the global batch, as one process would compute it.
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ def wrap(module, ctx, device):
     if not ctx.enabled:
         return module
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(module, ctx, sync):
+    """Around a micro-batch's forward + backward: DDP all-reduces the gradients only when
+    ``sync`` (the last micro-batch before an optimizer step); the others accumulate locally
+    (``no_sync``), so gradient accumulation costs one all-reduce per step, not one per micro-batch."""
+    if not ctx.enabled or sync:
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def global_token_mean(loss, labels, ctx):

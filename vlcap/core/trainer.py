@@ -27,6 +27,7 @@ from vlcap.core.errors import VlcapError, few
 from vlcap.core.feature_cache import CachedCaptionDataset, training_cache
 from vlcap.core.gpt2 import save_course_weights
 from vlcap.core.peft import check_budget, count_parameters
+from vlcap.core.tokenizer import IGNORE_INDEX
 
 
 @dataclass
@@ -320,18 +321,20 @@ def train(cfg, run_dir, registry, console=None, resume=False):
             started, seen_before = time.perf_counter(), seen
             for i, batch in enumerate(train_loader, start=skip_batches):
                 unreadable.update(batch.unreadable)
+                steps_now = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == batches_per_epoch
                 if batch.pixels is not None:
                     pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        loss = step_model(pixels, input_ids, labels)
-                    if not torch.isfinite(loss):
-                        raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
-                                        f"{last_good()}; lower train.lr or set train.amp=off")
-                    scaler.scale(distributed.global_token_mean(loss, labels, ctx) / cfg.train.grad_accum).backward()
+                    with distributed.sync_gradients(step_model, ctx, steps_now):
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                            loss = step_model(pixels, input_ids, labels)
+                        if not torch.isfinite(loss):
+                            raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
+                                            f"{last_good()}; lower train.lr or set train.amp=off")
+                        scaler.scale(distributed.global_token_mean(loss, labels, ctx) / cfg.train.grad_accum).backward()
                     # Token-weighted, like the validation loss: the same number with any process count.
-                    n = int((labels != -100).sum())
+                    n = int((labels != IGNORE_INDEX).sum())
                     running, seen, tokens = running + loss.item() * n, seen + len(pixels), tokens + n
-                if (i + 1) % cfg.train.grad_accum and i + 1 != batches_per_epoch:
+                if not steps_now:
                     continue
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.clip_grad)
