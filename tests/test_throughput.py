@@ -58,7 +58,9 @@ def test_compiled_decoder_gives_the_same_loss_and_parameter_names(captioner_and_
     names, loss = [n for n, _ in captioner.named_parameters()], captioner.loss(*batch)
     configure_decoder(captioner, tiny_config(train={"compile": "eager"}))  # dynamo tracing, no C++ build
     assert [n for n, _ in captioner.named_parameters()] == names  # checkpoints keep their keys
+    torch._dynamo.utils.counters.clear()
     torch.testing.assert_close(captioner.loss(*batch), loss)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the loss ran the compiled decoder
 
 
 def test_bf16_autocast_on_cpu_only_when_asked(captioner_and_batch):

@@ -39,11 +39,11 @@ class Captioner(nn.Module):
 
     def loss_from_features(self, features, input_ids, labels):
         """The training loss from precomputed ViT tokens (a feature cache): the ViT never runs."""
-        hidden = self.decoder.hidden_states(input_ids, self.projection(features))
-        # The LM head is a 50257-wide matmul per position: run it only where a label is (every
-        # caption's last input and the padding have none), as cross_entropy's ignore_index would.
+        # Logits only where a label is (every caption's last input and the padding have none):
+        # what cross_entropy's ignore_index would average, without the LM head's work there.
         labelled = labels != IGNORE_INDEX
-        return F.cross_entropy(self.decoder.logits(hidden[labelled]).float(), labels[labelled])
+        logits = self.decoder(input_ids, self.projection(features), only=labelled)
+        return F.cross_entropy(logits.float(), labels[labelled])
 
 
 class CaptionLoss(nn.Module):

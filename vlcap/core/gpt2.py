@@ -186,26 +186,20 @@ class GPT2Decoder(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids, memory=None, cache=None):
+    def forward(self, input_ids, memory=None, cache=None, only=None):
         """Logits ``(B, T, vocab)``. Training passes the whole sequence and the image tokens
         ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
         (``vlcap.core.kv_cache``), which holds the image keys/values (and has already run any
-        ``input_prefix``) and grows by ``T``."""
-        return self.logits(self.hidden_states(input_ids, memory, cache))
-
-    def logits(self, hidden):
-        """Next-token logits from ``hidden_states`` (any leading shape)."""
-        return self.lm_head(self.ln_f(hidden))
-
-    def hidden_states(self, input_ids, memory=None, cache=None):
-        """The last block's output at the text positions ``(B, T, n_embd)``, before ``ln_f``:
-        the loss takes the (50257-wide) LM head only where there is a label."""
+        ``input_prefix``) and grows by ``T``. ``only``: a bool mask ``(B, T)``; the logits of
+        just those positions come back, ``(N, vocab)`` (the LM head is 50257 wide, and the loss
+        reads no logits where there is no label)."""
         x = self.wte(input_ids)
         P = 0
         if cache is None and self.input_prefix is not None:
             prefix = self.input_prefix(input_ids.size(0))
             x, P = torch.cat([prefix.to(x.dtype), x], dim=1), prefix.size(1)
-        return self.transform(x, memory, cache)[:, P:]
+        x = self.transform(x, memory, cache)[:, P:]
+        return self.lm_head(self.ln_f(x if only is None else x[only]))
 
     def transform(self, x, memory=None, cache=None):
         """The transformer blocks on input embeddings ``x`` ``(B, T, n_embd)`` (position
