@@ -1,6 +1,7 @@
 """torchrun with 2 gloo processes on CPU trains exactly what one process does with the same global batch."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,31 @@ def test_two_gloo_processes_match_one_process(tmp_path, synthetic, registry):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_process_with_no_readable_image_does_not_stall_the_others(tmp_path, synthetic):
+    """Four photos with one caption each, global batch 2: each process gets one caption per batch.
+    One photo is corrupt, so in one batch a process has nothing to train on. DDP needs every
+    process in each backward; all of them skip that batch, and the run finishes (no hang)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    captions = {"images": [], "annotations": []}
+    for i in range(4):
+        shutil.copy(synthetic / "images_train" / f"train_{i:04d}.png", images / f"{i}.png")
+        captions["images"].append({"id": i, "file_name": f"{i}.png"})
+        captions["annotations"].append({"id": i, "image_id": i, "caption": "a shape"})
+    (images / "3.png").write_bytes(b"not a png")
+    (tmp_path / "train.json").write_text(json.dumps(captions))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vlcap", "train", "--preset", "tiny", "--peft", "adapter", "--max-steps", "2", "--batch-size", "2",
+               "--device", "cpu", "--train-json", str(tmp_path / "train.json"), "--train-images", str(images),
+               "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "1 batch(es) were skipped by every process" in output and "3.png" in output
+    assert (tmp_path / "run" / "last.safetensors").is_file()
 
 
 def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path):

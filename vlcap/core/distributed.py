@@ -97,16 +97,19 @@ def sync_gradients(module, ctx, sync):
     return module.no_sync()
 
 
-def global_token_mean(loss, labels, ctx):
-    """Scale this process's token-mean loss so that DDP's gradient *average* over processes equals
-    the gradient of the token mean over the global batch (one process's loss), even when the
-    processes hold different numbers of caption tokens."""
+def loss_weight(labels, ctx):
+    """This process's weight for its token-mean loss in a micro-batch (``labels`` None: it has
+    no readable image in it), so that DDP's gradient *average* over processes equals the gradient
+    of the token mean over the global batch, even when the processes hold different numbers of
+    caption tokens. None: skip the micro-batch. Every process skips it when any one has nothing
+    to train on, because DDP's backward needs all of them (one would otherwise wait forever)."""
     if not ctx.enabled:
-        return loss
-    tokens = (labels != IGNORE_INDEX).sum().to(torch.float32)
-    total = tokens.clone()
-    dist.all_reduce(total)
-    return loss * tokens * ctx.world_size / total
+        return None if labels is None else 1.0
+    tokens = 0.0 if labels is None else float((labels != IGNORE_INDEX).sum())
+    total, with_data = ctx.sum(tokens, float(labels is not None))
+    if with_data < ctx.world_size:
+        return None
+    return tokens * ctx.world_size / total
 
 
 def train_sampler(dataset, batch_size, ctx, seed, length_buckets=False):

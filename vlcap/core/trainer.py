@@ -276,6 +276,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
     state_file = resume_lib.state_path(run_dir)
     best_value, step, history, unreadable, saved = None, 0, [], set(), 0
+    skipped_batches = 0  # DDP: micro-batches every process skipped, as one had no readable image in them
     start_epoch, skip_batches, running, seen, tokens = 0, 0, 0.0, 0, 0
     if state is not None:
         resume_lib.restore_trainable(captioner, state["trainable"], state_file)
@@ -322,15 +323,19 @@ def train(cfg, run_dir, registry, console=None, resume=False):
             for i, batch in enumerate(train_loader, start=skip_batches):
                 unreadable.update(batch.unreadable)
                 steps_now = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == batches_per_epoch
-                if batch.pixels is not None:
+                weight = distributed.loss_weight(None if batch.pixels is None else batch.labels, ctx)
+                skipped_batches += weight is None and ctx.enabled  # counted alike by every process
+                if weight is not None:
                     pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
                     with distributed.sync_gradients(step_model, ctx, steps_now):
                         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                             loss = step_model(pixels, input_ids, labels)
-                        if not torch.isfinite(loss):
+                        # Under DDP a non-finite loss stops every process at the gradient-norm check
+                        # below (the gradients are all-reduced): one stopping alone strands the rest.
+                        if not ctx.enabled and not torch.isfinite(loss):
                             raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
                                             f"{last_good()}; lower train.lr or set train.amp=off")
-                        scaler.scale(distributed.global_token_mean(loss, labels, ctx) / cfg.train.grad_accum).backward()
+                        scaler.scale(loss * weight / cfg.train.grad_accum).backward()
                     # Token-weighted, like the validation loss: the same number with any process count.
                     n = int((labels != IGNORE_INDEX).sum())
                     running, seen, tokens = running + loss.item() * n, seen + len(pixels), tokens + n
@@ -387,4 +392,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
     distributed.cleanup(ctx)
     if unreadable:
         console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(sorted(unreadable), 3)}[/]")
+    if skipped_batches:
+        console.print(f"[yellow]{skipped_batches} batch(es) were skipped by every process: a process had no "
+                      "readable image in its share of them[/]")
     return TrainResult(run_dir, best_path, last_path, counts.trainable, saved, step, history, sorted(unreadable))
