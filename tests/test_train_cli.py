@@ -4,12 +4,18 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import PEFT_METHODS, SHARED, data_overrides, install_package, needs_shared, tiny_config
 from vlcap.cli import main
+from vlcap.core import config as config_lib
+from vlcap.core.captioner import tokenizer_for
+from vlcap.core.data import load_captions
+from vlcap.core.demo import pretrain_decoder
+from vlcap.core.gpt2 import GPT2Decoder
 from vlcap.core.plugins import load_registry
 from vlcap.core.trainer import train
 
@@ -135,6 +141,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "vlcap demo" in result.output and "adapter" in result.output
     assert (tmp_path / "demo/runs/adapter/best.safetensors").exists()
+    # PEFT trained on the language-model-trained decoder, not on a random one
+    assert "trained as a language model" in result.output
+    assert str((tmp_path / "demo/decoder_model.bin").resolve()) in (tmp_path / "demo/runs/adapter/config.yaml").read_text()
 
 
 METRIC_PLUGIN = """
@@ -167,3 +176,21 @@ def test_hook_register_metrics(tmp_path, synthetic, site):
     best_epoch = max(range(3), key=lambda i: (result.history[i]["words"], -i))
     best, last = load_file(result.best_checkpoint), load_file(result.last_checkpoint)
     assert all(torch.equal(best[k], last[k]) for k in best) == (best_epoch == 2)
+
+
+def test_demo_decoder_learns_the_caption_language(tmp_path, synthetic):
+    """The demo's stand-in for pretrained GPT-2: a course-format decoder_model.bin whose language
+    model loss on the captions is far below a random decoder's."""
+    cfg = config_lib.resolve("tiny")
+    captions = load_captions(synthetic / "train.json").captions
+    pretrain_decoder(cfg, captions, tmp_path / "decoder_model.bin", steps=15)
+    tokenizer = tokenizer_for(cfg)
+    inputs, labels = (torch.tensor([tokenizer.training_pair(text, 40)[part] for _, text in captions[:1]]) for part in (0, 1))
+
+    def loss(decoder):
+        with torch.no_grad():
+            logits = decoder(inputs, torch.zeros(1, 1, cfg.model.decoder.n_embd))
+        return float(F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+    trained = GPT2Decoder(cfg.model.decoder)
+    trained.load_course_weights(tmp_path / "decoder_model.bin")
+    assert loss(trained) < loss(GPT2Decoder(cfg.model.decoder)) / 3

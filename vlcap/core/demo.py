@@ -1,16 +1,25 @@
 """``vlcap demo``: the whole pipeline offline on 2 CPU cores in a few minutes.
 
-Writes a synthetic shapes set, trains every installed PEFT method with the tiny preset, reloads
-each checkpoint from disk, captions held-out images and prints one comparison table.
+Writes a synthetic shapes set, trains the tiny decoder as a language model on its captions (the
+stand-in for pretrained GPT-2, which cannot be downloaded offline), trains every installed PEFT
+method on that frozen decoder with the tiny preset, reloads each checkpoint from disk, captions
+held-out images and prints one comparison table.
 """
+import torch
+import torch.nn.functional as F
 from rich.table import Table
+from torch.nn.utils.rnn import pad_sequence
 
 from vlcap.core import config as config_lib
+from vlcap.core.captioner import tokenizer_for
 from vlcap.core.checkpoint import load_checkpoint
 from vlcap.core.data import load_captions
 from vlcap.core.errors import VlcapError
+from vlcap.core.gpt2 import GPT2Decoder, save_course_weights
 from vlcap.core.inference import caption_paths
+from vlcap.core.peft import seeded
 from vlcap.core.synthetic import make_synthetic_set
+from vlcap.core.tokenizer import IGNORE_INDEX
 from vlcap.core.trainer import train
 
 
@@ -27,8 +36,39 @@ def usable_metrics(names, registry, console):
     return usable
 
 
+def pretrain_decoder(cfg, captions, path, steps, batch_size=32, lr=3e-3):
+    """Train the tiny GPT-2 as a plain language model on ``captions`` and write it as a course
+    ``decoder_model.bin``. A frozen *random* decoder knows no words, so PEFT on it can only
+    learn noise; the real workflow freezes a pretrained GPT-2, and this is the demo's stand-in.
+    The cross-attention stays zero (its output projection starts at zero and is not trained
+    here), so the decoder reads no image, as GPT-2 does not."""
+    tokenizer = tokenizer_for(cfg)
+    pairs = [tokenizer.training_pair(text, cfg.data.max_caption_tokens)[:2] for _, text in captions]
+    with seeded(cfg.model.init_seed):
+        decoder = GPT2Decoder(cfg.model.decoder)
+        order = torch.randint(len(pairs), (steps, batch_size))
+    params = decoder.pretrained_parameters()
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
+    no_image = torch.zeros(batch_size, 1, cfg.model.decoder.n_embd)
+    for rows in order:
+        inputs, labels = ([torch.tensor(pairs[i][part]) for i in rows.tolist()] for part in (0, 1))
+        inputs = pad_sequence(inputs, batch_first=True, padding_value=tokenizer.eot_id)
+        labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+        loss = F.cross_entropy(decoder(inputs, no_image).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    save_course_weights(decoder, path)
+    return loss.item()
+
+
 def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
     data = make_synthetic_set(out_dir / "data")
+    decoder_weights = out_dir / "decoder_model.bin"
+    lm_loss = pretrain_decoder(config_lib.resolve("tiny"), load_captions(data / "train.json").captions, decoder_weights,
+                               steps=max(steps // 3, 1))
+    console.print(f"demo: tiny GPT-2 trained as a language model on the training captions (loss {lm_loss:.2f}), "
+                  f"frozen from here on -> {decoder_weights}")
     val = load_captions(data / "val.json")
     references = val.references()
     paths = [data / "images_val" / name for name in sorted(val.images.values())]
@@ -45,6 +85,7 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
     for method in methods or registry.names("peft"):
         cfg = config_lib.resolve("tiny", overrides=[{
             "peft": {"method": method},
+            "model": {"decoder_weights": str(decoder_weights), "random_decoder": False},
             "data": {"train_json": str(data / "train.json"), "train_images": str(data / "images_train"),
                      "val_json": str(data / "val.json"), "val_images": str(data / "images_val")},
             "train": {"max_steps": steps, "epochs": 1000, "metrics": metric_names}}])
