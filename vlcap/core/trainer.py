@@ -286,6 +286,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
         step, best_value, history, unreadable = state["step"], state["best_value"], state["history"], set(state["unreadable"])
         start_epoch, skip_batches = state["epoch"], state["batches"]
         running, seen, tokens = state["running"], state["seen"], state["tokens"]
+        skipped_batches = state.get("skipped_batches", 0)  # absent from states written before it was counted
         if step >= total_steps:
             raise VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to resume")
         resume_lib.set_rng_state(state["rng"])  # last, after everything that draws random numbers
@@ -296,7 +297,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
             "trainable": {n: p.detach().cpu() for n, p in named_trainable},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": resume_lib.rng_state(), "epoch": epoch, "batches": batches,
-            "running": running, "seen": seen, "tokens": tokens,
+            "running": running, "seen": seen, "tokens": tokens, "skipped_batches": skipped_batches,
             "step": step, "best_value": best_value, "history": history, "unreadable": sorted(unreadable)})
 
     def last_good():
