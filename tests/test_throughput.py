@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from vlcap.core.captioner import build_captioner
 from vlcap.core.tokenizer import IGNORE_INDEX
-from vlcap.core.trainer import autocast_dtype, configure_decoder, train
+from vlcap.core.trainer import autocast_dtype, configure_decoder, train, validation_loss
 
 
 @pytest.fixture
@@ -41,6 +41,18 @@ def test_lm_head_only_at_labels_is_the_full_cross_entropy(captioner_and_batch):
     for name, p in captioner.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(fast[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_validation_loss_runs_without_autograd(captioner_and_batch, monkeypatch):
+    captioner, (pixels, ids, labels) = captioner_and_batch
+    grad_enabled, loss = [], captioner.loss
+
+    def recording_loss(*batch):
+        grad_enabled.append(torch.is_grad_enabled())
+        return loss(*batch)
+    monkeypatch.setattr(captioner, "loss", recording_loss)
+    value = validation_loss(captioner, [(pixels, ids, labels, ())], torch.device("cpu"), None, set())
+    assert grad_enabled == [False] and value == pytest.approx(float(loss(pixels, ids, labels)))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(captioner_and_batch):

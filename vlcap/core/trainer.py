@@ -136,7 +136,6 @@ def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), c
     return train_loader, val
 
 
-@torch.no_grad()
 def build_optimizer(trainable, train_cfg):
     """AdamW over the trainable parameters; no weight decay on biases, LayerNorm and prefix
     vectors (the GPT-2 / nanoGPT convention). Fused on CPU too: one kernel for all tensors is
@@ -147,6 +146,7 @@ def build_optimizer(trainable, train_cfg):
         lr=train_cfg.lr, fused=True)
 
 
+@torch.no_grad()
 def validation_loss(captioner, loader, device, dtype, unreadable):
     total, count = 0.0, 0
     for pixels, input_ids, labels, skipped in loader:
@@ -155,7 +155,7 @@ def validation_loss(captioner, loader, device, dtype, unreadable):
             continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = captioner.loss(pixels.to(device), input_ids.to(device), labels.to(device))
-        n = int((labels != -100).sum())
+        n = int((labels != IGNORE_INDEX).sum())
         total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
 
