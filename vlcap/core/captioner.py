@@ -2,14 +2,13 @@
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlcap.core.encoder import ImageEncoder
 from vlcap.core.errors import VlcapError
 from vlcap.core.gpt2 import GPT2Decoder
 from vlcap.core.peft import apply_peft, config_dict, mark_pretrained, seeded
-from vlcap.core.tokenizer import IGNORE_INDEX, Tokenizer
+from vlcap.core.tokenizer import Tokenizer
 
 
 class Captioner(nn.Module):
@@ -39,11 +38,7 @@ class Captioner(nn.Module):
 
     def loss_from_features(self, features, input_ids, labels):
         """The training loss from precomputed ViT tokens (a feature cache): the ViT never runs."""
-        # Logits only where a label is (every caption's last input and the padding have none):
-        # what cross_entropy's ignore_index would average, without the LM head's work there.
-        labelled = labels != IGNORE_INDEX
-        logits = self.decoder(input_ids, self.projection(features), only=labelled)
-        return F.cross_entropy(logits.float(), labels[labelled])
+        return self.decoder.next_token_loss(input_ids, labels, self.projection(features))
 
 
 class CaptionLoss(nn.Module):

@@ -6,7 +6,6 @@ method on that frozen decoder with the tiny preset, reloads each checkpoint from
 held-out images and prints one comparison table.
 """
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 from torch.nn.utils.rnn import pad_sequence
 
@@ -48,13 +47,16 @@ def pretrain_decoder(cfg, captions, path, steps, batch_size=32, lr=3e-3):
         decoder = GPT2Decoder(cfg.model.decoder)
         order = torch.randint(len(pairs), (steps, batch_size))
     params = decoder.pretrained_parameters()
+    decoder.requires_grad_(False)  # no gradients for the cross-attention, which is not trained here
+    for p in params:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
     no_image = torch.zeros(batch_size, 1, cfg.model.decoder.n_embd)
     for rows in order:
         inputs, labels = ([torch.tensor(pairs[i][part]) for i in rows.tolist()] for part in (0, 1))
         inputs = pad_sequence(inputs, batch_first=True, padding_value=tokenizer.eot_id)
         labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
-        loss = F.cross_entropy(decoder(inputs, no_image).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = decoder.next_token_loss(inputs, labels, no_image)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ from torch import nn
 
 from vlcap.core.atomic import atomic_write
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.tokenizer import IGNORE_INDEX
 
 # Weights the course (and HF's Conv1D) store as (in, out); nn.Linear wants (out, in).
 CONV1D_SUFFIXES = (".c_attn.weight", ".c_fc.weight", ".c_proj.weight")
@@ -200,6 +201,13 @@ class GPT2Decoder(nn.Module):
             x, P = torch.cat([prefix.to(x.dtype), x], dim=1), prefix.size(1)
         x = self.transform(x, memory, cache)[:, P:]
         return self.lm_head(self.ln_f(x if only is None else x[only]))
+
+    def next_token_loss(self, input_ids, labels, memory=None):
+        """Token-mean cross-entropy against ``labels`` (``IGNORE_INDEX`` where there is none). The
+        logits are computed only at labelled positions (every caption's last input and the padding
+        have none): what ignore_index would average, without the LM head's work there."""
+        labelled = labels != IGNORE_INDEX
+        return F.cross_entropy(self(input_ids, memory, only=labelled).float(), labels[labelled])
 
     def transform(self, x, memory=None, cache=None):
         """The transformer blocks on input embeddings ``x`` ``(B, T, n_embd)`` (position
