@@ -18,6 +18,7 @@ projection added ("+ projection"): the equal-architecture comparison.
 """
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -28,14 +29,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
 from vlcap.core import config as config_lib
 from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
+from vlcap.core.data import collate_captions
 from vlcap.core.feature_cache import write_feature_cache
 from vlcap.core.plugins import registry as load_registry
 from vlcap.core.synthetic import draw
+from vlcap.core.tokenizer import IGNORE_INDEX
 from vlcap.core.trainer import build_optimizer, resolve_device
 
 # full: ViT-B/16 + GPT-2 small; large: the course's CLIP ViT-L/14 + GPT-2 small.
@@ -53,10 +57,6 @@ def synthetic_batch(args, captioner, eot_id, folder):
     """``batch_size`` shape images (written as PNGs, for the cache) + random captions of
     ``caption_tokens`` +-50% tokens (the course's captions average 12), laid out and padded as
     vlcap trains on them: input ``[eot, t1..tN, eot, pad..]``, labels ``[t1..tN, eot, ignore..]``."""
-    import random
-    from PIL import Image
-    from vlcap.core.data import collate_captions
-    from vlcap.core.tokenizer import IGNORE_INDEX
     rng = random.Random(0)
     for i in range(args.batch_size):
         draw(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), "middle", rng).save(folder / f"{i}.png")
