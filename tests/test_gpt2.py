@@ -1,9 +1,11 @@
 """The decoder loads the course's decoder_model.bin format and computes GPT-2 exactly."""
+import loralib
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
-from vlcap.core.gpt2 import GPT2Config, GPT2Decoder, save_course_weights
+from vlcap.core.gpt2 import GPT2Config, GPT2Decoder, CrossAttention, merge_heads, save_course_weights, split_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,3 +92,64 @@ def test_missing_or_garbage_file_is_a_clear_error(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(VlcapError, match="junk.bin: not a readable torch state dict"):
         ours().load_course_weights(tmp_path / "junk.bin")
+
+
+def random_cross_attention(n_embd=32, n_head=4):
+    torch.manual_seed(0)
+    attention = CrossAttention(GPT2Config(n_head=n_head, n_embd=n_embd))
+    with torch.no_grad():  # non-zero everywhere: biases and the (zero-initialised) output projection too
+        for p in attention.parameters():
+            p.normal_(std=0.3)
+    return attention
+
+
+def output_and_gradients(attention, attend, x, memory):
+    for t in (x, memory, *attention.parameters()):
+        t.grad = None
+    q = split_heads(attention.q(x), attention.n_head)
+    y = attention.c_proj(merge_heads(attend(q, memory)))
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), [t.grad.clone() for t in (x, memory, *attention.parameters())]
+
+
+def test_attending_in_memory_space_equals_projecting_the_image_tokens():
+    """Training's cross-attention never projects the image tokens (fewer multiply-adds), yet
+    computes what SDPA on their keys/values computes: same output, same gradient for every
+    parameter (the key bias included, which DDP needs to see used) and for the image tokens."""
+    attention = random_cross_attention()
+    x, memory = torch.randn(3, 6, 32, requires_grad=True), torch.randn(3, 50, 32, requires_grad=True)
+    fast, fast_grads = output_and_gradients(attention, attention.attend_in_memory_space, x, memory)
+    plain, plain_grads = output_and_gradients(
+        attention, lambda q, m: F.scaled_dot_product_attention(q, *attention.memory_kv(m)), x, memory)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-5)
+
+
+def image_token_projections(attention, T, N):
+    """How many times ``forward`` ran the key projection over ``N`` image tokens for ``T`` text positions."""
+    calls = []
+    handle = attention.k.register_forward_hook(lambda *_: calls.append(1))
+    attention(torch.randn(2, T, 32), torch.randn(2, N, 32))
+    handle.remove()
+    return len(calls)
+
+
+def test_the_cheaper_cross_attention_form_is_chosen():
+    attention = random_cross_attention()
+    assert image_token_projections(attention, T=4, N=50) == 0  # few captions tokens, many image tokens
+    assert image_token_projections(attention, T=40, N=50) == 1  # text as long as the image: projecting is cheaper
+    # A method that replaced the key projection (here a LoRA layer) keeps the form that runs it.
+    attention.k = loralib.Linear(32, 32, r=2)
+    assert image_token_projections(attention, T=4, N=50) == 1
+
+
+def test_memory_space_attention_under_bf16_autocast():
+    attention = random_cross_attention()
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 50, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention(x, memory)
+        plain = F.scaled_dot_product_attention(split_heads(attention.q(x), 4), *attention.memory_kv(memory))
+        plain = attention.c_proj(merge_heads(plain))
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.1)
