@@ -25,13 +25,18 @@ def gradients(captioner, batch):
 
 
 def test_lm_head_only_at_labels_is_the_full_cross_entropy(captioner_and_batch):
-    """The loss skips the LM head at unlabelled positions (padding, each caption's last input):
-    same value and gradients as cross-entropy over every position's logits with ignore_index."""
+    """The loss skips the LM head at unlabelled positions (padding, each caption's last input) and
+    runs no position after the batch's last label: same value and gradients as cross-entropy over
+    every position's logits with ignore_index."""
     captioner, (pixels, ids, labels) = captioner_and_batch
     labels = labels.clone()
     labels[0, 5:] = IGNORE_INDEX  # a short caption, padded
     labels[:, -1] = IGNORE_INDEX
+    positions = []
+    handle = captioner.decoder.wte.register_forward_hook(lambda module, args, out: positions.append(out.size(1)))
     fast = gradients(captioner, (pixels, ids, labels))
+    handle.remove()
+    assert positions == [ids.size(1) - 1]  # the unlabelled last position is never run
     fast_loss = captioner.loss(pixels, ids, labels)
     captioner.zero_grad()
     logits = captioner(pixels, ids)

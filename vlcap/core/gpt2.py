@@ -243,7 +243,12 @@ class GPT2Decoder(nn.Module):
         logits are computed only at labelled positions (every caption's last input and the padding
         have none): what ignore_index would average, without the LM head's work there."""
         labelled = labels != IGNORE_INDEX
-        return F.cross_entropy(self(input_ids, memory, only=labelled).float(), labels[labelled])
+        # Positions after the last label (the longest caption's final input, which predicts
+        # nothing, and padding) cannot change any earlier position in a causal decoder: not run.
+        used = labelled.any(0).nonzero()
+        end = int(used[-1]) + 1 if len(used) else labels.size(1)
+        labelled = labelled[:, :end]
+        return F.cross_entropy(self(input_ids[:, :end], memory, only=labelled).float(), labels[:, :end][labelled])
 
     def transform(self, x, memory=None, cache=None):
         """The transformer blocks on input embeddings ``x`` ``(B, T, n_embd)`` (position
