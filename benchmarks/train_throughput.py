@@ -3,12 +3,16 @@
 GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same sizes, random weights.
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py --size full --batch-size 4 --steps 5 --rounds 2
+    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 6 \
+        --captions ../shared/data/coco_hw3/train.json [--length-buckets]
 
 Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
-its own. Every configuration runs the same step on the same batch (captions of course-like
-lengths, padded as vlcap's collate pads them): forward, token-mean cross-entropy over the
-labelled positions, backward, clip, fused AdamW (vlcap's trainer and HF Trainer's default).
+its own. Every configuration runs the same steps on the same sequence of batches: forward,
+token-mean cross-entropy over the labelled positions, backward, clip, fused AdamW (vlcap's
+trainer and HF Trainer's default). With ``--captions`` the batches are the real captions of a
+course-style caption file, drawn by the trainer's own sampler (random batches, or
+``--length-buckets``) and padded by its collate; without it, random tokens of 12 +-50% per
+caption. The images are synthetic (their content does not change the step's cost).
 
 HF's VisionEncoderDecoderModel adds a trained encoder-to-decoder projection only when the widths
 differ (ViT-L/14's 1024 vs GPT-2's 768); at ViT-B/16 (768 = 768) it feeds the ViT tokens to the
@@ -20,7 +24,6 @@ import argparse
 import json
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +38,8 @@ from safetensors.torch import save_file
 from vlcap.core import config as config_lib
 from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
-from vlcap.core.data import collate_captions
+from vlcap.core.data import CaptionDataset, collate_captions, load_captions
+from vlcap.core.distributed import Context, train_sampler
 from vlcap.core.feature_cache import write_feature_cache
 from vlcap.core.plugins import registry as load_registry
 from vlcap.core.synthetic import draw
@@ -53,21 +57,36 @@ def vlcap_config(size, method):
     return config_lib.resolve("tiny" if size == "tiny" else "full", overrides=[{"model": model, "peft": {"method": method}}])
 
 
-def synthetic_batch(args, captioner, eot_id, folder):
-    """``batch_size`` shape images (written as PNGs, for the cache) + random captions of
-    ``caption_tokens`` +-50% tokens (the course's captions average 12), laid out and padded as
-    vlcap trains on them: input ``[eot, t1..tN, eot, pad..]``, labels ``[t1..tN, eot, ignore..]``."""
+def synthetic_images(args, captioner, folder):
+    """``batch_size`` shape images written as PNGs (for the cache) and their pixels."""
     rng = random.Random(0)
+    transform = captioner.encoder.transform()
     for i in range(args.batch_size):
         draw(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), "middle", rng).save(folder / f"{i}.png")
-    transform = captioner.encoder.transform()
-    items = []
-    for i in range(args.batch_size):
-        tokens = [rng.randrange(eot_id) for _ in range(rng.randint(args.caption_tokens // 2, args.caption_tokens * 3 // 2))]
-        pixels = transform(Image.open(folder / f"{i}.png").convert("RGB"))
-        items.append((pixels, torch.tensor([eot_id, *tokens, eot_id]), torch.tensor([*tokens, eot_id, IGNORE_INDEX])))
-    batch = collate_captions(items, pad_id=eot_id)
-    return batch.pixels, batch.input_ids, batch.labels
+    return torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(args.batch_size)])
+
+
+def caption_batches(args, cfg, tokenizer, count):
+    """``count`` ``(input_ids, labels)`` batches, laid out and padded as vlcap trains on them:
+    input ``[eot, t1..tN, eot, pad..]``, labels ``[t1..tN, eot, ignore..]``."""
+    if args.captions:  # the trainer's dataset, sampler (seed 0, first epoch) and collate
+        dataset = CaptionDataset(load_captions(args.captions), ".", None, tokenizer, cfg.data.max_caption_tokens)
+        sampler, batch_sampler = train_sampler(dataset, args.batch_size, Context(), 0, args.length_buckets)
+        if batch_sampler is None:
+            order = list(sampler)
+            batch_sampler = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        pairs = [[dataset.items[i][1:] for i in batch] for batch in list(batch_sampler)[:count]]
+    else:  # random tokens, the course's 12 tokens per caption +-50%
+        rng = random.Random(0)
+        pairs = []
+        for _ in range(count):
+            captions = [[rng.randrange(tokenizer.eot_id) for _ in range(rng.randint(args.caption_tokens // 2, args.caption_tokens * 3 // 2))]
+                        for _ in range(args.batch_size)]
+            pairs.append([([tokenizer.eot_id, *c, tokenizer.eot_id], [*c, tokenizer.eot_id, IGNORE_INDEX]) for c in captions])
+    no_pixels = torch.zeros(0)
+    batches = [collate_captions([(no_pixels, torch.tensor(x), torch.tensor(y)) for x, y in batch], pad_id=tokenizer.eot_id)
+               for batch in pairs]
+    return [(batch.input_ids, batch.labels) for batch in batches]
 
 
 def hf_model(captioner, cfg):
@@ -126,7 +145,9 @@ def measure(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
-        pixels, input_ids, labels = (t.to(device) for t in synthetic_batch(args, captioner, tokenizer_for(cfg).eot_id, tmp / "images"))
+        pixels = synthetic_images(args, captioner, tmp / "images").to(device)
+        batches = [tuple(t.to(device) for t in batch)
+                   for batch in caption_batches(args, cfg, tokenizer_for(cfg), args.warmup + args.steps)]
         if name.startswith(HF):
             width = cfg.model.decoder.n_embd
             model = HFStack(hf_model(captioner, cfg), torch.nn.Linear(width, width) if HF_PROJECTED in name else None)
@@ -134,7 +155,7 @@ def measure(args):
             del captioner
             cached = model.vit_tokens(pixels) if name.endswith("+ cache") else None
 
-            def loss_fn():
+            def loss_fn(input_ids, labels):
                 tokens = model.vit_tokens(pixels) if cached is None else cached
                 logits = model(tokens, input_ids).logits
                 return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
@@ -144,11 +165,11 @@ def measure(args):
                 cache = write_feature_cache(captioner.encoder, tmp / "images", tmp / "cache", device=device)
                 rows = [cache.rows[f"{i}.png"] for i in range(args.batch_size)]
 
-                def loss_fn():  # read the tokens from the memory-mapped cache every step
+                def loss_fn(input_ids, labels):  # read the tokens from the memory-mapped cache every step
                     features = torch.from_numpy(cache.features[rows].astype("float32")).to(device)
                     return captioner.loss_from_features(features, input_ids, labels)
             else:
-                def loss_fn():
+                def loss_fn(input_ids, labels):
                     return captioner.loss(pixels, input_ids, labels)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -156,22 +177,20 @@ def measure(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-        def step():
-            loss = loss_fn()
+        def step(batch):
+            loss = loss_fn(*batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.steps):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
-        seconds = statistics.median(times)  # robust to a busy moment on a shared machine
+        for batch in batches[:args.warmup]:
+            step(batch)
+        started = time.perf_counter()
+        for batch in batches[args.warmup:]:
+            step(batch)
+        seconds = (time.perf_counter() - started) / args.steps
         if name.startswith(HF):
             model.model.save_pretrained(tmp / "hf")
             if model.projection is not None:
@@ -190,7 +209,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(ENCODER), default="tiny")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--caption-tokens", type=int, default=12, help="mean caption length (the course: 12)")
+    parser.add_argument("--captions", help="course-style caption JSON: train on its real captions, batched as the trainer batches them")
+    parser.add_argument("--length-buckets", action="store_true", help="with --captions: the trainer's length-bucketed batches")
+    parser.add_argument("--caption-tokens", type=int, default=12, help="without --captions: mean caption length (the course: 12)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times; keep its fastest")
@@ -207,11 +228,13 @@ def main():
     # Where HF has no projection of its own, the equal-architecture comparison adds vlcap's.
     same_architecture = HF_PROJECTED if shapes.encoder.embed_dim == shapes.decoder.cfg.n_embd else HF
     names += [HF_PROJECTED] * (same_architecture != HF) + [same_architecture + " + cache"]
+    # The same options for every configuration's process (flags only where set).
+    forwarded = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+                 if k not in ("one", "rounds") and v not in (None, False)]
     best = {}
     for round_ in range(args.rounds):  # round-robin, so a slow spell of the machine hits every row alike
         for name in names:
-            command = [sys.executable, __file__, "--one", name] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                                  if k not in ("one", "rounds")]
+            command = [sys.executable, __file__, "--one", name] + forwarded
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
@@ -222,9 +245,15 @@ def main():
     rows = [best[name] for name in names]
 
     device = resolve_device(args.device)
+    cfg = vlcap_config(args.size, methods[0])
+    timed = caption_batches(args, cfg, tokenizer_for(cfg), args.warmup + args.steps)[args.warmup:]
+    positions = sum(ids.size(1) for ids, _ in timed) / len(timed)
+    tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in timed) / (len(timed) * args.batch_size)
+    captions = (f"the captions of {args.captions} in the trainer's {'length-bucketed' if args.length_buckets else 'random'} batches"
+                if args.captions else f"random captions of {args.caption_tokens} +-50% tokens")
     print(f"\n{args.size}: {ENCODER[args.size]} + GPT-2 ({'2 layers, 64 wide' if args.size == 'tiny' else 'small'}), "
-          f"random weights, batch {args.batch_size}, captions of {args.caption_tokens} +-50% tokens, median of {args.steps} timed steps, "
-          f"best of {args.rounds} round(s) "
+          f"random weights, batch {args.batch_size}, {captions} ({tokens:.1f} labelled tokens per caption, padded to "
+          f"{positions:.1f} positions on average), mean of {args.steps} timed steps, best of {args.rounds} round(s) "
           f"on {device} ({torch.get_num_threads()} threads)\n")
     print("| configuration | samples/s | s/step | peak memory | trainable | checkpoint |")
     print("|---|---:|---:|---:|---:|---:|")
