@@ -1,18 +1,19 @@
-"""Training throughput, side by side on one synthetic batch: vlcap with every installed PEFT method
+"""Training throughput, side by side on the same batches: vlcap with every installed PEFT method
 (from images, and from the feature cache) against transformers' VisionEncoderDecoderModel (ViT +
 GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same sizes, random weights.
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 6 \
+    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 8 --rounds 3 \
         --captions ../shared/data/coco_hw3/train.json [--length-buckets]
 
 Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
-its own. Every configuration runs the same steps on the same sequence of batches: forward,
-token-mean cross-entropy over the labelled positions, backward, clip, fused AdamW (vlcap's
-trainer and HF Trainer's default). With ``--captions`` the batches are the real captions of a
-course-style caption file, drawn by the trainer's own sampler (random batches, or
-``--length-buckets``) and padded by its collate; without it, random tokens of 12 +-50% per
-caption. The images are synthetic (their content does not change the step's cost).
+its own. Every configuration runs the same steps on the same batches: forward, token-mean
+cross-entropy over the labelled positions, backward, clip, fused AdamW (vlcap's trainer and HF
+Trainer's default). With ``--captions`` the batches hold the real captions of a course-style
+caption file, drawn by the trainer's own sampler (random batches, or ``--length-buckets``) and
+padded by its collate; the timed steps are epoch batches picked across the range of padded
+lengths (one per equal stratum), so their mean costs what the epoch's average step costs. Without it, random tokens
+of 12 +-50% per caption. The images are synthetic (their content does not change the step's cost).
 
 HF's VisionEncoderDecoderModel adds a trained encoder-to-decoder projection only when the widths
 differ (ViT-L/14's 1024 vs GPT-2's 768); at ViT-B/16 (768 = 768) it feeds the ViT tokens to the
@@ -24,6 +25,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +77,19 @@ def caption_batches(args, cfg, tokenizer, count):
         if batch_sampler is None:
             order = list(sampler)
             batch_sampler = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-        pairs = [[dataset.items[i][1:] for i in batch] for batch in list(batch_sampler)[:count]]
+        # A step's cost follows its padded length, which varies a lot between batches (length
+        # buckets: 9 to 40 positions). So that a few steps stand for the whole epoch, the epoch's
+        # full batches are sorted by padded length and cut into ``count`` equal strata, and each
+        # stratum gives the batch nearest its mean length.
+        def padded(batch):
+            return max(len(dataset.items[i][1]) for i in batch)
+        full = sorted((batch for batch in batch_sampler if len(batch) == args.batch_size), key=padded)
+        strata = [full[k * len(full) // count:(k + 1) * len(full) // count] for k in range(count)]
+        chosen = []
+        for stratum in strata:
+            mean = statistics.mean(map(padded, stratum))
+            chosen.append(min(stratum, key=lambda batch: abs(padded(batch) - mean)))
+        pairs = [[dataset.items[i][1:] for i in batch] for batch in chosen]
     else:  # random tokens, the course's 12 tokens per caption +-50%
         rng = random.Random(0)
         pairs = []
@@ -146,8 +160,7 @@ def measure(args):
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         pixels = synthetic_images(args, captioner, tmp / "images").to(device)
-        batches = [tuple(t.to(device) for t in batch)
-                   for batch in caption_batches(args, cfg, tokenizer_for(cfg), args.warmup + args.steps)]
+        batches = [tuple(t.to(device) for t in batch) for batch in caption_batches(args, cfg, tokenizer_for(cfg), args.steps)]
         if name.startswith(HF):
             width = cfg.model.decoder.n_embd
             model = HFStack(hf_model(captioner, cfg), torch.nn.Linear(width, width) if HF_PROJECTED in name else None)
@@ -185,10 +198,10 @@ def measure(args):
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        for batch in batches[:args.warmup]:
-            step(batch)
+        for _ in range(args.warmup):
+            step(batches[len(batches) // 2])
         started = time.perf_counter()
-        for batch in batches[args.warmup:]:
+        for batch in batches:
             step(batch)
         seconds = (time.perf_counter() - started) / args.steps
         if name.startswith(HF):
@@ -246,7 +259,7 @@ def main():
 
     device = resolve_device(args.device)
     cfg = vlcap_config(args.size, methods[0])
-    timed = caption_batches(args, cfg, tokenizer_for(cfg), args.warmup + args.steps)[args.warmup:]
+    timed = caption_batches(args, cfg, tokenizer_for(cfg), args.steps)
     positions = sum(ids.size(1) for ids, _ in timed) / len(timed)
     tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in timed) / (len(timed) * args.batch_size)
     captions = (f"the captions of {args.captions} in the trainer's {'length-bucketed' if args.length_buckets else 'random'} batches"
