@@ -9,7 +9,7 @@ GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same size
 Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
 its own. Every configuration runs the same steps on the same batches: forward, token-mean
 cross-entropy over the labelled positions, backward, clip, fused AdamW (vlcap's trainer and HF
-Trainer's default). With ``--captions`` the batches hold the real captions of a course-style
+Trainer's default), under ``--amp`` as ``train.amp`` sets it (bf16 autocast on CUDA, fp32 on CPU). With ``--captions`` the batches hold the real captions of a course-style
 caption file, drawn by the trainer's own sampler (random batches, or ``--length-buckets``) and
 padded by its collate; the timed steps are epoch batches picked across the range of padded
 lengths (one per equal stratum), so their mean costs what the epoch's average step costs. Without it, random tokens
@@ -46,7 +46,7 @@ from vlcap.core.feature_cache import write_feature_cache
 from vlcap.core.plugins import registry as load_registry
 from vlcap.core.synthetic import draw
 from vlcap.core.tokenizer import IGNORE_INDEX
-from vlcap.core.trainer import build_optimizer, resolve_device
+from vlcap.core.trainer import autocast_dtype, build_optimizer, resolve_device
 
 # full: ViT-B/16 + GPT-2 small; large: the course's CLIP ViT-L/14 + GPT-2 small.
 ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224", "large": "vit_large_patch14_clip_224"}
@@ -187,14 +187,19 @@ def measure(args):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(trainable, cfg.train)
+        dtype = autocast_dtype(args.amp, device)  # the trainer's rule: bf16 (fp16 + loss scaling) on CUDA
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
         def step(batch):
-            loss = loss_fn(*batch)
-            loss.backward()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_fn(*batch)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -229,6 +234,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times; keep its fastest")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                        help="mixed precision, as train.amp: auto = bf16 (or fp16) on CUDA, off on CPU")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args()
     if args.one:
@@ -267,7 +274,7 @@ def main():
     print(f"\n{args.size}: {ENCODER[args.size]} + GPT-2 ({'2 layers, 64 wide' if args.size == 'tiny' else 'small'}), "
           f"random weights, batch {args.batch_size}, {captions} ({tokens:.1f} labelled tokens per caption, padded to "
           f"{positions:.1f} positions on average), mean of {args.steps} timed steps, best of {args.rounds} round(s) "
-          f"on {device} ({torch.get_num_threads()} threads)\n")
+          f"on {device} ({torch.get_num_threads()} threads), {str(autocast_dtype(args.amp, device) or torch.float32)[6:]}\n")
     print("| configuration | samples/s | s/step | peak memory | trainable | checkpoint |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
