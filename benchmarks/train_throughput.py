@@ -3,23 +3,24 @@
 GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same sizes, random weights.
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 8 --rounds 3 \
+    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 8 --rounds 2 \
         --captions ../shared/data/coco_hw3/train.json [--length-buckets]
 
 Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
 its own. Every configuration runs the same steps on the same batches: forward, token-mean
 cross-entropy over the labelled positions, backward, clip, fused AdamW (vlcap's trainer and HF
-Trainer's default), under ``--amp`` as ``train.amp`` sets it (bf16 autocast on CUDA, fp32 on CPU). With ``--captions`` the batches hold the real captions of a course-style
-caption file, drawn by the trainer's own sampler (random batches, or ``--length-buckets``) and
-padded by its collate; the timed steps are epoch batches picked across the range of padded
-lengths (one per equal stratum), so their mean costs what the epoch's average step costs. Without it, random tokens
-of 12 +-50% per caption. The images are synthetic (their content does not change the step's cost).
+Trainer's default), under ``--amp`` as ``train.amp`` sets it (bf16 autocast on CUDA, fp32 on
+CPU). With ``--captions`` the batches hold the real captions of a course-style caption file,
+drawn by the trainer's own sampler (random batches, or ``--length-buckets``) and padded by its
+collate; the timed steps are epoch batches picked across the range of padded lengths (one per
+equal stratum), so their mean costs what the epoch's average step costs. Without it, random
+tokens of 12 +-50% per caption. The images are synthetic (their content does not change the
+step's cost).
 
 HF's VisionEncoderDecoderModel adds a trained encoder-to-decoder projection only when the widths
 differ (ViT-L/14's 1024 vs GPT-2's 768); at ViT-B/16 (768 = 768) it feeds the ViT tokens to the
-cross-attention directly. vlcap always trains one, and its gradient flows back through every
-layer's image key/value projection, so at ViT-B/16 the HF row is also run with that same
-projection added ("+ projection"): the equal-architecture comparison.
+cross-attention directly. vlcap always trains one, so at ViT-B/16 the HF row is also run with that
+same projection added ("+ projection"): the equal-architecture comparison.
 """
 import argparse
 import json
