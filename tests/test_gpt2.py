@@ -137,7 +137,7 @@ def image_token_projections(attention, T, N):
 
 def test_the_cheaper_cross_attention_form_is_chosen():
     attention = random_cross_attention()
-    assert image_token_projections(attention, T=4, N=50) == 0  # few captions tokens, many image tokens
+    assert image_token_projections(attention, T=4, N=50) == 0  # few caption tokens, many image tokens
     assert image_token_projections(attention, T=40, N=50) == 1  # text as long as the image: projecting is cheaper
     # A method that replaced the key projection (here a LoRA layer) keeps the form that runs it.
     attention.k = loralib.Linear(32, 32, r=2)
