@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from torch.utils.data import BatchSampler
 
 from vlcap.core import config as config_lib
 from vlcap.core.captioner import build_captioner, tokenizer_for
@@ -75,9 +76,8 @@ def caption_batches(args, cfg, tokenizer, count):
     if args.captions:  # the trainer's dataset, sampler (seed 0, first epoch) and collate
         dataset = CaptionDataset(load_captions(args.captions), ".", None, tokenizer, cfg.data.max_caption_tokens)
         sampler, batch_sampler = train_sampler(dataset, args.batch_size, Context(), 0, args.length_buckets)
-        if batch_sampler is None:
-            order = list(sampler)
-            batch_sampler = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        if batch_sampler is None:  # the DataLoader's own batching of a sampler
+            batch_sampler = BatchSampler(sampler, args.batch_size, drop_last=False)
         # A step's cost follows its padded length, which varies a lot between batches (length
         # buckets: 9 to 40 positions). So that a few steps stand for the whole epoch, the epoch's
         # full batches are sorted by padded length and cut into ``count`` equal strata, and each
