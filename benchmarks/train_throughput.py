@@ -44,6 +44,7 @@ from vlcap.core.captioner import build_captioner, tokenizer_for
 from vlcap.core.checkpoint import save_checkpoint
 from vlcap.core.data import CaptionDataset, collate_captions, load_captions
 from vlcap.core.distributed import Context, train_sampler
+from vlcap.core.errors import VlcapError
 from vlcap.core.feature_cache import write_feature_cache
 from vlcap.core.plugins import registry as load_registry
 from vlcap.core.synthetic import draw
@@ -85,6 +86,9 @@ def caption_batches(args, cfg, tokenizer, count):
         def padded(batch):
             return max(len(dataset.items[i][1]) for i in batch)
         full = sorted((batch for batch in batch_sampler if len(batch) == args.batch_size), key=padded)
+        if len(full) < count:
+            raise VlcapError(f"{args.captions}: {len(full)} full batch(es) of {args.batch_size} captions, {count} steps asked; "
+                             "lower --steps or --batch-size")
         strata = [full[k * len(full) // count:(k + 1) * len(full) // count] for k in range(count)]
         chosen = []
         for stratum in strata:
@@ -244,6 +248,11 @@ def main():
 
     registry = load_registry()
     methods = registry.names("peft")
+    cfg = vlcap_config(args.size, methods[0])
+    try:  # read the captions here first: a bad --captions is one line, not every process's traceback
+        timed = caption_batches(args, cfg, tokenizer_for(cfg), args.steps)
+    except VlcapError as exc:
+        sys.exit(f"Error: {exc}")
     names = [f"vlcap {m}" for m in methods] + [f"vlcap {m} + cache" for m in methods] + [HF]
     shapes, _ = build_captioner(vlcap_config(args.size, methods[0]), registry, meta=True)
     # Where HF has no projection of its own, the equal-architecture comparison adds vlcap's.
@@ -266,8 +275,6 @@ def main():
     rows = [best[name] for name in names]
 
     device = resolve_device(args.device)
-    cfg = vlcap_config(args.size, methods[0])
-    timed = caption_batches(args, cfg, tokenizer_for(cfg), args.steps)
     positions = sum(ids.size(1) for ids, _ in timed) / len(timed)
     tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in timed) / (len(timed) * args.batch_size)
     captions = (f"the captions of {args.captions} in the trainer's {'length-bucketed' if args.length_buckets else 'random'} batches"
