@@ -14,8 +14,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vlcap.core import classify as zs
-from vlcap.core.clip import Clip, load_clip
+from vlcap.apps import classify as zs
+from vlcap.core.eval.clip import Clip, load_clip
 from vlcap.core.data import find_images
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from vlcap.core.clip import load_clip
+from vlcap.core.eval.clip import load_clip
 from vlcap.core.data import IMAGE_SUFFIXES, load_image
-from vlcap.core.evaluation import clip_scores
+from vlcap.core.eval.evaluation import clip_scores
 
 
 def random_vit_b32(path):

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from vlcap.core import config as config_lib
-from vlcap.core.captioner import build_captioner, tokenizer_for
-from vlcap.core.decoding import evaluating, next_token_model
+from vlcap.core.model.captioner import build_captioner, tokenizer_for
+from vlcap.core.infer.decoding import next_token_model
 from vlcap.core.plugins import registry as load_registry
-from vlcap.core.trainer import autocast_dtype, resolve_device
+from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
 
 SIZES = {
     "tiny": {},  # the tiny preset's 2-layer, 64-wide decoder
@@ -93,7 +93,7 @@ def decode_all(decoder, memories, strategy, config, cached, max_length, start_id
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(device, dtype):
         for memory in memories:
             model = next_token_model(decoder, memory, cached)
             tokens += strategy.generate(model, config, start_id=start_id, end_id=NO_END, max_length=max_length)

@@ -40,16 +40,18 @@ from safetensors.torch import save_file
 from torch.utils.data import BatchSampler
 
 from vlcap.core import config as config_lib
-from vlcap.core.captioner import build_captioner, tokenizer_for
-from vlcap.core.checkpoint import save_checkpoint
-from vlcap.core.data import CaptionDataset, collate_captions, load_captions
-from vlcap.core.distributed import Context, train_sampler
+from vlcap.core.model.captioner import build_captioner, tokenizer_for
+from vlcap.core.model.checkpoint import save_checkpoint
+from vlcap.core.data import load_captions
+from vlcap.core.train.datasets import CaptionDataset, collate_captions
+from vlcap.core.train.distributed import Context, train_sampler
 from vlcap.core.errors import VlcapError
-from vlcap.core.feature_cache import write_feature_cache
+from vlcap.core.train.feature_cache import write_feature_cache
 from vlcap.core.plugins import registry as load_registry
-from vlcap.core.synthetic import draw
-from vlcap.core.tokenizer import IGNORE_INDEX
-from vlcap.core.trainer import autocast_dtype, build_optimizer, resolve_device
+from vlcap.apps.synthetic import draw
+from vlcap.core.model.tokenizer import IGNORE_INDEX
+from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
+from vlcap.core.train.trainer import build_optimizer
 
 # full: ViT-B/16 + GPT-2 small; large: the course's CLIP ViT-L/14 + GPT-2 small.
 ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224", "large": "vit_large_patch14_clip_224"}
@@ -198,7 +200,7 @@ def measure(args):
             torch.cuda.reset_peak_memory_stats()
 
         def step(batch):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, dtype):
                 loss = loss_fn(*batch)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

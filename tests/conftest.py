@@ -6,7 +6,7 @@ import torch
 
 from vlcap.core import config as config_lib
 from vlcap.core.plugins import registry as load_registry
-from vlcap.core.synthetic import make_synthetic_set
+from vlcap.apps.synthetic import make_synthetic_set
 
 SHARED = Path(os.environ.get("VLCAP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory, synthetic, registry):
     cfg = tiny_config("lora", data={"train_json": str(synthetic / "train.json"),
                                     "train_images": str(synthetic / "images_train")},
                       train={"max_steps": 2, "batch_size": 8})
-    from vlcap.core.trainer import train
+    from vlcap.core.train.trainer import train
     train(cfg, out, registry)
     return out
 

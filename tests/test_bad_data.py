@@ -8,9 +8,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vlcap.cli import main
-from vlcap.core.data import CaptionDataset, ImageDataset, load_captions, load_image
+from vlcap.core.data import ImageDataset, load_captions, load_image
+from vlcap.core.train.datasets import CaptionDataset
 from vlcap.core.errors import VlcapError
-from vlcap.core.tokenizer import Tokenizer
+from vlcap.core.model.tokenizer import Tokenizer
 
 
 def run(*args):

@@ -7,10 +7,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from vlcap.core import peft as peft_lib
-from vlcap.core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from vlcap.core.model import peft as peft_lib
+from vlcap.core.model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from vlcap.core.errors import VlcapError
-from vlcap.core.trainer import prepare_model
+from vlcap.core.train.trainer import prepare_model
 
 
 def trained_like(registry, tmp_path, method, **options):

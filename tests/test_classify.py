@@ -18,8 +18,8 @@ from torchvision.transforms.functional import to_tensor
 
 from conftest import SHARED, needs_shared
 from vlcap.cli import main
-from vlcap.core import classify as zs
-from vlcap.core.clip import CLIP_MODEL_ENV, load_clip
+from vlcap.apps import classify as zs
+from vlcap.core.eval.clip import CLIP_MODEL_ENV, load_clip
 from vlcap.core.errors import VlcapError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def write_labels(path, names):
 
 @pytest.fixture
 def colour_clip(monkeypatch):
-    monkeypatch.setattr("vlcap.core.clip.load_clip", lambda *args, **kwargs: ColourClip())
+    monkeypatch.setattr("vlcap.core.eval.clip.load_clip", lambda *args, **kwargs: ColourClip())
 
 
 def run(*args):

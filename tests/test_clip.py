@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_clip_model, write_tiny_clip
 
-from vlcap.core.clip import CLIP_MODEL_ENV, clip_model_name, load_clip
+from vlcap.core.eval.clip import CLIP_MODEL_ENV, clip_model_name, load_clip
 from vlcap.core.errors import VlcapError
 
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from conftest import install_package, tiny_config
 from vlcap.cli import main
-from vlcap.core.captioner import build_captioner, tokenizer_for
-from vlcap.core.decoding import ban_repeated_ngrams, caption_images, length_normalised
+from vlcap.core.model.captioner import build_captioner, tokenizer_for
+from vlcap.core.infer.decoding import ban_repeated_ngrams, caption_images, length_normalised
 from vlcap.core.plugins import load_registry
 
 MAX_LENGTH = 10
@@ -69,7 +69,7 @@ def test_list_plugins_shows_the_decoding_strategies():
 
 STRATEGY_PLUGIN = """
 import vlcap
-from vlcap.core.decoding import DecodingStrategy, decode_token_by_token
+from vlcap.core.infer.decoding import DecodingStrategy, decode_token_by_token
 
 class LeastLikely(DecodingStrategy):
     name = "least_likely"

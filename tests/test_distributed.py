@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import tiny_config
-from vlcap.core.distributed import Context, LengthBucketBatchSampler, per_rank_batch, sync_gradients
+from vlcap.core.train.distributed import Context, LengthBucketBatchSampler, per_rank_batch, sync_gradients
 from vlcap.core.errors import VlcapError
-from vlcap.core.trainer import train
+from vlcap.core.train.trainer import train
 
 SETTINGS = ["--preset", "tiny", "--peft", "adapter", "--max-steps", 4, "--batch-size", 8, "--device", "cpu",
             "--set", "train.warmup_steps=1", "--set", "train.grad_accum=2"]

@@ -13,10 +13,10 @@ from PIL import Image
 
 from conftest import SHARED, data_overrides, needs_shared, tiny_clip_model, tiny_config
 from vlcap.cli import main
-from vlcap.core.clip import load_clip
+from vlcap.core.eval.clip import load_clip
 from vlcap.core.errors import VlcapError
-from vlcap.core.evaluation import cider, clip_scores, ptb_tokenize
-from vlcap.core.trainer import selection_key, train
+from vlcap.core.eval.evaluation import cider, clip_scores, ptb_tokenize
+from vlcap.core.train.trainer import selection_key, train
 
 LONG_CAPTION = "a small dog with a red ball running across a very green field of grass " * 8  # > 77 CLIP tokens
 

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from conftest import data_overrides, tiny_config
 from vlcap.cli import main
-from vlcap.core import feature_cache
+from vlcap.core.train import feature_cache
 from vlcap.core.errors import VlcapError
-from vlcap.core.trainer import train
+from vlcap.core.train.trainer import train
 
 # No dropout and no validation: two runs differ only in where the ViT tokens come from.
 STEPS = {"peft": {"options": {"dropout": 0.0}}, "train": {"batch_size": 8, "epochs": 2, "warmup_steps": 2}}

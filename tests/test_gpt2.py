@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
-from vlcap.core.gpt2 import GPT2Config, GPT2Decoder, CrossAttention, merge_heads, save_course_weights, split_heads
+from vlcap.core.model.course_weights import course_state_dict, load_course_weights, save_course_weights
+from vlcap.core.model.gpt2 import GPT2Config, GPT2Decoder, CrossAttention, merge_heads, split_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +37,7 @@ def course_file(tmp_path, state, name="decoder_model.bin"):
 
 def test_logits_equal_transformers_gpt2(hf_gpt2, tmp_path):
     decoder = ours()
-    decoder.load_course_weights(course_file(tmp_path, hf_gpt2.transformer.state_dict()))
+    load_course_weights(decoder, course_file(tmp_path, hf_gpt2.transformer.state_dict()))
     ids = torch.randint(0, 300, (3, 17))
     memory = torch.randn(3, 5, 32)  # cross-attention starts as a no-op (zero output projection)
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_mask_buffers_are_accepted(hf_gpt2, tmp_path):
     for i in range(2):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    ours().load_course_weights(course_file(tmp_path, state))
+    load_course_weights(ours(), course_file(tmp_path, state))
 
 
 def test_written_weights_reload_identically(tmp_path):
@@ -60,8 +61,8 @@ def test_written_weights_reload_identically(tmp_path):
     saved = torch.load(tmp_path / "decoder_model.bin", weights_only=True)
     assert saved["h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D layout, as the course stores it
     assert not any("cross" in k or k.startswith("transformer.") for k in saved)
-    second.load_course_weights(tmp_path / "decoder_model.bin")
-    for (name, a), b in zip(first.course_state_dict().items(), second.course_state_dict().values()):
+    load_course_weights(second, tmp_path / "decoder_model.bin")
+    for (name, a), b in zip(course_state_dict(first).items(), course_state_dict(second).values()):
         assert torch.equal(a, b), name
 
 
@@ -71,27 +72,27 @@ def test_unexpected_and_missing_keys_are_reported(hf_gpt2, tmp_path):
     del state["ln_f.bias"]
     path = course_file(tmp_path, state)
     with pytest.raises(VlcapError, match=r"decoder_model.bin.*missing ln_f.bias.*unexpected h.0.attn.extra.weight"):
-        ours().load_course_weights(path)
+        load_course_weights(ours(), path)
 
 
 def test_prefixed_state_dict_is_refused_with_a_hint(hf_gpt2, tmp_path):
     path = course_file(tmp_path, hf_gpt2.state_dict())  # 'transformer.' prefix + lm_head
     with pytest.raises(VlcapError, match="without the 'transformer.' prefix"):
-        ours().load_course_weights(path)
+        load_course_weights(ours(), path)
 
 
 def test_wrong_size_names_the_tensor(hf_gpt2, tmp_path):
     path = course_file(tmp_path, hf_gpt2.transformer.state_dict())
     with pytest.raises(VlcapError, match=r"wpe.weight has shape \(64, 32\).*needs \(128, 32\)"):
-        ours(block_size=128).load_course_weights(path)
+        load_course_weights(ours(block_size=128), path)
 
 
 def test_missing_or_garbage_file_is_a_clear_error(tmp_path):
     with pytest.raises(VlcapError, match="decoder weights not found"):
-        ours().load_course_weights(tmp_path / "nope.bin")
+        load_course_weights(ours(), tmp_path / "nope.bin")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(VlcapError, match="junk.bin: not a readable torch state dict"):
-        ours().load_course_weights(tmp_path / "junk.bin")
+        load_course_weights(ours(), tmp_path / "junk.bin")
 
 
 def random_cross_attention(n_embd=32, n_head=4):

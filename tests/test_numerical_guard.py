@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from conftest import data_overrides, tiny_config
 from vlcap.cli import main
-from vlcap.core.captioner import Captioner
-from vlcap.core.resume import load_state
-from vlcap.core.trainer import NonFinite, train
+from vlcap.core.model.captioner import Captioner
+from vlcap.core.train.resume import load_state
+from vlcap.core.train.trainer import NonFinite, train
 
 
 class InfiniteGradient(torch.autograd.Function):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from vlcap.core.captioner import build_captioner
+from vlcap.core.model.captioner import build_captioner
 from vlcap.core.errors import VlcapError
-from vlcap.core.peft import count_parameters
+from vlcap.core.model.peft import count_parameters
 from vlcap.plugins.peft_lora.layer import MergedLinear
 
 

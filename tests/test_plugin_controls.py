@@ -16,10 +16,10 @@ from test_plugins import PEFT_PLUGIN, install_peft_package
 from vlcap import cli as cli_module
 from vlcap.cli import main
 from vlcap.core import hookspecs, plugins
-from vlcap.core.checkpoint import load_checkpoint, save_checkpoint
+from vlcap.core.model.checkpoint import load_checkpoint, save_checkpoint
 from vlcap.core.errors import VlcapError, VlcapWarning
 from vlcap.core.plugins import load_registry
-from vlcap.core.trainer import prepare_model
+from vlcap.core.train.trainer import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,7 @@ def test_list_plugins_table_names_every_method():
 
 PEFT_PLUGIN = """
 import vlcap
-from vlcap.core.peft import PeftMethod
+from vlcap.core.model.peft import PeftMethod
 
 class Method(PeftMethod):
     name = {name!r}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from vlcap.cli import main
 from vlcap.core.errors import VlcapError
-from vlcap.core.resume import load_state, state_path
+from vlcap.core.train.resume import load_state, state_path
 
 
 def run(*args):

@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from vlcap.core.captioner import build_captioner
-from vlcap.core.tokenizer import IGNORE_INDEX
-from vlcap.core.trainer import autocast_dtype, configure_decoder, train, validation_loss
+from vlcap.core.model.captioner import build_captioner
+from vlcap.core.model.tokenizer import IGNORE_INDEX
+from vlcap.core.runtime import autocast_dtype
+from vlcap.core.train.trainer import configure_decoder, train, validation_loss
 
 
 @pytest.fixture

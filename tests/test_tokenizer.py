@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_shared
-from vlcap.core.data import collate_captions
+from vlcap.core.train.datasets import collate_captions
 from vlcap.core.errors import VlcapError
-from vlcap.core.tokenizer import IGNORE_INDEX, Tokenizer
+from vlcap.core.model.tokenizer import IGNORE_INDEX, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from conftest import PEFT_METHODS, SHARED, data_overrides, install_package, needs_shared, tiny_config
 from vlcap.cli import main
 from vlcap.core import config as config_lib
-from vlcap.core.captioner import tokenizer_for
+from vlcap.core.model.captioner import tokenizer_for
 from vlcap.core.data import load_captions
-from vlcap.core.demo import pretrain_decoder
-from vlcap.core.gpt2 import GPT2Decoder
+from vlcap.apps.demo import pretrain_decoder
+from vlcap.core.model.course_weights import load_course_weights
+from vlcap.core.model.gpt2 import GPT2Decoder
 from vlcap.core.plugins import load_registry
-from vlcap.core.trainer import train
+from vlcap.core.train.trainer import train
 
 
 def run(*args):
@@ -148,7 +149,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 METRIC_PLUGIN = """
 import vlcap
-from vlcap.core.metrics import Metric
+from vlcap.core.eval.metrics import Metric
 
 class Length(Metric):
     name = "words"
@@ -192,5 +193,5 @@ def test_demo_decoder_learns_the_caption_language(tmp_path, synthetic):
             logits = decoder(inputs, torch.zeros(1, 1, cfg.model.decoder.n_embd))
         return float(F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
     trained = GPT2Decoder(cfg.model.decoder)
-    trained.load_course_weights(tmp_path / "decoder_model.bin")
+    load_course_weights(trained, tmp_path / "decoder_model.bin")
     assert loss(trained) < loss(GPT2Decoder(cfg.model.decoder)) / 3

@@ -10,10 +10,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from vlcap.core.checkpoint import load_checkpoint, save_checkpoint
+from vlcap.core.model.checkpoint import load_checkpoint, save_checkpoint
 from vlcap.core.errors import VlcapError
-from vlcap.core.gpt2 import GPT2Decoder
-from vlcap.core.trainer import prepare_model
+from vlcap.core.model.course_weights import load_course_weights
+from vlcap.core.model.course_weights import load_course_weights
+from vlcap.core.model.gpt2 import GPT2Decoder
+from vlcap.core.train.trainer import prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,9 @@ def test_decoder_weights_with_pickled_code_are_refused(tmp_path, capsys):
     path = tmp_path / "decoder_model.bin"
     torch.save({"wte.weight": torch.zeros(2), "x": Payload()}, path)  # what a hostile file would hold
     with pytest.raises(VlcapError, match="decoder_model.bin: not a readable torch state dict"):
-        GPT2Decoder(tiny_config().model.decoder).load_course_weights(path)
+        load_course_weights(GPT2Decoder(tiny_config().model.decoder), path)
     assert "pickled code ran" not in capsys.readouterr().out
     path.write_bytes(pickle.dumps(Payload(), protocol=2))
     with pytest.raises(VlcapError, match="not a readable torch state dict"):
-        GPT2Decoder(tiny_config().model.decoder).load_course_weights(path)
+        load_course_weights(GPT2Decoder(tiny_config().model.decoder), path)
     assert "pickled code ran" not in capsys.readouterr().out

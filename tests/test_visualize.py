@@ -11,14 +11,14 @@ from PIL import Image
 
 from conftest import SHARED, needs_shared, tiny_config
 from vlcap.cli import main
-from vlcap.core.attention import group_words, recording_cross_attention, token_attention, word_attention
-from vlcap.core.captioner import build_captioner
-from vlcap.core.checkpoint import LoadedCaptioner
-from vlcap.core.clip import load_clip
+from vlcap.core.model.attention import group_words, recording_cross_attention, token_attention, word_attention
+from vlcap.core.model.captioner import build_captioner
+from vlcap.core.model.checkpoint import LoadedCaptioner
+from vlcap.core.eval.clip import load_clip
 from vlcap.core.data import load_captions
-from vlcap.core.evaluation import clip_scores, image_paths_for
-from vlcap.core.tokenizer import Tokenizer
-from vlcap.core.visualize import Target, visualize
+from vlcap.core.eval.evaluation import clip_scores, image_paths_for
+from vlcap.core.model.tokenizer import Tokenizer
+from vlcap.apps.visualize import Target, visualize
 
 LINE = re.compile(r'^(\S+\.png): (\d+) panels?, "(.*)"')
 

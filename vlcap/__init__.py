@@ -1,15 +1,12 @@
-"""vlcap: parameter-efficient fine-tuning of ViT + GPT-2 image captioners.
+"""vlcap: parameter-efficient fine-tuning of vision-language captioners.
 
-PEFT methods, decoding strategies and metrics are plugins (see ``vlcap.core.hookspecs``);
-the built-in ones are discovered through entry points exactly like third-party packages.
+Every PEFT method, decoding strategy and metric is a plugin (see ``vlcap.core.hookspecs``);
+plugin authors import what they need from ``vlcap.api`` and mark hooks with ``vlcap.hookimpl``.
 """
-from importlib.metadata import PackageNotFoundError, version
-
 from vlcap.core.hookspecs import hookimpl
 
-try:
-    __version__ = version("vlcap")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+# The release. Kept here, not read from installed metadata, so a source checkout that was never
+# pip-installed (PYTHONPATH=. python -m vlcap) records the same version in its checkpoints.
+__version__ = "0.1.0"
 
 __all__ = ["hookimpl", "__version__"]

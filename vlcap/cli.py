@@ -135,8 +135,8 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
                  and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise VlcapError(f"--resume continues {resume_dir} with its own config.yaml; drop {', '.join(given)}")
-        from vlcap.core.resume import resume_config
-        from vlcap.core.trainer import train as run_training
+        from vlcap.core.train.resume import resume_config
+        from vlcap.core.train.trainer import train as run_training
         report_training(run_training(resume_config(resume_dir, device), resume_dir, registry(),
                                      console=err_console, resume=True))
         return
@@ -149,8 +149,8 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
     flags = {section: {k: v for k, v in values.items() if v is not None} for section, values in options.items()}
     cfg = config_lib.resolve(preset, config_file, [flags, config_lib.parse_set(assignments)])
     if dry_run:
-        from vlcap.core.captioner import build_captioner
-        from vlcap.core.peft import MAX_TRAINABLE, check_budget, count_parameters
+        from vlcap.core.model.captioner import build_captioner
+        from vlcap.core.model.peft import MAX_TRAINABLE, check_budget, count_parameters
         captioner, _ = build_captioner(cfg, registry(), meta=True)
         counts = count_parameters(captioner)
         console.print(parameter_table(counts, f"{cfg.model.encoder} + GPT-2 ({cfg.model.decoder.n_layer} layers) + {cfg.peft.method}"))
@@ -159,12 +159,12 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
         return
     if not out:
         raise VlcapError("no run directory: pass --out DIR")
-    from vlcap.core.trainer import train as run_training
+    from vlcap.core.train.trainer import train as run_training
     report_training(run_training(cfg, out, registry(), console=err_console))
 
 
 def report_training(result):
-    from vlcap.core.distributed import is_main_process
+    from vlcap.core.train.distributed import is_main_process
     if is_main_process():
         console.print(f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
                       f"(best) and {result.last_checkpoint} (last)")
@@ -183,10 +183,10 @@ def report_training(result):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
 def cache_features(image_dir, out, encoder, preset, config_file, assignments, dtype, batch_size, device):
     """Run the frozen encoder over every image in a folder once; `train --feature-cache` reads the tokens."""
-    from vlcap.core.captioner import build_encoder
-    from vlcap.core.feature_cache import write_feature_cache
-    from vlcap.core.peft import seeded
-    from vlcap.core.trainer import resolve_device
+    from vlcap.core.model.captioner import build_encoder
+    from vlcap.core.train.feature_cache import write_feature_cache
+    from vlcap.core.model.peft import seeded
+    from vlcap.core.runtime import resolve_device
     flags = {"model": {"encoder": encoder}} if encoder else {}
     cfg = config_lib.resolve(preset, config_file, [flags, config_lib.parse_set(assignments)])
     device = resolve_device(device)
@@ -202,8 +202,8 @@ def cache_features(image_dir, out, encoder, preset, config_file, assignments, dt
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and tensors as JSON.")
 def inspect(checkpoint, as_json):
     """Show what a vlcap checkpoint holds."""
-    from vlcap.core.checkpoint import read_metadata
-    from vlcap.core.peft import parameter_group
+    from vlcap.core.model.checkpoint import read_metadata
+    from vlcap.core.model.peft import parameter_group
     meta = read_metadata(checkpoint)
     shapes = meta.pop("shapes")
     if as_json:
@@ -233,7 +233,7 @@ def inspect(checkpoint, as_json):
 @click.option("--peft", "methods", multiple=True, help="Only these methods (default: every installed one).")
 def demo(out, steps, methods):
     """Train every PEFT method on a synthetic shapes set with the tiny preset, offline."""
-    from vlcap.core.demo import run_demo
+    from vlcap.apps.demo import run_demo
     run_demo(Path(out), registry(), console, steps=steps, methods=methods or None)
 
 
@@ -257,9 +257,9 @@ def demo(out, steps, methods):
 def classify(images_dir, labels_file, out, templates, clip_model, report, ground_truth, plot_top5, out_dir, seed,
              batch_size, device, skip_bad_images):
     """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts."""
-    from vlcap.core import classify as zs
+    from vlcap.apps import classify as zs
     from vlcap.core.data import find_images
-    from vlcap.core.clip import load_clip
+    from vlcap.core.eval.clip import load_clip
     from vlcap.core.data import load_image
     if not (out or report or plot_top5):
         raise VlcapError("nothing to do: pass --out pred.csv, --report and/or --plot-top5 N --out-dir DIR")
@@ -324,7 +324,7 @@ def classify(images_dir, labels_file, out, templates, clip_model, report, ground
 def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, batch_size, per_image_path, top_k,
              as_json):
     """Score captions with CIDEr and CLIPScore exactly as the course's evaluator does."""
-    from vlcap.core.evaluation import evaluate_files
+    from vlcap.core.eval.evaluation import evaluate_files
     result = evaluate_files(pred_path, annotations_path, image_dir, clipscore=not no_clipscore,
                             clip_model=clip_model, batch_size=batch_size, console=err_console)
     clip = result.clipscore
@@ -410,7 +410,7 @@ def decoding_set(assignments, num_beams):
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
             batch_size, device, skip_bad_images):
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
-    from vlcap.core.inference import caption_folder
+    from vlcap.core.infer.captioning import caption_folder
     options = decoding_set(assignments, num_beams)
     result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
                             strategy=strategy, options=options, max_length=max_length,
@@ -444,10 +444,10 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 def visualize(images, checkpoint, decoder_weights, out_dir, strategy, num_beams, max_length, assignments, layer, head,
               pieces, save_npz, rank_by, pred_path, annotations_path, image_dir, top, bottom, clip_model, device):
     """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
-    from vlcap.core import visualize as viz
-    from vlcap.core.attention import parse_head
-    from vlcap.core.checkpoint import load_checkpoint
-    from vlcap.core.trainer import resolve_device
+    from vlcap.apps import visualize as viz
+    from vlcap.core.model.attention import parse_head
+    from vlcap.core.model.checkpoint import load_checkpoint
+    from vlcap.core.runtime import resolve_device
     parse_head(head)  # the range is checked once the checkpoint says how many heads there are
     options = decoding_set(assignments, num_beams)
     if rank_by:

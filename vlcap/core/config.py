@@ -11,7 +11,16 @@ from typing import Optional, Union
 import yaml
 
 from vlcap.core.errors import VlcapError
-from vlcap.core.gpt2 import GPT2Config
+
+
+@dataclass
+class GPT2Config:
+    """The decoder's shape; GPT-2 small (the course's ``decoder_model.bin``) by default."""
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    block_size: int = 1024
 
 
 @dataclass

@@ -16,7 +16,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlcap.core.errors import VlcapError, few
-from vlcap.core.tokenizer import IGNORE_INDEX
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -27,11 +26,19 @@ class CaptionSet:
     captions: list  # (image id, caption text), in file order
 
     def references(self):
-        """file stem -> all captions of that image (the course's prediction keys are stems)."""
-        refs = {Path(name).stem: [] for name in self.images.values()}
+        """file stem -> its reference captions, for every image that has at least one (an image
+        listed without captions cannot be scored, so it has no entry). Ordered as the course's
+        evaluator builds them (first appearance in the annotations), which fixes the order CIDEr
+        averages in. Training's validation, ``vlcap evaluate`` and ``visualize`` all use this."""
+        references = {}
         for image_id, text in self.captions:
-            refs[Path(self.images[image_id]).stem].append(text)
-        return refs
+            references.setdefault(Path(self.images[image_id]).stem, []).append(text)
+        return references
+
+    def uncaptioned(self):
+        """File names of the listed images that have no caption."""
+        captioned = {image_id for image_id, _ in self.captions}
+        return sorted(name for image_id, name in self.images.items() if image_id not in captioned)
 
 
 def read_json(path, what, expected, hint=""):
@@ -146,38 +153,6 @@ def check_images_exist(caption_set, image_dir, json_path):
         raise VlcapError(f"{json_path}: {len(missing)} image file(s) missing from {image_dir}: {few(missing)}")
 
 
-class CaptionDataset(Dataset):
-    """One item per caption: ``(pixels, input_ids, labels)`` with the course's targets, or
-    ``Unreadable`` when the image cannot be read (training goes on without it).
-
-    Empty (or whitespace-only) captions are left out and counted in ``empty``; captions longer
-    than ``max_tokens`` are cut and counted in ``truncated``."""
-
-    def __init__(self, caption_set, image_dir, transform, tokenizer, max_tokens):
-        self.image_dir = Path(image_dir)
-        self.transform = transform
-        self.items = []
-        self.truncated = self.empty = 0
-        for image_id, text in caption_set.captions:
-            if not text.strip():
-                self.empty += 1
-                continue
-            input_ids, labels, truncated = tokenizer.training_pair(text, max_tokens)
-            self.truncated += truncated
-            self.items.append((caption_set.images[image_id], input_ids, labels))
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        file_name, input_ids, labels = self.items[index]
-        try:
-            pixels = self.transform(load_image(self.image_dir / file_name))
-        except VlcapError as exc:  # returned, not raised: a DataLoader worker would wrap it in a traceback
-            return Unreadable(self.image_dir / file_name, str(exc))
-        return pixels, torch.tensor(input_ids), torch.tensor(labels)
-
-
 class ImageDataset(Dataset):
     """One item per image file: ``(pixels, index)``. An unreadable image raises a ``VlcapError``,
     or with ``skip_unreadable`` gives ``Unreadable`` (batch with ``collate_images``)."""
@@ -204,30 +179,6 @@ def split_unreadable(batch):
     return readable, tuple(item for item in batch if isinstance(item, Unreadable))
 
 
-class CaptionBatch(NamedTuple):
-    pixels: Optional[torch.Tensor]  # None when every image of the batch was unreadable
-    input_ids: Optional[torch.Tensor]
-    labels: Optional[torch.Tensor]
-    unreadable: tuple  # one message per dropped item
-
-
-def collate_captions(batch, pad_id):
-    """Pad inputs with ``pad_id`` (the end token, as the course does) and labels with IGNORE;
-    unreadable items are dropped and reported in ``unreadable``."""
-    batch, unreadable = split_unreadable(batch)
-    unreadable = tuple(item.message for item in unreadable)
-    if not batch:
-        return CaptionBatch(None, None, None, unreadable)
-    pixels, inputs, labels = zip(*batch)
-    length = max(len(x) for x in inputs)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    label_ids = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-    for row, (x, y) in enumerate(zip(inputs, labels)):
-        input_ids[row, :len(x)] = x
-        label_ids[row, :len(y)] = y
-    return CaptionBatch(torch.stack(pixels), input_ids, label_ids, unreadable)
-
-
 def collate_images(batch):
     """``(pixels or None, indices, Unreadable items)`` for an ``ImageDataset(skip_unreadable=True)``."""
     batch, unreadable = split_unreadable(batch)
@@ -237,14 +188,36 @@ def collate_images(batch):
     return torch.stack(pixels), list(indices), unreadable
 
 
-def image_loader(paths, transform, batch_size, device, num_workers=None, worker_init_fn=None):
-    """Batches ``(pixels or None, indices, Unreadable items)`` of every image in ``paths``; an
-    unreadable file is reported, not raised, so one broken image never stops a long run."""
-    if num_workers is None:  # decoding JPEGs is the bottleneck once the model runs on a GPU
+class ImageBatch(NamedTuple):
+    pixels: Optional[torch.Tensor]  # (B, 3, H, W) on the device; None when no image of the batch was readable
+    indices: list  # positions in ``paths`` of the images in ``pixels``
+    unreadable: tuple  # ``Unreadable`` items: the files of this batch that could not be read
+
+
+SKIP, RAISE = "skip", "raise"  # what iterate_images does with an unreadable image
+
+
+def iterate_images(paths, transform, batch_size, device, *, unreadable=SKIP, num_workers=None,
+                   worker_init_fn=None):
+    """Batches of every image in ``paths``, preprocessed by ``transform`` and moved to ``device``:
+    the one image iterator of captioning, classification, CLIPScore, validation and the feature
+    cache. ``unreadable``: ``"skip"`` reports each unreadable file in its batch's ``unreadable``
+    and goes on (one broken image never stops a long run); ``"raise"`` stops at the first with
+    one ``VlcapError`` line naming it. Decoding runs in ``num_workers`` processes (default: 0 on
+    CPU, up to 4 on CUDA, where JPEG decoding becomes the bottleneck)."""
+    if unreadable not in (SKIP, RAISE):
+        raise ValueError(f"unreadable must be {SKIP!r} or {RAISE!r}, got {unreadable!r}")
+    if batch_size < 1:
+        raise VlcapError(f"batch size must be >= 1, got {batch_size}")
+    if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-    return DataLoader(ImageDataset(paths, transform, skip_unreadable=True), batch_size=batch_size,
-                      num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=collate_images,
-                      worker_init_fn=worker_init_fn)
+    loader = DataLoader(ImageDataset(paths, transform, skip_unreadable=True), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=collate_images,
+                        worker_init_fn=worker_init_fn)
+    for pixels, indices, bad in loader:
+        if bad and unreadable == RAISE:
+            raise VlcapError(f"{bad[0].message}; replace or remove it")
+        yield ImageBatch(None if pixels is None else pixels.to(device, non_blocking=True), indices, bad)
 
 
 def find_images(folder, unique_stems=False):

@@ -20,16 +20,16 @@ hookimpl = pluggy.HookimplMarker("vlcap")
 
 @hookspec
 def register_peft_methods(register):
-    """Register PEFT methods: call ``register(method)`` with a ``vlcap.core.peft.PeftMethod``."""
+    """Register PEFT methods: call ``register(method)`` with a ``vlcap.core.model.peft.PeftMethod``."""
 
 
 @hookspec
 def register_decoding_strategies(register):
     """Register decoding strategies: call ``register(strategy)`` with a
-    ``vlcap.core.decoding.DecodingStrategy``."""
+    ``vlcap.core.infer.decoding.DecodingStrategy``."""
 
 
 @hookspec
 def register_metrics(register):
-    """Register caption metrics: call ``register(metric)`` with a ``vlcap.core.metrics.Metric``.
+    """Register caption metrics: call ``register(metric)`` with a ``vlcap.core.eval.metrics.Metric``.
     The trainer reports every registered metric on the validation set after each epoch."""

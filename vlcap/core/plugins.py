@@ -1,7 +1,10 @@
-"""Plugin discovery: every PEFT method, decoding strategy and metric comes from an entry point.
+"""Plugin discovery: every PEFT method, decoding strategy and metric is a plugin module.
 
-The built-in plugins are declared in vlcap's own ``setup.cfg`` under the ``vlcap`` entry-point
-group and loaded exactly like a third-party package's, so nothing here imports a plugin by name.
+vlcap's own plugin modules (``BUILTIN_PLUGINS``) are registered directly, as simonw's ``llm``
+does with its default plugins, so a source checkout works without ``pip install`` (``PYTHONPATH=.
+python -m vlcap``, ``hw3_2.sh``). They go through the same hooks as everyone else's and are
+listed as package ``vlcap``. Third-party packages come through the ``vlcap`` entry-point group.
+Nothing here knows a method, strategy or metric by name.
 
 Controls (environment, read when the registry loads):
 
@@ -13,6 +16,7 @@ Controls (environment, read when the registry loads):
   pluggy's hook-call monitoring.
 """
 import functools
+import importlib
 import os
 import re
 import sys
@@ -22,11 +26,20 @@ from importlib.metadata import entry_points
 
 import pluggy
 
+import vlcap
 from vlcap.core import hookspecs
 from vlcap.core.errors import VlcapError, VlcapWarning
 
 ENTRY_POINT_GROUP = "vlcap"
 BUILTIN_PACKAGE = "vlcap"
+# vlcap's own plugin modules, by the name they are listed under (``list-plugins --hooks``).
+BUILTIN_PLUGINS = {
+    "lora": "vlcap.plugins.peft_lora",
+    "adapter": "vlcap.plugins.peft_adapter",
+    "prefix": "vlcap.plugins.peft_prefix",
+    "decoding": "vlcap.plugins.decoding",
+    "metrics": "vlcap.plugins.metrics",
+}
 
 # kind -> (hook that registers it, what users call it in messages)
 KINDS = {
@@ -101,35 +114,54 @@ def env_flag(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def selected_entry_points():
-    """The ``vlcap`` entry points to load: all of them, or vlcap's own plus the packages named in
-    ``VLCAP_LOAD_PLUGINS``."""
-    eps = list(entry_points(group=ENTRY_POINT_GROUP))
+@dataclass(frozen=True)
+class PluginSource:
+    """Where a plugin module comes from: its name (the entry point's), the module path, the
+    package that provides it and that package's version."""
+    name: str
+    module: str
+    package: str
+    version: str
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+def builtin_sources():
+    return [PluginSource(name, module, BUILTIN_PACKAGE, vlcap.__version__) for name, module in BUILTIN_PLUGINS.items()]
+
+
+def entry_point_sources():
+    """The third-party plugin modules to load: every ``vlcap`` entry point, or only those of the
+    packages named in ``VLCAP_LOAD_PLUGINS``. (An installed vlcap declares none of its own.)"""
+    eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP)
+           if ep.dist is None or canonical(ep.dist.name) != BUILTIN_PACKAGE]
     wanted = os.environ.get("VLCAP_LOAD_PLUGINS")
-    if wanted is None:
-        return eps
-    wanted = {canonical(n) for n in wanted.split(",") if n.strip()}
-    installed = {canonical(ep.dist.name) for ep in eps if ep.dist}
-    unknown = sorted(wanted - installed)
-    if unknown:
-        warnings.warn(f"VLCAP_LOAD_PLUGINS names {', '.join(unknown)}, which provide(s) no vlcap plugin; "
-                      f"installed plugin packages: {', '.join(sorted(installed))}", VlcapWarning, stacklevel=2)
-    return [ep for ep in eps if ep.dist is None or canonical(ep.dist.name) in wanted | {BUILTIN_PACKAGE}]
+    if wanted is not None:
+        wanted = {canonical(n) for n in wanted.split(",") if n.strip()}
+        installed = {canonical(ep.dist.name) for ep in eps if ep.dist}
+        unknown = sorted(wanted - installed - {BUILTIN_PACKAGE})
+        if unknown:
+            warnings.warn(f"VLCAP_LOAD_PLUGINS names {', '.join(unknown)}, which provide(s) no vlcap plugin; "
+                          f"installed plugin packages: {', '.join(sorted(installed)) or 'none'}", VlcapWarning,
+                          stacklevel=2)
+        eps = [ep for ep in eps if ep.dist is None or canonical(ep.dist.name) in wanted]
+    return [PluginSource(ep.name, ep.value, *((ep.dist.name, ep.dist.version) if ep.dist else ("?", "")))
+            for ep in eps]
 
 
-def _check_entry_point_clashes(eps):
+def check_name_clashes(sources):
     # pluggy names plugins by entry point and refuses a second one with the same name, so two
     # packages both declaring e.g. "lora" would lose one.
     providers = {}
-    for ep in eps:
-        dist = ep.dist.name if ep.dist else "?"
-        providers.setdefault(ep.name, [])
-        if dist not in providers[ep.name]:
-            providers[ep.name].append(dist)
-    for name, dists in providers.items():
-        if len(dists) > 1:
-            raise VlcapError(f"plugin entry point '{name}' is declared by package '{dists[0]}' and by package "
-                             f"'{dists[1]}'; uninstall one of them")
+    for source in sources:
+        providers.setdefault(source.name, [])
+        if source.package not in providers[source.name]:
+            providers[source.name].append(source.package)
+    for name, packages in providers.items():
+        if len(packages) > 1:
+            raise VlcapError(f"plugin entry point '{name}' is declared by package '{packages[0]}' and by package "
+                             f"'{packages[1]}'; uninstall one of them")
 
 
 class PluginFailure(Exception):
@@ -162,27 +194,27 @@ def load_plugins(strict=None, trace=None):
     point (failures included)."""
     strict = env_flag("VLCAP_STRICT_PLUGINS") if strict is None else strict
     trace = env_flag("VLCAP_TRACE_PLUGINS") if trace is None else trace
-    eps = selected_entry_points()
-    _check_entry_point_clashes(eps)
+    sources = builtin_sources() + sorted(entry_point_sources(), key=lambda source: source.name)
+    check_name_clashes(sources)
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     packages = {}  # entry point -> "package version", for the trace
     if trace:
         trace_hook_calls(pm, packages, lambda line: print(line, file=sys.stderr))
     modules = []
-    for ep in sorted(eps, key=lambda ep: (ep.dist is None or ep.dist.name != BUILTIN_PACKAGE, ep.name)):
-        package, version = (ep.dist.name, ep.dist.version) if ep.dist else ("?", "")
-        packages[ep.name] = f"{package} {version}"
+    for source in sources:
+        name, package, version = source.name, source.package, source.version
+        packages[name] = f"{package} {version}"
         try:
-            plugin = ep.load()
-            pm.register(plugin, name=ep.name)
+            plugin = source.load()
+            pm.register(plugin, name=name)
         except Exception as exc:  # a broken third-party plugin must not look like a vlcap crash
-            message = f"plugin '{ep.name}' of package '{package}' {version} failed to load: {type(exc).__name__}: {exc}"
+            message = f"plugin '{name}' of package '{package}' {version} failed to load: {type(exc).__name__}: {exc}"
             skip_or_raise(message, strict, exc)
-            modules.append(PluginModule(ep.name, ep.value, package, version, error=f"{type(exc).__name__}: {exc}"))
+            modules.append(PluginModule(name, source.module, package, version, error=f"{type(exc).__name__}: {exc}"))
             continue
         hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin)))
-        modules.append(PluginModule(ep.name, ep.value, package, version, hooks))
+        modules.append(PluginModule(name, source.module, package, version, hooks))
     return pm, modules
 
 

@@ -1,73 +1,28 @@
 """The checks of the conformance kit (see ``vlcap.testing``)."""
-import functools
 import tempfile
 
 import pytest
 import torch
 
 from vlcap.core import config as config_lib
-from vlcap.core.captioner import build_captioner, tokenizer_for
-from vlcap.core.checkpoint import load_checkpoint, save_checkpoint
-from vlcap.core.decoding import generate_tokens, next_token_model
-from vlcap.core.peft import PeftMethod, check_budget, count_parameters, is_pretrained, seeded
+from vlcap.core.infer.decoding import next_token_model
+from vlcap.core.model.captioner import build_captioner, tokenizer_for
+from vlcap.core.model.checkpoint import load_checkpoint, save_checkpoint
+from vlcap.core.model.peft import PeftMethod, check_budget, count_parameters, is_pretrained
 from vlcap.core.plugins import PluginEntry, Registry, registry as installed_registry
-from vlcap.core.trainer import prepare_model
-
-IMAGES = 3
-MAX_LENGTH = 8
-FULL_SIZE_ENCODER = "vit_large_patch14_clip_224.openai"  # the largest encoder the course uses
-
-
-def tiny_config(method):
-    return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}])
-
-
-def pixels_for(captioner, images=IMAGES, seed=1):
-    size = tuple(captioner.encoder.vit.patch_embed.img_size)
-    return torch.randn(images, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def token_ids(rows, length, vocab_size, seed=2):
-    return torch.randint(0, vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def perturb_trainable(captioner, std=0.3, seed=0):
-    """Give every trainable parameter a trained-looking value: a zero-initialised part (LoRA's B,
-    the cross-attention output) would otherwise hide a part that merging or a cache got wrong."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in captioner.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator).to(p) * std)
-    return captioner
-
-
-@functools.lru_cache(maxsize=None)
-def decoding_captioner(method, registry):
-    """A perturbed tiny captioner (shared by the decoding checks, which never change it) whose end
-    token is likely enough that captions end at varying lengths."""
-    cfg = tiny_config(method)
-    captioner, _ = build_captioner(cfg, registry)
-    perturb_trainable(captioner)
-    tokenizer = tokenizer_for(cfg)
-    with torch.no_grad():
-        captioner.decoder.wte.weight[tokenizer.eot_id] *= 2.2
-    return captioner.eval(), tokenizer
-
-
-def generate(captioner, tokenizer, strategy, options, cached, images=IMAGES):
-    """Token lists from ``strategy`` (seeded, so sampling strategies repeat)."""
-    with seeded(0):
-        return generate_tokens(captioner, pixels_for(captioner, images), tokenizer, strategy, options,
-                               MAX_LENGTH, cached)
-
+from vlcap.core.train.trainer import prepare_model
+from vlcap.testing.builders import (FULL_SIZE_ENCODER, IMAGES, MAX_LENGTH, decoding_captioner, generate, perturb_trainable,
+                                    pixels_for, tiny_config, token_ids)
 
 # --- PEFT method checks -----------------------------------------------------------------
 
 def check_gradients(name, registry):
     """Only the method's and the core's new parameters train; the pretrained ones stay frozen and
-    get no gradient; every trainable parameter reaches the loss."""
+    get no gradient; every trainable tensor gets a non-zero gradient from the loss. The trainable
+    parameters are perturbed first: at a zero init (LoRA's B, the cross-attention output) the
+    parameters behind it get exactly zero gradient, which would hide a tensor that is not wired in."""
     captioner, _ = build_captioner(tiny_config(name), registry)
+    perturb_trainable(captioner, std=0.05)
     pixels = pixels_for(captioner, 2)
     ids = token_ids(2, 7, captioner.decoder.cfg.vocab_size)
     captioner.loss(pixels, ids, ids).backward()
@@ -77,6 +32,7 @@ def check_gradients(name, registry):
         else:
             assert p.requires_grad, f"{pname} is new but frozen"
             assert p.grad is not None, f"{pname} is trainable but does not reach the loss"
+            assert p.grad.abs().sum() > 0, f"{pname} is trainable but its gradient is zero"
     counts = count_parameters(captioner)
     assert counts.groups.get("peft", (0, 0))[0] > 0, f"PEFT method '{name}' added no trainable parameter"
     assert counts.groups["encoder"][0] == counts.groups["decoder"][0] == 0

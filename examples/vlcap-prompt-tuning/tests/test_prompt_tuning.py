@@ -5,12 +5,8 @@ pytest.importorskip("vlcap_prompt_tuning", reason="pip install ./examples/vlcap-
 
 import torch  # noqa: E402
 
-from vlcap.core import config as config_lib  # noqa: E402
-from vlcap.core.captioner import build_captioner  # noqa: E402
-from vlcap.core.errors import VlcapError  # noqa: E402
-from vlcap.core.plugins import registry  # noqa: E402
-from vlcap.core.tokenizer import Tokenizer  # noqa: E402
-from vlcap.testing import DECODING_CHECKS, PEFT_CHECKS, check_decoding_strategy, check_peft_method  # noqa: E402
+from vlcap.api import (DECODING_CHECKS, PEFT_CHECKS, Tokenizer, VlcapError, check_decoding_strategy,  # noqa: E402
+                       check_peft_method, make_synthetic_set, tiny_captioner)
 from vlcap_prompt_tuning.typical import typical  # noqa: E402
 
 
@@ -25,8 +21,7 @@ def test_typical_passes_the_kit(check):
 
 
 def build(**options):
-    cfg = config_lib.resolve("tiny", overrides=[{"peft": {"method": "prompt", "options": options}}])
-    return build_captioner(cfg, registry())[0]
+    return tiny_captioner("prompt", **options)[0]
 
 
 def test_text_init_starts_from_the_texts_token_embeddings():
@@ -81,19 +76,21 @@ def test_installed_package_is_listed_with_its_name_and_version():
 
 def test_vlcap_trains_with_prompt_and_captions_with_typical(tmp_path):
     import json
-    from click.testing import CliRunner
-    from vlcap.cli import main
-    from vlcap.core.synthetic import make_synthetic_set
+    import subprocess
+    import sys
     data = make_synthetic_set(tmp_path / "data", train_images=4, val_images=2)
     out = tmp_path / "run"
-    trained = CliRunner().invoke(main, [
+
+    def vlcap(*args):  # the command line, as a user of the package runs it
+        return subprocess.run([sys.executable, "-m", "vlcap", *map(str, args)], capture_output=True, text=True)
+
+    trained = vlcap(
         "train", "--preset", "tiny", "--peft", "prompt", "--set", "peft.options.init=text",
         "--train-json", str(data / "train.json"), "--train-images", str(data / "images_train"),
         "--val-json", str(data / "val.json"), "--val-images", str(data / "images_val"),
-        "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--set", "train.metrics=[]"])
-    assert trained.exit_code == 0, trained.output
-    captioned = CliRunner().invoke(main, ["caption", str(data / "images_val"), "--checkpoint", str(out / "best.safetensors"),
-                                          "--out", str(tmp_path / "pred.json"), "--decoding", "typical", "--set", "seed=0",
-                                          "--max-length", "5"])
-    assert captioned.exit_code == 0, captioned.output
+        "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--set", "train.metrics=[]")
+    assert trained.returncode == 0, trained.stderr
+    captioned = vlcap("caption", data / "images_val", "--checkpoint", out / "best.safetensors",
+                      "--out", tmp_path / "pred.json", "--decoding", "typical", "--set", "seed=0", "--max-length", "5")
+    assert captioned.returncode == 0, captioned.stderr
     assert len(json.loads((tmp_path / "pred.json").read_text())) == 2

@@ -1,8 +1,6 @@
 import torch
 
-from vlcap.core.errors import VlcapError
-from vlcap.core.peft import PeftMethod
-from vlcap.core.tokenizer import Tokenizer
+from vlcap.api import PeftMethod, Tokenizer, VlcapError
 from vlcap_prompt_tuning.config import INITS, PromptConfig
 from vlcap_prompt_tuning.layer import SoftPrompt
 

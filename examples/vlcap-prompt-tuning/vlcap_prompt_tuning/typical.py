@@ -5,8 +5,7 @@ from typing import Optional
 
 import torch
 
-from vlcap.core.decoding import DecodingStrategy, decode_token_by_token, make_generator, sample
-from vlcap.core.errors import VlcapError
+from vlcap.api import DecodingStrategy, VlcapError, decode_token_by_token, make_generator, sample
 
 
 @dataclass

@@ -4,8 +4,7 @@ from typing import Optional
 
 import torch
 
-from vlcap.core.decoding import DecodingStrategy, ban_repeated_ngrams, length_normalised
-from vlcap.core.errors import VlcapError
+from vlcap.api import DecodingStrategy, VlcapError, ban_repeated_ngrams, length_normalised
 
 
 @dataclass

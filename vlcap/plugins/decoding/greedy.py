@@ -1,4 +1,4 @@
-from vlcap.core.decoding import DecodingStrategy, decode_token_by_token
+from vlcap.api import DecodingStrategy, decode_token_by_token
 
 
 class GreedyDecoding(DecodingStrategy):

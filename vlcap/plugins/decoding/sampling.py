@@ -2,8 +2,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from vlcap.core.decoding import DecodingStrategy, decode_token_by_token, make_generator, sample
-from vlcap.core.errors import VlcapError
+from vlcap.api import DecodingStrategy, VlcapError, decode_token_by_token, make_generator, sample
 
 
 @dataclass

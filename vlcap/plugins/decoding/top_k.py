@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from vlcap.core.errors import VlcapError
+from vlcap.api import VlcapError
 from vlcap.plugins.decoding.sampling import SamplingConfig, SamplingStrategy
 
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlcap.core.errors import VlcapError
+from vlcap.api import VlcapError
 from vlcap.plugins.decoding.sampling import SamplingConfig, SamplingStrategy
 
 

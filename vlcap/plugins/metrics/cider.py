@@ -1,5 +1,4 @@
-from vlcap.core.evaluation import check_java, cider
-from vlcap.core.metrics import Metric
+from vlcap.api import Metric, check_java, cider
 
 
 class CiderMetric(Metric):

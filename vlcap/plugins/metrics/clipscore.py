@@ -1,8 +1,6 @@
 from rich.console import Console
 
-from vlcap.core.clip import CLIP_MODEL_ENV, load_clip
-from vlcap.core.evaluation import clip_scores
-from vlcap.core.metrics import Metric
+from vlcap.api import CLIP_MODEL_ENV, Metric, clip_scores, load_clip
 
 
 class ClipScoreMetric(Metric):

@@ -1,5 +1,4 @@
-from vlcap.core.errors import VlcapError
-from vlcap.core.peft import PeftMethod, select_layers
+from vlcap.api import PeftMethod, VlcapError, select_layers
 from vlcap.plugins.peft_adapter.config import PLACEMENTS, AdapterConfig
 from vlcap.plugins.peft_adapter.layer import ACTIVATIONS, Adapter
 

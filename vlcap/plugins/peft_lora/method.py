@@ -1,8 +1,7 @@
 import loralib
 from torch import nn
 
-from vlcap.core.errors import VlcapError
-from vlcap.core.peft import PeftMethod, select_layers, swap_linear
+from vlcap.api import PeftMethod, VlcapError, select_layers, swap_linear
 from vlcap.plugins.peft_lora.config import TARGETS, LoraConfig
 from vlcap.plugins.peft_lora.layer import MergedLinear
 

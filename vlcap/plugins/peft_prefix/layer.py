@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from vlcap.core.gpt2 import split_heads
+from vlcap.api import split_heads
 
 
 class PrefixTable(nn.Module):

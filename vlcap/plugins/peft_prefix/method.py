@@ -1,8 +1,7 @@
 import dataclasses
 import functools
 
-from vlcap.core.errors import VlcapError
-from vlcap.core.peft import PeftMethod, select_layers, trainable_state
+from vlcap.api import PeftMethod, VlcapError, select_layers, trainable_state
 from vlcap.plugins.peft_prefix.config import PrefixConfig
 from vlcap.plugins.peft_prefix.layer import PrefixTable
 

@@ -11,11 +11,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vlcap.core.data import image_loader, load_captions, read_json
+from vlcap.core.data import RAISE, iterate_images, load_captions, read_json
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.progress import progress_bar
 
 JAVA_HINT = "install a Java runtime, e.g. apt-get install default-jre-headless"
 # Characters Java's PTBTokenizer -preserveLines treats as line ends. pycocoevalcap replaces only
@@ -105,18 +104,15 @@ def check_images(stems, image_paths, where="CLIPScore"):
 
 def clip_scores(predictions, image_paths, clip, batch_size=64, num_workers=None, show_progress=True, console=None):
     """CLIPScore of each prediction (stem -> caption) on its image (stem -> path): 2.5 * max(cos, 0)
-    with ``clip`` (a ``vlcap.core.clip.Clip``), and the mean over images."""
+    with ``clip`` (a ``vlcap.core.eval.clip.Clip``), and the mean over images."""
     stems = list(predictions)
     check_images(stems, image_paths)
-    loader = image_loader([Path(image_paths[s]) for s in stems], clip.preprocess, batch_size, clip.device, num_workers)
+    batches = iterate_images([Path(image_paths[s]) for s in stems], clip.preprocess, batch_size, clip.device,
+                             unreadable=RAISE, num_workers=num_workers)
     per_image = {}
-    progress = Progress(TextColumn("CLIPScore"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console or Console(stderr=True), disable=not show_progress, transient=True)
-    with progress:
+    with progress_bar("CLIPScore", console, transient=True, disable=not show_progress) as progress:
         task = progress.add_task("clipscore", total=len(stems))
-        for pixels, indices, unreadable in loader:
-            if unreadable:
-                raise VlcapError(f"{unreadable[0].message}; replace or remove it ({len(unreadable)} unreadable in this batch)")
+        for pixels, indices, _ in batches:
             batch = [stems[i] for i in indices]
             cos = (clip.encode_images(pixels) * clip.encode_texts([predictions[s] for s in batch])).sum(-1)
             per_image.update(zip(batch, (2.5 * cos.clamp(min=0)).tolist()))
@@ -125,16 +121,6 @@ def clip_scores(predictions, image_paths, clip, batch_size=64, num_workers=None,
     score = sum(per_image[s] for s in stems) / len(stems) if stems else float("nan")
     truncated = [s for s in stems if clip.is_too_long(predictions[s])]
     return ClipScoreResult(score, {s: per_image[s] for s in stems}, truncated)
-
-
-def course_references(caption_set):
-    """stem -> reference captions, for the images that have any, in the order the course's
-    evaluator builds them (first appearance in the annotations), which fixes the order CIDEr
-    averages in."""
-    references = {}
-    for image_id, text in caption_set.captions:
-        references.setdefault(Path(caption_set.images[image_id]).stem, []).append(text)
-    return references
 
 
 def load_predictions(path):
@@ -164,10 +150,10 @@ def evaluate_files(pred_path, annotations_path, image_dir=None, clipscore=True, 
     """Validate the prediction file against the annotations (naming the file at fault), then score
     CIDEr and, with ``clipscore``, CLIPScore on the images in ``image_dir``. Everything that can
     fail fast (inputs, java, images, loading CLIP) is checked before anything is scored."""
-    from vlcap.core.clip import load_clip
+    from vlcap.core.eval.clip import load_clip
     predictions = load_predictions(pred_path)
     caption_set = load_captions(annotations_path)
-    references = course_references(caption_set)
+    references = caption_set.references()
     check_predictions(predictions, references, where=f"{pred_path} (against {annotations_path})")
     check_java()
     clip = image_paths = None

@@ -11,23 +11,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
-from vlcap.core import distributed
-from vlcap.core import resume as resume_lib
+from vlcap.core.train import distributed
+from vlcap.core.train import resume as resume_lib
 from vlcap.core.atomic import atomic_write
-from vlcap.core.captioner import CaptionLoss, build_captioner, tokenizer_for
-from vlcap.core.checkpoint import save_checkpoint
-from vlcap.core.data import CaptionDataset, check_images_exist, collate_captions, image_loader, load_captions
-from vlcap.core.decoding import caption_images
+from vlcap.core.model.captioner import CaptionLoss, build_captioner, tokenizer_for
+from vlcap.core.model.checkpoint import save_checkpoint
+from vlcap.core.data import check_images_exist, iterate_images, load_captions
+from vlcap.core.infer.decoding import caption_images
 from vlcap.core.errors import VlcapError, few
-from vlcap.core.feature_cache import CachedCaptionDataset, training_cache
-from vlcap.core.gpt2 import save_course_weights
-from vlcap.core.peft import check_budget, count_parameters
-from vlcap.core.tokenizer import IGNORE_INDEX
+from vlcap.core.progress import progress_bar
+from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
+from vlcap.core.train.datasets import CachedCaptionDataset, CaptionDataset, collate_captions
+from vlcap.core.train.feature_cache import training_cache
+from vlcap.core.model.course_weights import save_course_weights
+from vlcap.core.model.peft import check_budget, count_parameters
+from vlcap.core.model.tokenizer import IGNORE_INDEX
 
 
 @dataclass
@@ -40,24 +42,6 @@ class TrainResult:
     steps: int
     history: list = field(default_factory=list)
     unreadable: list = field(default_factory=list)  # one message per image file that could not be read
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(amp, device):
-    """Mixed precision: on CUDA bf16 where the GPU has it, else fp16 (with loss scaling); on CPU
-    only when asked for with ``train.amp=bf16``."""
-    if device.type != "cuda":
-        return torch.bfloat16 if amp == "bf16" else None
-    if amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def configure_decoder(captioner, cfg):
@@ -124,13 +108,15 @@ def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), c
     val = None
     if cfg.data.val_json and cfg.data.val_images:
         val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images)
-        names = sorted(set(val_captions.images.values()))[:cfg.train.max_val_images]
-        image_paths = [Path(cfg.data.val_images) / name for name in names]
+        references = val_captions.references()  # images listed without captions cannot be scored
+        names = sorted(n for n in set(val_captions.images.values()) if Path(n).stem in references)
+        image_paths = [Path(cfg.data.val_images) / name for name in names[:cfg.train.max_val_images]]
         val = {
             "loss": DataLoader(val_set, shuffle=False, **loader_args),
-            "images": image_loader(image_paths, transform, cfg.train.batch_size, device, cfg.train.num_workers,
-                                   worker_init_fn=resume_lib.ignore_interrupts_in_worker),
-            "references": val_captions.references(),
+            "images": functools.partial(iterate_images, image_paths, transform, cfg.train.batch_size, device,
+                                        num_workers=cfg.train.num_workers,
+                                        worker_init_fn=resume_lib.ignore_interrupts_in_worker),
+            "references": references,
             "paths": {p.stem: p for p in image_paths},
         }
     return train_loader, val
@@ -153,7 +139,7 @@ def validation_loss(captioner, loader, device, dtype, unreadable):
         unreadable.update(skipped)
         if pixels is None:
             continue
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             loss = captioner.loss(pixels.to(device), input_ids.to(device), labels.to(device))
         n = int((labels != IGNORE_INDEX).sum())
         total, count = total + float(loss) * n, count + n
@@ -166,15 +152,15 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, 
         return {}
     strategy = registry.get("decoding", cfg.decoding.strategy)
     predictions = {}
-    for pixels, indices, skipped in val["images"]:
+    stems = list(val["paths"])
+    for pixels, indices, skipped in val["images"]():
         unreadable.update(item.message for item in skipped)
         if pixels is None:
             continue
-        stems = [val["images"].dataset.paths[i].stem for i in indices]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            captions = caption_images(captioner, pixels.to(device), tokenizer, strategy,
+        with autocast(device, dtype):
+            captions = caption_images(captioner, pixels, tokenizer, strategy,
                                       cfg.decoding.options, cfg.decoding.max_length)
-        predictions.update(zip(stems, captions))
+        predictions.update(zip((stems[i] for i in indices), captions))
     if not predictions:
         raise VlcapError(f"no validation image could be read: {few(sorted(unreadable), 2)}")
     references = {stem: val["references"][stem] for stem in predictions}
@@ -312,9 +298,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
                   f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}: {counts.trainable:,} trainable "
                   f"parameters, {len(dataset):,} captions, {total_steps} steps{resumed} -> {run_dir}"
                   f"{f' (from feature cache {cache.path})' if cache else ''}")
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not ctx.is_main)
+    progress = progress_bar(console=console, stats=True, disable=not ctx.is_main)
     with progress, resume_lib.stop_requests() as stop_signals:
         task = progress.add_task("train", total=total_steps, completed=step, stats="")
         for epoch in range(start_epoch, epochs):
@@ -329,7 +313,7 @@ def train(cfg, run_dir, registry, console=None, resume=False):
                 if weight is not None:
                     pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
                     with distributed.sync_gradients(step_model, ctx, steps_now):
-                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        with autocast(device, dtype):
                             loss = step_model(pixels, input_ids, labels)
                         # Under DDP a non-finite loss stops every process at the gradient-norm check
                         # below (the gradients are all-reduced): one stopping alone strands the rest.

@@ -7,12 +7,11 @@ The cached implementation feeds only new tokens through a ``DecoderCache``; the 
 runs the full sequence every step (the reference the cache is tested and benchmarked against).
 Both compute the same thing, so every strategy works with either, unchanged.
 """
-import contextlib
-
 import torch
 
 from vlcap.core.config import plugin_config
-from vlcap.core.kv_cache import DecoderCache
+from vlcap.core.model.kv_cache import DecoderCache
+from vlcap.core.runtime import evaluating
 
 
 class DecodingStrategy:
@@ -125,17 +124,6 @@ def decode_token_by_token(model, choose, *, start_id, end_id, max_length):
         if finished.all():
             break
     return [cut_at_end(row[1:].tolist(), end_id) for row in ids]
-
-
-@contextlib.contextmanager
-def evaluating(module):
-    """``module`` in eval mode (dropout off) inside the block, its previous mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def generate_tokens(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):

@@ -6,32 +6,15 @@ Module names follow the course checkpoint (``wte``, ``wpe``, ``h.N.attn.c_attn``
 """
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from vlcap.core.atomic import atomic_write
-from vlcap.core.errors import VlcapError, few
-from vlcap.core.tokenizer import IGNORE_INDEX
-
-# Weights the course (and HF's Conv1D) store as (in, out); nn.Linear wants (out, in).
-CONV1D_SUFFIXES = (".c_attn.weight", ".c_fc.weight", ".c_proj.weight")
-# Causal-mask buffers some GPT-2 exports carry; they hold no learned values.
-MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-COURSE_BLOCK_MODULES = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-
-
-@dataclass
-class GPT2Config:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    block_size: int = 1024
+from vlcap.core.config import GPT2Config
+from vlcap.core.model.course_weights import course_keys
+from vlcap.core.model.tokenizer import IGNORE_INDEX
 
 
 def split_heads(x, n_head):
@@ -89,7 +72,7 @@ class CrossAttention(nn.Module):
         # model, so training starts from GPT-2's fluency instead of from noise.
         nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
-        # Set to a list by ``vlcap.core.attention.recording_cross_attention``: while it is, the
+        # Set to a list by ``vlcap.core.model.attention.recording_cross_attention``: while it is, the
         # full-sequence path computes its attention weights explicitly and appends them here.
         self.record = None
 
@@ -226,7 +209,7 @@ class GPT2Decoder(nn.Module):
     def forward(self, input_ids, memory=None, cache=None, only=None):
         """Logits ``(B, T, vocab)``. Training passes the whole sequence and the image tokens
         ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
-        (``vlcap.core.kv_cache``), which holds the image keys/values (and has already run any
+        (``vlcap.core.model.kv_cache``), which holds the image keys/values (and has already run any
         ``input_prefix``) and grows by ``T``. ``only``: a bool mask ``(B, T)``; the logits of
         just those positions come back, ``(N, vocab)`` (the LM head is 50257 wide, and the loss
         reads no logits where there is no label)."""
@@ -274,52 +257,4 @@ class GPT2Decoder(nn.Module):
     def pretrained_parameters(self):
         """The parameters a ``decoder_model.bin`` provides (everything but the cross-attention)."""
         params = dict(self.named_parameters())
-        return [params[key] for key in self.course_keys()]
-
-    def course_keys(self):
-        """The keys of a course ``decoder_model.bin`` for this config, in GPT-2's order."""
-        keys = ["wte.weight", "wpe.weight"]
-        for i in range(self.cfg.n_layer):
-            keys += [f"h.{i}.{module}.{kind}" for module in COURSE_BLOCK_MODULES for kind in ("weight", "bias")]
-        return keys + ["ln_f.weight", "ln_f.bias"]
-
-    def course_state_dict(self):
-        """State dict in the course layout: GPT-2's own tensors only, Conv1D weights transposed.
-        (Looked up by GPT-2's key names, so modules a PEFT method added are never included.)"""
-        own = self.state_dict()
-        return OrderedDict((key, own[key].t().contiguous() if key.endswith(CONV1D_SUFFIXES) else own[key])
-                           for key in self.course_keys())
-
-    def load_course_weights(self, path):
-        """Load a course-format ``decoder_model.bin``; any missing or unknown key is an error."""
-        path = Path(path)
-        if not path.is_file():
-            raise VlcapError(f"{path}: decoder weights not found; pass --decoder-weights PATH/decoder_model.bin")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise VlcapError(f"{path}: not a readable torch state dict ({type(exc).__name__}); "
-                             "expected the course's decoder_model.bin") from exc
-        if not isinstance(state, dict):
-            raise VlcapError(f"{path}: holds a {type(state).__name__}, not a state dict; expected decoder_model.bin")
-        state = {k: v for k, v in state.items() if not k.endswith(MASK_BUFFER_SUFFIXES)}
-        state = {k: v.t() if k.endswith(CONV1D_SUFFIXES) else v for k, v in state.items()}
-        expected = set(self.course_keys())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise VlcapError(f"{path}: does not match the decoder config (missing {few(missing)}; "
-                             f"unexpected {few(unexpected)}); expected a GPT-2 state dict without "
-                             "the 'transformer.' prefix")
-        own = self.state_dict()
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise VlcapError(f"{path}: {key} has shape {tuple(value.shape)} but the decoder config "
-                                 f"needs {tuple(own[key].shape)}; set model.decoder to the checkpoint's size")
-        self.load_state_dict(state, strict=False)
-
-
-def save_course_weights(decoder, path):
-    """Write ``decoder``'s pretrained part as a course-format ``decoder_model.bin``."""
-    with atomic_write(path) as f:
-        torch.save(decoder.course_state_dict(), f)
-
+        return [params[key] for key in course_keys(self.cfg)]

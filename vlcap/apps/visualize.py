@@ -2,7 +2,7 @@
 
 Each figure shows the image as the encoder sees it (its timm transform resizes and crops, and
 the patch grid covers exactly that), titled ``<start>``, then one panel per produced word: that
-word's attention (``vlcap.core.attention``) over the patch grid, bilinearly upsampled to the
+word's attention (``vlcap.core.model.attention``) over the patch grid, bilinearly upsampled to the
 image, stretched to its own min..max and blended over the image. ``--rank-by clipscore`` picks the
 best and worst scored images of a prediction file and draws the caption that was scored.
 """
@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
+from vlcap.core.model.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
                                   word_attention)
-from vlcap.core.clip import load_clip
+from vlcap.core.eval.clip import load_clip
 from vlcap.core.data import find_images, load_captions, load_image
-from vlcap.core.decoding import generate_tokens
+from vlcap.core.infer.decoding import generate_tokens
 from vlcap.core.errors import VlcapError, few
-from vlcap.core.evaluation import (check_images, check_predictions, clip_scores, course_references, image_paths_for,
+from vlcap.core.eval.evaluation import (check_images, check_predictions, clip_scores, image_paths_for,
                                    load_predictions)
-from vlcap.core.inference import resolve_decoding
-from vlcap.core.trainer import autocast_dtype
+from vlcap.core.infer.captioning import resolve_decoding
+from vlcap.core.runtime import autocast, autocast_dtype
 
 PANELS_PER_ROW = 5
 COLORMAP = "jet"
@@ -84,7 +84,7 @@ def rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model=None, t
         raise VlcapError(f"--top/--bottom: ask for at least one image (got --top {top} --bottom {bottom})")
     predictions = load_predictions(pred_path)
     caption_set = load_captions(annotations_path)
-    check_predictions(predictions, course_references(caption_set), where=f"{pred_path} (against {annotations_path})")
+    check_predictions(predictions, caption_set.references(), where=f"{pred_path} (against {annotations_path})")
     image_paths = image_paths_for(caption_set, image_dir)
     check_images(predictions, image_paths, where=f"{annotations_path} (images in {image_dir})")
     scores = clip_scores(predictions, image_paths, load_clip(clip_model), console=console).per_image
@@ -148,7 +148,7 @@ def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None
     drawn = []
     for target in targets:
         pixels = transform(load_image(target.path)).to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             if target.caption is None:
                 tokens = generate_tokens(captioner, pixels[None], tokenizer, decoding, options, max_length)[0]
             else:

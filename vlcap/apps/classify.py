@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import image_loader, read_json
+from vlcap.core.data import iterate_images, read_json
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.outputs import write_csv
+from vlcap.core.progress import progress_bar
 
 PLACEHOLDER = "{object}"
 # CLIP's own prompt ensemble for CIFAR-10/100 (openai/CLIP data/prompts.md). The course's set is 50
@@ -90,13 +90,10 @@ class ImageSet:
 def encode_images(clip, paths, batch_size=128, console=None):
     """Embed every image once, batched, with a progress bar; unreadable files are warned about
     (one line each) and collected in ``ImageSet.bad``."""
-    loader = image_loader(paths, clip.preprocess, batch_size, clip.device)
     files, chunks, bad = [], [], []
-    progress = Progress(TextColumn("[bold]embedding images"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console, transient=True)
-    with progress:
+    with progress_bar("embedding images", console, transient=True) as progress:
         task = progress.add_task("images", total=len(paths))
-        for pixels, indices, unreadable in loader:
+        for pixels, indices, unreadable in iterate_images(paths, clip.preprocess, batch_size, clip.device):
             for item in unreadable:
                 progress.console.print(f"warning: {item.message}", markup=False, highlight=False, soft_wrap=True)
                 bad.append((item.path.name, item.message))

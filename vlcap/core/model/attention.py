@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlcap.core.decoding import evaluating
+from vlcap.core.runtime import evaluating
 from vlcap.core.errors import VlcapError
 
 

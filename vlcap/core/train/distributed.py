@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from vlcap.core.errors import VlcapError
-from vlcap.core.tokenizer import IGNORE_INDEX
+from vlcap.core.model.tokenizer import IGNORE_INDEX
 
 
 @dataclass

@@ -20,11 +20,11 @@ from safetensors.torch import save as safetensors_bytes
 import vlcap
 from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
-from vlcap.core.captioner import build_captioner, tokenizer_for
+from vlcap.core.model.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, VlcapWarning, few
-from vlcap.core.peft import check_budget, config_dict, count_parameters
-from vlcap.core.tokenizer import Tokenizer
+from vlcap.core.model.peft import check_budget, config_dict, count_parameters
+from vlcap.core.model.tokenizer import Tokenizer
 
 FORMAT = "vlcap.trainable.v1"
 

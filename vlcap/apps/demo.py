@@ -10,16 +10,17 @@ from rich.table import Table
 from torch.nn.utils.rnn import pad_sequence
 
 from vlcap.core import config as config_lib
-from vlcap.core.captioner import tokenizer_for
-from vlcap.core.checkpoint import load_checkpoint
+from vlcap.core.model.captioner import tokenizer_for
+from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.data import load_captions
 from vlcap.core.errors import VlcapError
-from vlcap.core.gpt2 import GPT2Decoder, save_course_weights
-from vlcap.core.inference import caption_paths
-from vlcap.core.peft import seeded
-from vlcap.core.synthetic import make_synthetic_set
-from vlcap.core.tokenizer import IGNORE_INDEX
-from vlcap.core.trainer import train
+from vlcap.core.model.course_weights import save_course_weights
+from vlcap.core.model.gpt2 import GPT2Decoder
+from vlcap.core.infer.captioning import caption_paths
+from vlcap.core.model.peft import seeded
+from vlcap.apps.synthetic import make_synthetic_set
+from vlcap.core.model.tokenizer import IGNORE_INDEX
+from vlcap.core.train.trainer import train
 
 
 def usable_metrics(names, registry, console):

@@ -1,17 +1,14 @@
 """Caption images with a trained checkpoint (what `vlcap caption`, hw3_2.sh and the demo run)."""
 from dataclasses import dataclass
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from vlcap.core.checkpoint import load_checkpoint
+from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
-from vlcap.core.data import find_images, image_loader
-from vlcap.core.decoding import caption_images
+from vlcap.core.data import find_images, iterate_images
+from vlcap.core.infer.decoding import caption_images
 from vlcap.core.errors import VlcapError
 from vlcap.core.outputs import write_predictions
-from vlcap.core.trainer import autocast_dtype, resolve_device
+from vlcap.core.progress import progress_bar
+from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
 
 
 @dataclass
@@ -41,25 +38,23 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
                   console=None):
     """Caption the image files ``paths`` with a ``LoadedCaptioner``. Unreadable images get a warning
     line each and are left out (returned in ``bad_images``)."""
-    console = console or Console(stderr=True)
     if batch_size < 1:
         raise VlcapError(f"--batch-size: must be >= 1, got {batch_size}")
     decoding, options, max_length = resolve_decoding(loaded.config.decoding, registry, strategy, options, max_length)
     device = next(loaded.captioner.parameters()).device
     dtype = autocast_dtype(loaded.config.train.amp, device)
-    loader = image_loader(paths, loaded.captioner.encoder.transform(), batch_size, device)
     predictions, bad = {}, []
-    columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bar("captioning", console) as progress:
         task = progress.add_task("captioning", total=len(paths))
-        for pixels, indices, unreadable in loader:
+        for pixels, indices, unreadable in iterate_images(paths, loaded.captioner.encoder.transform(), batch_size,
+                                                          device):
             for item in unreadable:
                 progress.console.print(f"warning: {item.message}; skipped", markup=False, highlight=False,
                                        soft_wrap=True)
                 bad.append(item.message)
             if pixels is not None:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    captions = caption_images(loaded.captioner, pixels.to(device), loaded.tokenizer,
+                with autocast(device, dtype):
+                    captions = caption_images(loaded.captioner, pixels, loaded.tokenizer,
                                               decoding, options, max_length)
                 predictions.update(zip((paths[i].stem for i in indices), captions))
             progress.advance(task, len(indices) + len(unreadable))

@@ -4,11 +4,12 @@ import contextlib
 import torch
 from torch import nn
 
-from vlcap.core.encoder import ImageEncoder
+from vlcap.core.model.encoder import ImageEncoder
 from vlcap.core.errors import VlcapError
-from vlcap.core.gpt2 import GPT2Decoder
-from vlcap.core.peft import apply_peft, config_dict, mark_pretrained, seeded
-from vlcap.core.tokenizer import Tokenizer
+from vlcap.core.model.course_weights import load_course_weights
+from vlcap.core.model.gpt2 import GPT2Decoder
+from vlcap.core.model.peft import apply_peft, config_dict, mark_pretrained, seeded
+from vlcap.core.model.tokenizer import Tokenizer
 
 
 class Captioner(nn.Module):
@@ -70,7 +71,7 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
         decoder = GPT2Decoder(cfg.model.decoder)
         captioner = Captioner(encoder, decoder)
     if decoder_weights is not None and not meta:
-        decoder.load_course_weights(decoder_weights)
+        load_course_weights(decoder, decoder_weights)
     method = registry.get("peft", cfg.peft.method)
     with seeded(cfg.model.init_seed + 1), device:
         peft_config = apply_peft(captioner, method, cfg.peft.options)

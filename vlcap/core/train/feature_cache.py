@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from rich.progress import Progress
 from timm.data import resolve_data_config
-from torch.utils.data import DataLoader, Dataset
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import IMAGE_SUFFIXES, ImageDataset
+from vlcap.core.data import IMAGE_SUFFIXES, RAISE, iterate_images
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.progress import progress_bar
 
 FORMAT = "vlcap-feature-cache/1"
 DTYPES = ("float16", "float32")
@@ -95,17 +94,18 @@ def write_feature_cache(encoder, image_dir, out, dtype="float16", batch_size=32,
     manifest = {"format": FORMAT, **encoder_description(encoder), "timm": timm.__version__,
                 "dtype": dtype, "shape": list(shape),
                 "images": {name: [row, *file_stamp(image_dir / name)] for row, name in enumerate(names)}}
-    loader = DataLoader(ImageDataset([image_dir / n for n in names], encoder.transform()),
-                        batch_size=batch_size, num_workers=num_workers)
+    device = torch.device(device)
+    batches = iterate_images([image_dir / n for n in names], encoder.transform(), batch_size, device,
+                             unreadable=RAISE, num_workers=num_workers)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
         row = 0
-        with Progress(console=console, disable=console is None) as progress:
+        with progress_bar("encode images", console, disable=console is None) as progress:
             task = progress.add_task("encode images", total=len(names))
-            for pixels, _ in loader:
+            for pixels, _, _ in batches:
                 with torch.no_grad():
-                    tokens = encoder(pixels.to(device)).float().cpu().numpy()
+                    tokens = encoder(pixels).float().cpu().numpy()
                 features[row:row + len(tokens)] = tokens
                 row += len(tokens)
                 progress.update(task, advance=len(tokens))
@@ -171,23 +171,6 @@ class FeatureCache:
         if changed:
             raise VlcapError(f"{self.path}: {len(changed)} image file(s) in {image_dir} changed since they were "
                              f"cached: {few(changed)}; rebuild the cache")
-
-
-class CachedCaptionDataset(Dataset):
-    """A ``CaptionDataset`` whose items carry the image's cached ViT tokens instead of pixels."""
-
-    def __init__(self, captions, cache):
-        self.items = captions.items
-        self.truncated, self.empty = captions.truncated, captions.empty
-        self.cache = cache
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        file_name, input_ids, labels = self.items[index]
-        tokens = torch.from_numpy(self.cache.features[self.cache.rows[file_name]].astype(np.float32))
-        return tokens, torch.tensor(input_ids), torch.tensor(labels)
 
 
 def training_cache(cfg, encoder, run_dir, console, is_main, barrier):

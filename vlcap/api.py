@@ -1,0 +1,63 @@
+"""The public API for plugin authors: everything a plugin and its tests may import from vlcap.
+
+A plugin package imports from here (and ``vlcap.hookimpl``) only; every other vlcap module is
+private and may change between releases. vlcap's own plugins follow the same rule (an
+import-linter contract in setup.cfg, run by the test suite, enforces it). docs/plugins.md says
+what each name is for, with examples.
+
+PEFT methods: subclass ``PeftMethod``; change the captioner through its hook points with
+``swap_linear`` (replace a Linear, keeping its pretrained Parameters) and ``select_layers``
+(the ``layers`` option); ``trainable_state`` is what ``export`` saves by default.
+
+Decoding strategies: subclass ``DecodingStrategy``; ``generate`` gets a ``NextToken`` model.
+The loop and mechanics every strategy shares: ``decode_token_by_token``, ``sample``,
+``make_generator``, ``ban_repeated_ngrams``, ``length_normalised``, ``cut_at_end``.
+
+Metrics: subclass ``Metric``; the course's scorers are here to build on (``cider``,
+``clip_scores``, ``load_clip``, ``check_java``).
+
+Tests: the conformance kit (``check_peft_method``, ``check_decoding_strategy``, ``PEFT_CHECKS``,
+``DECODING_CHECKS``; they need pytest and are imported on first use) and its tiny builders
+(``tiny_config``, ``tiny_captioner``, ``pixels_for``, ``token_ids``, ``perturb_trainable``,
+``make_synthetic_set``).
+"""
+from vlcap.apps.synthetic import make_synthetic_set
+from vlcap.core.errors import VlcapError, VlcapWarning
+from vlcap.core.eval.clip import CLIP_MODEL_ENV, Clip, load_clip
+from vlcap.core.eval.evaluation import check_java, cider, clip_scores
+from vlcap.core.eval.metrics import Metric
+from vlcap.core.hookspecs import hookimpl
+from vlcap.core.infer.decoding import (DecodingStrategy, ban_repeated_ngrams, cut_at_end, decode_token_by_token,
+                                       generate_tokens, length_normalised, make_generator, sample)
+from vlcap.core.model.gpt2 import merge_heads, split_heads
+from vlcap.core.model.peft import PeftMethod, is_pretrained, select_layers, swap_linear, trainable_state
+from vlcap.core.model.tokenizer import IGNORE_INDEX, Tokenizer
+from vlcap.core.plugins import registry
+from vlcap.testing.builders import perturb_trainable, pixels_for, tiny_captioner, tiny_config, token_ids
+
+_KIT = ("check_peft_method", "check_decoding_strategy", "PEFT_CHECKS", "DECODING_CHECKS")
+
+__all__ = [
+    # hooks and errors
+    "hookimpl", "registry", "VlcapError", "VlcapWarning",
+    # PEFT methods
+    "PeftMethod", "swap_linear", "select_layers", "trainable_state", "is_pretrained", "split_heads",
+    "merge_heads",
+    # decoding strategies
+    "DecodingStrategy", "decode_token_by_token", "sample", "make_generator", "ban_repeated_ngrams",
+    "length_normalised", "cut_at_end", "generate_tokens",
+    # metrics
+    "Metric", "cider", "clip_scores", "load_clip", "check_java", "Clip", "CLIP_MODEL_ENV",
+    # tokens
+    "Tokenizer", "IGNORE_INDEX",
+    # tests
+    "tiny_config", "tiny_captioner", "pixels_for", "token_ids", "perturb_trainable", "make_synthetic_set", *_KIT,
+]
+
+
+def __getattr__(name):
+    # The kit's checks use pytest, which a plugin at run time does not need: imported on first use.
+    if name in _KIT:
+        import vlcap.testing
+        return getattr(vlcap.testing, name)
+    raise AttributeError(f"module 'vlcap.api' has no attribute {name!r}")
