@@ -122,7 +122,7 @@ def main():
     dtype = autocast_dtype(args.amp, device)
     registry = load_registry()
     cfg = config_lib.resolve("tiny", overrides=[SIZES[args.size], {"peft": {"method": args.peft}}])
-    captioner, _ = build_captioner(cfg, registry)
+    captioner = build_captioner(cfg, registry).captioner
     captioner.to(device)
     start_id = tokenizer_for(cfg).eot_id
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -162,7 +162,7 @@ def measure(args):
     method = name.split()[1] if name.startswith("vlcap") else "lora"
     cfg = vlcap_config(args.size, method)
     torch.manual_seed(0)
-    captioner, peft_method = build_captioner(cfg, registry)
+    captioner, peft_method, _ = build_captioner(cfg, registry)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
@@ -256,7 +256,7 @@ def main():
     except VlcapError as exc:
         sys.exit(f"Error: {exc}")
     names = [f"vlcap {m}" for m in methods] + [f"vlcap {m} + cache" for m in methods] + [HF]
-    shapes, _ = build_captioner(vlcap_config(args.size, methods[0]), registry, meta=True)
+    shapes = build_captioner(vlcap_config(args.size, methods[0]), registry, meta=True).captioner
     # Where HF has no projection of its own, the equal-architecture comparison adds vlcap's.
     same_architecture = HF_PROJECTED if shapes.encoder.embed_dim == shapes.decoder.cfg.n_embd else HF
     names += [HF_PROJECTED] * (same_architecture != HF) + [same_architecture + " + cache"]

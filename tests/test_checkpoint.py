@@ -16,7 +16,7 @@ from vlcap.core.train.trainer import prepare_model
 def trained_like(registry, tmp_path, method, **options):
     """A tiny captioner whose trainable parameters are all non-trivial, plus its checkpoint."""
     cfg = tiny_config(method, peft={"options": options})
-    tokenizer, captioner, plugin = prepare_model(cfg, registry, tmp_path)
+    tokenizer, captioner, plugin, cfg = prepare_model(cfg, registry, tmp_path)
     with torch.no_grad():
         for p in captioner.parameters():
             if p.requires_grad:

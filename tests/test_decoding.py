@@ -27,7 +27,7 @@ def make_captioner(method, registry):
     """A tiny captioner whose every added part is non-zero (zero-init parts would hide a cache
     that skipped them) and whose end token is likely enough that captions end at varying lengths."""
     cfg = tiny_config(method)
-    captioner, peft = build_captioner(cfg, registry)
+    captioner, peft, _ = build_captioner(cfg, registry)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in captioner.parameters():

@@ -12,7 +12,7 @@ from vlcap.plugins.peft_lora.layer import MergedLinear
 
 
 def build(registry, method, **options):
-    return build_captioner(tiny_config(method, peft={"options": options}), registry)
+    return build_captioner(tiny_config(method, peft={"options": options}), registry)[:2]
 
 
 def test_lora_targets_and_layers_decide_what_is_adapted(registry):

@@ -116,7 +116,7 @@ def test_trace_plugins_logs_every_hook_call(fresh_registry):
 @pytest.fixture
 def lora_checkpoint(registry, tmp_path):
     cfg = tiny_config("lora")
-    tokenizer, captioner, method = prepare_model(cfg, registry, tmp_path)
+    tokenizer, captioner, method, cfg = prepare_model(cfg, registry, tmp_path)
     path = tmp_path / "lora.safetensors"
     save_checkpoint(path, captioner, method, cfg, tokenizer, registry)
     return path

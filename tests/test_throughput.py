@@ -13,7 +13,7 @@ from vlcap.core.train.trainer import configure_decoder, train, validation_loss
 
 @pytest.fixture
 def captioner_and_batch(registry):
-    captioner, _ = build_captioner(tiny_config("adapter", peft={"options": {"layers": "all"}}), registry)
+    captioner = build_captioner(tiny_config("adapter", peft={"options": {"layers": "all"}}), registry).captioner
     torch.manual_seed(0)
     ids = torch.randint(0, 50257, (2, 9))
     return captioner.train(), (torch.randn(2, 3, 160, 160), ids, ids.roll(-1, 1))

@@ -22,7 +22,7 @@ from vlcap.core.train.trainer import prepare_model
 def checkpoint(registry, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     cfg = tiny_config("lora")
-    tokenizer, captioner, method = prepare_model(cfg, registry, root)
+    tokenizer, captioner, method, cfg = prepare_model(cfg, registry, root)
     save_checkpoint(root / "good.safetensors", captioner, method, cfg, tokenizer, registry)
     return root / "good.safetensors"
 

@@ -32,7 +32,7 @@ def run_visualize(*args):
 def tiny_captioner(registry, **encoder_kwargs):
     """A tiny random captioner; ``encoder_kwargs`` rebuild its test_vit (e.g. with register tokens)."""
     cfg = tiny_config("lora")
-    captioner, method = build_captioner(cfg, registry)
+    captioner, method, _ = build_captioner(cfg, registry)
     if encoder_kwargs:
         encoder = captioner.encoder
         encoder.vit = timm.create_model("test_vit", pretrained=False, num_classes=0, **encoder_kwargs)

@@ -151,7 +151,7 @@ def train(config_file, preset, peft, encoder, decoder_weights, train_json, train
     if dry_run:
         from vlcap.core.model.captioner import build_captioner
         from vlcap.core.model.peft import MAX_TRAINABLE, check_budget, count_parameters
-        captioner, _ = build_captioner(cfg, registry(), meta=True)
+        captioner = build_captioner(cfg, registry(), meta=True).captioner
         counts = count_parameters(captioner)
         console.print(parameter_table(counts, f"{cfg.model.encoder} + GPT-2 ({cfg.model.decoder.n_layer} layers) + {cfg.peft.method}"))
         console.print(f"trainable: {counts.trainable:,} of the {MAX_TRAINABLE:,} budget")

@@ -1,7 +1,9 @@
 """Run configuration: dataclasses with defaults, YAML files, presets and ``--set key=value``.
 
 The resolved config (every default filled in) is what a run directory and a checkpoint record,
-so a checkpoint can rebuild its model from its own metadata.
+so a checkpoint can rebuild its model from its own metadata. Configs are frozen: what is computed
+while building (a plugin's resolved options, the decoder weights a run wrote) comes back in a new
+config made with ``dataclasses.replace``, never written into the one a caller passed.
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ import yaml
 from vlcap.core.errors import VlcapError
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPT2Config:
     """The decoder's shape; GPT-2 small (the course's ``decoder_model.bin``) by default."""
     n_layer: int = 12
@@ -23,7 +25,7 @@ class GPT2Config:
     block_size: int = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     encoder: str = "vit_base_patch16_clip_224.openai"
     encoder_pretrained: bool = True
@@ -39,13 +41,13 @@ class ModelConfig:
     vocab_bpe: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeftConfig:
     method: str = "lora"
     options: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train_json: Optional[str] = None
     train_images: Optional[str] = None
@@ -59,7 +61,7 @@ class DataConfig:
     feature_cache_dtype: str = "float16"  # float16 | float32
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
     max_steps: Optional[int] = None  # optimizer steps; stops before `epochs` if reached
@@ -85,14 +87,14 @@ class TrainConfig:
     length_buckets: bool = False  # batch captions of similar token length together (less padding)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodingConfig:
     strategy: str = "greedy"
     options: dict = field(default_factory=dict)
     max_length: int = 30
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -27,7 +27,7 @@ def tiny_captioner(method, registry=None, **options):
     """``(captioner, tokenizer)``: the tiny preset with ``method`` applied with ``options`` (its
     ``peft.options``), random weights; ``registry`` defaults to the installed plugins."""
     cfg = tiny_config(method, peft={"method": method, "options": options})
-    captioner, _ = build_captioner(cfg, registry or installed_registry())
+    captioner = build_captioner(cfg, registry or installed_registry()).captioner
     return captioner, tokenizer_for(cfg)
 
 
@@ -58,7 +58,7 @@ def decoding_captioner(method, registry):
     """A perturbed tiny captioner (shared by the decoding checks, which never change it) whose end
     token is likely enough that captions end at varying lengths."""
     cfg = tiny_config(method)
-    captioner, _ = build_captioner(cfg, registry)
+    captioner = build_captioner(cfg, registry).captioner
     perturb_trainable(captioner)
     tokenizer = tokenizer_for(cfg)
     with torch.no_grad():

@@ -21,7 +21,7 @@ def check_gradients(name, registry):
     get no gradient; every trainable tensor gets a non-zero gradient from the loss. The trainable
     parameters are perturbed first: at a zero init (LoRA's B, the cross-attention output) the
     parameters behind it get exactly zero gradient, which would hide a tensor that is not wired in."""
-    captioner, _ = build_captioner(tiny_config(name), registry)
+    captioner = build_captioner(tiny_config(name), registry).captioner
     perturb_trainable(captioner, std=0.05)
     pixels = pixels_for(captioner, 2)
     ids = token_ids(2, 7, captioner.decoder.cfg.vocab_size)
@@ -42,7 +42,7 @@ def check_save_load(name, registry):
     """A saved checkpoint loads into a captioner with exactly the same logits."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = tiny_config(name)
-        tokenizer, captioner, method = prepare_model(cfg, registry, tmp)
+        tokenizer, captioner, method, cfg = prepare_model(cfg, registry, tmp)
         perturb_trainable(captioner, std=0.05).eval()
         path = f"{tmp}/checkpoint.safetensors"
         saved = save_checkpoint(path, captioner, method, cfg, tokenizer, registry)
@@ -60,7 +60,7 @@ def check_merge(name, registry):
     if not method.can_merge:
         pytest.skip(f"PEFT method '{name}' does not claim can_merge")
     cfg = tiny_config(name)
-    captioner, _ = build_captioner(cfg, registry)
+    captioner = build_captioner(cfg, registry).captioner
     perturb_trainable(captioner, std=0.05).eval()
     tokenizer = tokenizer_for(cfg)
     pixels, ids = pixels_for(captioner, 2), token_ids(2, 7, cfg.model.decoder.vocab_size)
@@ -113,7 +113,7 @@ def check_budget_at_full_size(name, registry):
     """With its default options, on GPT-2 small and the largest course encoder, the model stays
     within the 35M trainable-parameter budget (built as shapes only, like ``train --dry-run``)."""
     cfg = config_lib.resolve("full", overrides=[{"peft": {"method": name}, "model": {"encoder": FULL_SIZE_ENCODER}}])
-    captioner, _ = build_captioner(cfg, registry, meta=True)
+    captioner = build_captioner(cfg, registry, meta=True).captioner
     counts = count_parameters(captioner)
     assert counts.groups.get("peft", (0, 0))[0] > 0
     check_budget(counts.trainable, what=f"'{name}' with its default options at full size")
@@ -130,8 +130,8 @@ def check_zero_init(name, registry):
     """Where the method claims ``zero_init``, a freshly applied method leaves the output unchanged."""
     if not registry.get("peft", name).zero_init:
         pytest.skip(f"PEFT method '{name}' does not claim zero_init")
-    base, _ = build_captioner(tiny_config("none"), Registry([PluginEntry("none", "peft", "kit", "0", "", _NoMethod())]))
-    captioner, _ = build_captioner(tiny_config(name), registry)
+    base = build_captioner(tiny_config("none"), Registry([PluginEntry("none", "peft", "kit", "0", "", _NoMethod())])).captioner
+    captioner = build_captioner(tiny_config(name), registry).captioner
     with torch.no_grad():
         # Let the image matter (the cross-attention output starts at zero), the same in both.
         for p in base.decoder.h[0].cross_attn.c_proj.parameters():

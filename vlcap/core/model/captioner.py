@@ -1,5 +1,7 @@
 """The captioner: frozen ViT -> trainable projection -> GPT-2 with trainable cross-attention."""
 import contextlib
+import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -58,12 +60,18 @@ class CaptionLoss(nn.Module):
         return self.captioner.loss(inputs, input_ids, labels)
 
 
+class BuiltCaptioner(NamedTuple):
+    captioner: Captioner
+    method: object  # the PEFT plugin applied
+    config: object  # the RunConfig it was built from, with the method's options resolved (defaults filled in)
+
+
 def build_captioner(cfg, registry, decoder_weights=None, meta=False):
     """Build the captioner ``cfg`` describes, load decoder weights, apply its PEFT method.
 
     ``meta=True`` builds shapes only (no weights, no download): enough to count parameters of a
-    full-size model in a second. Returns ``(captioner, method)`` and writes the method's resolved
-    options back into ``cfg.peft.options``.
+    full-size model in a second. ``cfg`` is never changed: the method's resolved options come back
+    in the returned ``config``, which is what a run records.
     """
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with seeded(cfg.model.init_seed), device:
@@ -75,8 +83,8 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
     method = registry.get("peft", cfg.peft.method)
     with seeded(cfg.model.init_seed + 1), device:
         peft_config = apply_peft(captioner, method, cfg.peft.options)
-    cfg.peft.options = config_dict(peft_config)
-    return captioner, method
+    resolved = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(peft_config)))
+    return BuiltCaptioner(captioner, method, resolved)
 
 
 def build_encoder(cfg, meta=False):

@@ -121,7 +121,7 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
                          f"says {metadata['parameters']:,}; the file was altered")
     check_budget(metadata["parameters"], what=str(path))
 
-    captioner, method = build_captioner(cfg, registry, decoder_weights=weights)
+    captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
     expected = {name: p for name, p in captioner.named_parameters() if p.requires_grad}
     unused, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if unused or missing:

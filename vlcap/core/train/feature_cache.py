@@ -185,7 +185,6 @@ def training_cache(cfg, encoder, run_dir, console, is_main, barrier):
                                 batch_size=cfg.train.batch_size, device=next(encoder.parameters()).device,
                                 num_workers=cfg.train.num_workers, console=console)
         barrier()
-    cfg.data.feature_cache = str(path)
     cache = FeatureCache(path)
     cache.check_encoder(encoder)
     return cache

@@ -9,6 +9,7 @@ previous state intact, and read back with ``torch.load(weights_only=True)``: pla
 and tensors only, no pickled code. The trainable-only safetensors files stay the exchange format.
 """
 import contextlib
+import dataclasses
 import random
 import signal
 import threading
@@ -72,7 +73,7 @@ def resume_config(run_dir, device=None):
         raise VlcapError(f"{run_dir}: no config.yaml here; pass the --out directory of a vlcap train run")
     cfg = config_lib.from_dict(RunConfig, config_lib.load_yaml(path), where=str(path))
     if device is not None:
-        cfg.train.device = device
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     return cfg
 
 

@@ -1,5 +1,6 @@
 """The training loop. It knows no PEFT method, decoding strategy or metric by name: all three
 come from the registry, chosen by the run config."""
+import dataclasses
 import functools
 import json
 import math
@@ -7,6 +8,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,21 +60,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+class PreparedModel(NamedTuple):
+    tokenizer: object
+    captioner: object
+    method: object
+    config: object  # the run's resolved config: plugin options filled in, the decoder weights' path
+
+
 def prepare_model(cfg, registry, run_dir=None):
     """Tokenizer + captioner for a training run. With ``model.random_decoder`` and no weights
     file, the random decoder is written to ``run_dir/decoder_model.bin`` in the course format
-    and recorded in ``cfg``, so every later command can load it."""
+    and its path recorded in the returned config, so every later command can load it."""
     tokenizer = tokenizer_for(cfg)
     weights = cfg.model.decoder_weights
     if weights is None and not cfg.model.random_decoder:
         raise VlcapError("no decoder weights: pass --decoder-weights PATH/decoder_model.bin "
                          "(or --preset tiny to run offline with a random decoder)")
-    captioner, method = build_captioner(cfg, registry, decoder_weights=weights)
+    captioner, method, resolved = build_captioner(cfg, registry, decoder_weights=weights)
     if weights is None:
         path = (Path(run_dir) / "decoder_model.bin").resolve()
         save_course_weights(captioner.decoder, path)
-        cfg.model.decoder_weights = str(path)
-    return tokenizer, captioner, method
+        resolved = dataclasses.replace(resolved, model=dataclasses.replace(resolved.model, decoder_weights=str(path)))
+    return PreparedModel(tokenizer, captioner, method, resolved)
 
 
 def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), cache=None):
@@ -226,11 +235,13 @@ def train(cfg, run_dir, registry, console=None, resume=False):
         console = Console(quiet=True)
     dtype = autocast_dtype(cfg.train.amp, device)
 
-    tokenizer, captioner, method = prepare_model(cfg, registry, run_dir)
+    tokenizer, captioner, method, cfg = prepare_model(cfg, registry, run_dir)
     counts = count_parameters(captioner)
     check_budget(counts.trainable)
     captioner.to(device)
     cache = training_cache(cfg, captioner.encoder, run_dir, console, ctx.is_main, ctx.barrier)
+    if cache is not None:  # the run records the cache it trained from
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, feature_cache=str(cache.path)))
     train_loader, val = make_loaders(cfg, captioner, tokenizer, device, ctx, cache)
     configure_decoder(captioner, cfg)
     step_model = distributed.wrap(CaptionLoss(captioner, from_features=cache is not None), ctx, device)
