@@ -251,5 +251,5 @@ def test_training_without_java_says_how_to_train_without_cider(tmp_path, synthet
     cfg = tiny_config("lora", **data_overrides(synthetic))
     with pytest.raises(VlcapError, match=r"default-jre-headless.*--set train.metrics=\[\]"):
         train(cfg, tmp_path / "run", registry)
-    cfg.train.metrics, cfg.train.max_steps = [], 1  # no metrics: selects by validation loss, no java needed
-    assert "cider" not in train(cfg, tmp_path / "run", registry).history[0]
+    cfg = tiny_config("lora", **data_overrides(synthetic), train={"metrics": [], "max_steps": 1})
+    assert "cider" not in train(cfg, tmp_path / "run", registry).history[0]  # selects by validation loss, no java needed
