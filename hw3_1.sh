@@ -8,4 +8,5 @@ if [ "$#" -ne 3 ]; then
     echo "usage: bash $0 IMAGES_DIR ID2LABEL_JSON OUT_CSV" >&2
     exit 2
 fi
-PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" python3 -m vlcap classify "$1" --labels "$2" --out "$3"
+here="$(cd "$(dirname "$0")" && pwd)"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" python3 -m vlcap classify "$1" --labels "$2" --out "$3"

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+import vlcap
 from vlcap.core import config as config_lib
 from vlcap.core.errors import VlcapError, VlcapWarning, few
 
@@ -37,7 +38,7 @@ class VlcapGroup(click.Group):
 
 
 @click.group(cls=VlcapGroup)
-@click.version_option(package_name="vlcap")
+@click.version_option(version=vlcap.__version__, prog_name="vlcap")
 @click.option("--strict-plugins", is_flag=True, envvar="VLCAP_STRICT_PLUGINS",
               help="A plugin that fails to import or register is an error, not a skipped plugin with a warning.")
 @click.option("--trace-plugins", is_flag=True, envvar="VLCAP_TRACE_PLUGINS",
