@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlcap.core import config as config_lib
 from vlcap.core.plugins import registry as load_registry
 from vlcap.apps.synthetic import make_synthetic_set
+from vlcap.testing.builders import tiny_config  # noqa: F401 (the test files import it from here)
 
 SHARED = Path(os.environ.get("VLCAP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
@@ -27,10 +27,6 @@ def synthetic(tmp_path_factory):
 def small_synthetic(tmp_path_factory):
     """40 training captions: 5 steps of 8 per epoch, for tests that train several times."""
     return make_synthetic_set(tmp_path_factory.mktemp("small_synthetic"), train_images=8, val_images=4)
-
-
-def tiny_config(method="lora", **overrides):
-    return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}, overrides])
 
 
 def data_overrides(root):

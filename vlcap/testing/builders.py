@@ -17,7 +17,7 @@ MAX_LENGTH = 8
 FULL_SIZE_ENCODER = "vit_large_patch14_clip_224.openai"  # the largest encoder the course uses
 
 
-def tiny_config(method, **sections):
+def tiny_config(method="lora", **sections):
     """The ``tiny`` preset's run config with PEFT method ``method``; ``sections`` override config
     sections, e.g. ``tiny_config("lora", train={"max_steps": 2})``."""
     return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}, sections])
