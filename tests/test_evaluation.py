@@ -253,3 +253,12 @@ def test_training_without_java_says_how_to_train_without_cider(tmp_path, synthet
         train(cfg, tmp_path / "run", registry)
     cfg = tiny_config("lora", **data_overrides(synthetic), train={"metrics": [], "max_steps": 1})
     assert "cider" not in train(cfg, tmp_path / "run", registry).history[0]  # selects by validation loss, no java needed
+
+
+def test_the_java_tokenizer_prints_nothing_into_the_terminal(capfd):
+    references = {"a": ["a dog running on grass", "the dog runs"], "b": ["two cats on a sofa", "cats sleeping"]}
+    result = cider({"a": "a dog runs", "b": "two cats"}, references)
+    assert result.score > 0
+    captured = capfd.readouterr()
+    assert "PTBTokenizer" not in captured.err and "tokens at" not in captured.err
+    assert captured.out == ""

@@ -5,9 +5,14 @@ CIDEr: Stanford PTB tokenization (lower-case, punctuation removed) then coco-cap
 the course's evaluator calls. CLIPScore: 2.5 * max(cos(image, caption), 0) with OpenAI CLIP,
 averaged over images. Training (validation metrics) and ``vlcap evaluate`` both come here.
 """
+import contextlib
+import functools
 import os
 import re
 import shutil
+import subprocess
+import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,15 +55,36 @@ def check_java():
 def ptb_tokenize(captions):
     """``key -> list of captions`` -> ``key -> list of PTB-tokenized captions`` (one java run).
 
-    Safe to call concurrently: each call writes its own uniquely named temporary file."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    Safe to call concurrently: each call writes its own uniquely named temporary file. Java's
+    "PTBTokenizer tokenized N tokens at ..." line is captured, not printed into the terminal
+    (where it would land in the middle of a live progress bar)."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
     check_java()
-    tokenized = PTBTokenizer().tokenize(
-        {key: [{"caption": LINE_BREAKS.sub(" ", text)} for text in texts] for key, texts in captions.items()})
+    with java_stderr_captured(ptbtokenizer):
+        tokenized = ptbtokenizer.PTBTokenizer().tokenize(
+            {key: [{"caption": LINE_BREAKS.sub(" ", text)} for text in texts] for key, texts in captions.items()})
     if any(len(tokenized.get(key, ())) != len(texts) for key, texts in captions.items()):
         raise VlcapError("the Stanford PTB tokenizer (java) returned fewer lines than it was given; run "
                          f"'java -version' to check the Java runtime works ({JAVA_HINT})")
     return tokenized
+
+
+_JAVA_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def java_stderr_captured(module):
+    """While inside, ``module`` (pycocoevalcap's tokenizer, which starts java with
+    ``subprocess.Popen`` and lets its stderr through) starts processes with stderr piped: the
+    tokenizer's ``communicate`` then collects and drops it. Only that module's name
+    ``subprocess`` is replaced, for the duration of the call."""
+    with _JAVA_LOCK:
+        module.subprocess = types.SimpleNamespace(PIPE=subprocess.PIPE,
+                                                  Popen=functools.partial(subprocess.Popen, stderr=subprocess.PIPE))
+        try:
+            yield
+        finally:
+            module.subprocess = subprocess
 
 
 def check_predictions(predictions, references, where="predictions"):
