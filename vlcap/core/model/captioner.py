@@ -8,7 +8,7 @@ from torch import nn
 
 from vlcap.core.model.encoder import ImageEncoder
 from vlcap.core.errors import VlcapError
-from vlcap.core.model.course_weights import load_course_weights
+from vlcap.core.model.course_weights import check_course_state, load_course_weights, read_course_state
 from vlcap.core.model.gpt2 import GPT2Decoder
 from vlcap.core.model.peft import apply_peft, config_dict, mark_pretrained, seeded
 from vlcap.core.model.tokenizer import Tokenizer
@@ -73,13 +73,17 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
     full-size model in a second. ``cfg`` is never changed: the method's resolved options come back
     in the returned ``config``, which is what a run records.
     """
+    state = None
+    if decoder_weights is not None and not meta:  # checked before the encoder, which may download
+        state = read_course_state(decoder_weights)
+        check_course_state(state, cfg.model.decoder, decoder_weights)
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with seeded(cfg.model.init_seed), device:
         encoder = build_encoder(cfg, meta)
         decoder = GPT2Decoder(cfg.model.decoder)
         captioner = Captioner(encoder, decoder)
-    if decoder_weights is not None and not meta:
-        load_course_weights(decoder, decoder_weights)
+    if state is not None:
+        load_course_weights(decoder, decoder_weights, state)
     method = registry.get("peft", cfg.peft.method)
     with seeded(cfg.model.init_seed + 1), device:
         peft_config = apply_peft(captioner, method, cfg.peft.options)

@@ -51,21 +51,49 @@ def read_course_state(path):
     return {k: v.t() if k.endswith(CONV1D_SUFFIXES) else v for k, v in state.items()}
 
 
-def load_course_weights(decoder, path):
-    """Load a course-format ``decoder_model.bin`` into ``decoder``; any missing or unknown key, or
-    a shape that differs from the decoder config, is one ``VlcapError`` line."""
-    state = read_course_state(path)
-    expected = set(course_keys(decoder.cfg))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+def course_shapes(cfg):
+    """The shape of every tensor of a course file for decoder config ``cfg`` (``nn.Linear`` layout)."""
+    n, vocab, block = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    per_block = {"ln_1": (n,), "attn.c_attn": (3 * n, n), "attn.c_proj": (n, n), "ln_2": (n,),
+                 "mlp.c_fc": (4 * n, n), "mlp.c_proj": (n, 4 * n)}
+    shapes = {"wte.weight": (vocab, n), "wpe.weight": (block, n), "ln_f.weight": (n,), "ln_f.bias": (n,)}
+    for i in range(cfg.n_layer):
+        for module, weight in per_block.items():
+            shapes[f"h.{i}.{module}.weight"] = weight
+            shapes[f"h.{i}.{module}.bias"] = (weight[0],)
+    return shapes
+
+
+def check_course_state(state, cfg, path):
+    """Refuse, in one line naming ``path``, a course state that does not fit decoder config
+    ``cfg``: the wrong format, another number of layers, or other sizes (which ones)."""
+    expected = course_shapes(cfg)
+    if any(key.startswith("transformer.") for key in state):
+        raise VlcapError(f"{path}: keys start with 'transformer.' (a GPT2LMHeadModel state dict); the course's "
+                         "decoder_model.bin has GPT-2's keys without the 'transformer.' prefix")
+    layers = {key.split(".")[1] for key in state if key.startswith("h.")}
+    if layers and len(layers) != cfg.n_layer:
+        raise VlcapError(f"{path}: holds a {len(layers)}-layer decoder but the config has {cfg.n_layer} layers; "
+                         "set model.decoder to the file's size (e.g. --set model.decoder.n_layer=...)")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise VlcapError(f"{path}: does not match the decoder config (missing {few(missing)}; "
-                         f"unexpected {few(unexpected)}); expected a GPT-2 state dict without "
-                         "the 'transformer.' prefix")
-    own = decoder.state_dict()
+                         f"unexpected {few(unexpected)}); expected the course's decoder_model.bin")
     for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise VlcapError(f"{path}: {key} has shape {tuple(value.shape)} but the decoder config "
-                             f"needs {tuple(own[key].shape)}; set model.decoder to the checkpoint's size")
+        if not isinstance(value, torch.Tensor):
+            raise VlcapError(f"{path}: {key} holds a {type(value).__name__}, not a tensor; expected decoder_model.bin")
+        if tuple(value.shape) != expected[key]:
+            raise VlcapError(f"{path}: {key} has shape {tuple(value.shape)} but the decoder config needs "
+                             f"{expected[key]} (n_embd {cfg.n_embd}, vocab_size {cfg.vocab_size}, block_size "
+                             f"{cfg.block_size}); set model.decoder to the file's size")
+
+
+def load_course_weights(decoder, path, state=None):
+    """Load a course-format ``decoder_model.bin`` into ``decoder`` (``state``: its tensors, when
+    the caller already read and checked them); anything that does not fit is one line."""
+    if state is None:
+        state = read_course_state(path)
+        check_course_state(state, decoder.cfg, path)
     decoder.load_state_dict(state, strict=False)
 
 
