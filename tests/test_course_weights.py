@@ -1,5 +1,6 @@
-"""The course's decoder_model.bin: checked before anything is downloaded, and a file that does not
-fit the config says how it differs."""
+"""Loading the pretrained parts: the course's decoder_model.bin is checked before anything is
+downloaded, a file that does not fit the config says how it differs, and an unreachable hub
+fails fast instead of retrying."""
 import pytest
 import torch
 
@@ -56,3 +57,18 @@ def test_a_matching_file_loads(tmp_path, registry):
     path = decoder_file(tmp_path)
     decoder = build_captioner(tiny_config(), registry, decoder_weights=path).captioner.decoder
     assert torch.equal(decoder.wte.weight, torch.load(path, weights_only=True)["wte.weight"])
+
+
+def test_an_unreachable_hub_puts_the_hub_client_offline_for_the_encoder(monkeypatch):
+    from huggingface_hub import constants
+    seen = []
+
+    def create_model(name, pretrained, num_classes):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(encoder_module, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(encoder_module.timm, "create_model", create_model)
+    with pytest.raises(VlcapError, match="could not fetch pretrained weights for encoder 'vit_base_patch16_224'"):
+        encoder_module.ImageEncoder("vit_base_patch16_224", pretrained=True)
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False  # offline only while creating it

@@ -1,4 +1,8 @@
 """The frozen image encoder: any timm ViT, whose token sequence (CLS + patches) feeds the decoder."""
+import contextlib
+import socket
+from urllib.parse import urlparse
+
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
@@ -12,7 +16,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.name = name
         try:
-            self.vit = timm.create_model(name, pretrained=pretrained, num_classes=0)
+            with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
+                self.vit = timm.create_model(name, pretrained=pretrained, num_classes=0)
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise VlcapError(f"unknown timm encoder '{name}'; see timm.list_models('vit_*')") from None
@@ -49,3 +54,30 @@ class ImageEncoder(nn.Module):
     def num_tokens(self):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
+
+def hub_reachable(timeout=3.0):
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``) opens within ``timeout``."""
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable():
+    """Inside, the hub client works offline (its cache only) when the hub cannot be reached: a
+    machine without network then fails in a second, or loads cached weights, instead of spending
+    a minute in the client's retries."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
