@@ -6,6 +6,7 @@ while building (a plugin's resolved options, the decoder weights a run wrote) co
 config made with ``dataclasses.replace``, never written into the one a caller passed.
 """
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -103,6 +104,24 @@ class RunConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML follows YAML 1.1, where ``1e-4`` (no
+    dot) is a string, so ``--set train.lr=1e-4`` or ``lr: 1e-4`` would not be a number."""
+
+
+YamlLoader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def read_yaml(text):
+    return yaml.load(text, Loader=YamlLoader)
+
+
 PRESETS = {
     "full": {},
     # Offline in minutes on a laptop CPU: timm's 64-wide test ViT and a random 2-layer GPT-2
@@ -163,14 +182,14 @@ def parse_set(assignments):
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw else None
+        node[leaf] = read_yaml(raw) if raw else None
     return out
 
 
 def load_yaml(path):
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise VlcapError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
