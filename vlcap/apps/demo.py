@@ -14,6 +14,7 @@ from vlcap.core.model.captioner import tokenizer_for
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.data import load_captions
 from vlcap.core.errors import VlcapError
+from vlcap.core.progress import progress_bar
 from vlcap.core.model.course_weights import save_course_weights
 from vlcap.core.model.gpt2 import GPT2Decoder
 from vlcap.core.infer.captioning import caption_paths
@@ -36,7 +37,7 @@ def usable_metrics(names, registry, console):
     return usable
 
 
-def pretrain_decoder(cfg, captions, path, steps, batch_size=32, lr=3e-3):
+def pretrain_decoder(cfg, captions, path, steps, batch_size=32, lr=3e-3, console=None):
     """Train the tiny GPT-2 as a plain language model on ``captions`` and write it as a course
     ``decoder_model.bin``. A frozen *random* decoder knows no words, so PEFT on it can only
     learn noise; the real workflow freezes a pretrained GPT-2, and this is the demo's stand-in.
@@ -53,15 +54,24 @@ def pretrain_decoder(cfg, captions, path, steps, batch_size=32, lr=3e-3):
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
     no_image = torch.zeros(batch_size, 1, cfg.model.decoder.n_embd)
-    for rows in order:
-        inputs, labels = ([torch.tensor(pairs[i][part]) for i in rows.tolist()] for part in (0, 1))
-        inputs = pad_sequence(inputs, batch_first=True, padding_value=tokenizer.eot_id)
-        labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
-        loss = decoder.next_token_loss(inputs, labels, no_image)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with progress_bar("language-model warm start", console, transient=True, disable=console is None) as progress:
+        task = progress.add_task("warm start", total=steps)
+        for rows in order:
+            loss = language_model_step(decoder, optimizer, pairs, rows, tokenizer.eot_id, no_image)
+            progress.advance(task)
     save_course_weights(decoder, path)
+    return loss
+
+
+def language_model_step(decoder, optimizer, pairs, rows, pad_id, no_image):
+    """One optimizer step of next-token prediction on the captions ``pairs[rows]``; returns the loss."""
+    inputs, labels = ([torch.tensor(pairs[i][part]) for i in rows.tolist()] for part in (0, 1))
+    inputs = pad_sequence(inputs, batch_first=True, padding_value=pad_id)
+    labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+    loss = decoder.next_token_loss(inputs, labels, no_image)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
 
@@ -69,7 +79,7 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
     data = make_synthetic_set(out_dir / "data")
     decoder_weights = out_dir / "decoder_model.bin"
     lm_loss = pretrain_decoder(config_lib.resolve("tiny"), load_captions(data / "train.json").captions, decoder_weights,
-                               steps=max(steps // 3, 1))
+                               steps=max(steps // 3, 1), console=console)
     console.print(f"demo: tiny GPT-2 trained as a language model on the training captions (loss {lm_loss:.2f}), "
                   f"frozen from here on -> {decoder_weights}")
     val = load_captions(data / "val.json")
