@@ -1,4 +1,7 @@
-"""The decoder loads the course's decoder_model.bin format and computes GPT-2 exactly."""
+"""The decoder loads the course's decoder_model.bin format and computes GPT-2 exactly.
+
+Only the parity test against HF's GPT-2 needs ``transformers`` (the ``hf_gpt2`` fixture skips
+without it); the loading and cross-attention maths tests run everywhere."""
 import loralib
 import pytest
 import torch
@@ -6,13 +9,12 @@ import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import course_state_dict, load_course_weights, save_course_weights
-from vlcap.core.model.gpt2 import GPT2Config, GPT2Decoder, CrossAttention, merge_heads, split_heads
-
-transformers = pytest.importorskip("transformers")
+from vlcap.core.model.gpt2 import CrossAttention, GPT2Config, GPT2Decoder, merge_heads, split_heads
 
 
 @pytest.fixture(scope="module")
 def hf_gpt2():
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=64,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -26,6 +28,13 @@ def hf_gpt2():
 
 def ours(n_layer=2, n_head=4, n_embd=32, vocab_size=300, block_size=64):
     return GPT2Decoder(GPT2Config(n_layer, n_head, n_embd, vocab_size, block_size)).eval()
+
+
+@pytest.fixture
+def course_state():
+    """A course-format state dict (what ``decoder_model.bin`` holds) of a random decoder."""
+    torch.manual_seed(0)
+    return course_state_dict(ours())
 
 
 def course_file(tmp_path, state, name="decoder_model.bin"):
@@ -46,8 +55,8 @@ def test_logits_equal_transformers_gpt2(hf_gpt2, tmp_path):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mask_buffers_are_accepted(hf_gpt2, tmp_path):
-    state = dict(hf_gpt2.transformer.state_dict())
+def test_mask_buffers_are_accepted(course_state, tmp_path):
+    state = dict(course_state)
     for i in range(2):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -66,8 +75,8 @@ def test_written_weights_reload_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_unexpected_and_missing_keys_are_reported(hf_gpt2, tmp_path):
-    state = dict(hf_gpt2.transformer.state_dict())
+def test_unexpected_and_missing_keys_are_reported(course_state, tmp_path):
+    state = dict(course_state)
     state["h.0.attn.extra.weight"] = torch.zeros(1)
     del state["ln_f.bias"]
     path = course_file(tmp_path, state)
@@ -75,14 +84,16 @@ def test_unexpected_and_missing_keys_are_reported(hf_gpt2, tmp_path):
         load_course_weights(ours(), path)
 
 
-def test_prefixed_state_dict_is_refused_with_a_hint(hf_gpt2, tmp_path):
-    path = course_file(tmp_path, hf_gpt2.state_dict())  # 'transformer.' prefix + lm_head
+def test_prefixed_state_dict_is_refused_with_a_hint(course_state, tmp_path):
+    # What GPT2LMHeadModel.state_dict() holds: the 'transformer.' prefix and the LM head.
+    state = {f"transformer.{key}": value for key, value in course_state.items()}
+    path = course_file(tmp_path, {**state, "lm_head.weight": course_state["wte.weight"]})
     with pytest.raises(VlcapError, match="without the 'transformer.' prefix"):
         load_course_weights(ours(), path)
 
 
-def test_wrong_size_names_the_tensor(hf_gpt2, tmp_path):
-    path = course_file(tmp_path, hf_gpt2.transformer.state_dict())
+def test_wrong_size_names_the_tensor(course_state, tmp_path):
+    path = course_file(tmp_path, course_state)
     with pytest.raises(VlcapError, match=r"wpe.weight has shape \(64, 32\).*needs \(128, 32\)"):
         load_course_weights(ours(block_size=128), path)
 
