@@ -2,7 +2,6 @@
 
 Only the parity test against HF's GPT-2 needs ``transformers`` (the ``hf_gpt2`` fixture skips
 without it); the loading and cross-attention maths tests run everywhere."""
-import loralib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,12 +146,12 @@ def image_token_projections(attention, T, N):
     return len(calls)
 
 
-def test_the_cheaper_cross_attention_form_is_chosen():
+def test_the_form_switch_decides_whether_the_image_tokens_are_projected():
     attention = random_cross_attention()
+    assert attention.form == "auto"  # the default: the cheaper form
     assert image_token_projections(attention, T=4, N=50) == 0  # few caption tokens, many image tokens
     assert image_token_projections(attention, T=40, N=50) == 1  # text as long as the image: projecting is cheaper
-    # A method that replaced the key projection (here a LoRA layer) keeps the form that runs it.
-    attention.k = loralib.Linear(32, 32, r=2)
+    attention.form = "project"  # what a method that hooks or replaces k/v asks for
     assert image_token_projections(attention, T=4, N=50) == 1
 
 

@@ -58,6 +58,13 @@ def attend_after_past(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+# How training's cross-attention reaches the image tokens (``CrossAttention.form``):
+# "auto"     in memory space (``attend_in_memory_space``: k and v are folded into the queries, their
+#            forward never runs) when that takes fewer multiply-adds, else as "project";
+# "project"  always run ``k`` and ``v`` on the image tokens, as the decoding cache does.
+CROSS_ATTENTION_FORMS = ("auto", "project")
+
+
 class CrossAttention(nn.Module):
     """Text positions attend to all image tokens (no mask: every image token is visible)."""
 
@@ -75,6 +82,10 @@ class CrossAttention(nn.Module):
         # Set to a list by ``vlcap.core.model.attention.recording_cross_attention``: while it is, the
         # full-sequence path computes its attention weights explicitly and appends them here.
         self.record = None
+        # One of CROSS_ATTENTION_FORMS. "auto" reads k's and v's weights directly, so a method
+        # that hooks, wraps or replaces k or v must set "project" (``peft.project_image_tokens``;
+        # ``peft.swap_linear`` does it), or its change would act in decoding but not in training.
+        self.form = "auto"
 
     def memory_kv(self, memory):
         """Keys and values of the image tokens, ``(B, n_head, tokens, head_dim)`` each."""
@@ -86,7 +97,7 @@ class CrossAttention(nn.Module):
             y = attend_shared_memory(q, cache.cross_k, cache.cross_v)
         elif self.record is not None:
             y = self.attend_and_record(q, *self.memory_kv(memory))
-        elif self.memory_space_is_cheaper(q.size(2), memory.size(1)):
+        elif self.form == "auto" and self.memory_space_is_cheaper(q.size(2), memory.size(1)):
             y = self.attend_in_memory_space(q, memory)
         else:
             y = F.scaled_dot_product_attention(q, *self.memory_kv(memory))
@@ -96,10 +107,7 @@ class CrossAttention(nn.Module):
         """Whether ``attend_in_memory_space`` takes fewer multiply-adds than projecting the ``N``
         image tokens to keys and values, for ``T`` text positions (per image, key side; the value
         side is the same). Training sees few positions (course captions average 12 tokens)
-        against 197-257 image tokens, so it usually is. A method that replaced ``k`` or ``v``
-        (LoRA on them, say) keeps the projecting form, which runs whatever layer it put there."""
-        if type(self.k) is not nn.Linear or type(self.v) is not nn.Linear:
-            return False
+        against 197-257 image tokens, so it usually is."""
         C = self.k.in_features
         projecting = N * C * C + T * N * C  # keys of the N tokens, then T x N scores of head width
         in_memory_space = T * C * C + self.n_head * T * N * C  # queries to memory width, then scores at C
@@ -115,7 +123,8 @@ class CrossAttention(nn.Module):
         The heads share the memory, so their queries are stacked on the time axis and attend in
         one batched matmul. Same result as the projecting form up to float rounding; ~2.5x fewer
         multiply-adds at 20 positions x 197 tokens, and the trained projection's gradient no
-        longer goes back through N x C x C matmuls per layer."""
+        longer goes back through N x C x C matmuls per layer. Only valid while k and v are the
+        plain Linear layers whose weights it reads (see ``form``)."""
         B, H, T, D = q.shape
         w_k, w_v = self.k.weight.view(H, D, -1), self.v.weight.view(H, D, -1)  # (H, D, C)
         queries = torch.einsum("bhtd,hdc->bhtc", q, w_k).reshape(B, H * T, -1)
