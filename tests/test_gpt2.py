@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import course_state_dict, load_course_weights, save_course_weights
-from vlcap.core.model.gpt2 import CrossAttention, GPT2Config, GPT2Decoder, merge_heads, split_heads
+from vlcap.core.model.gpt2 import (AttentionProbe, CrossAttention, GPT2Config, GPT2Decoder, attend_and_keep,
+                                   merge_heads, split_heads)
+from vlcap.core.model.kv_cache import DecoderCache
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,40 @@ def test_the_form_switch_decides_whether_the_image_tokens_are_projected():
     assert image_token_projections(attention, T=40, N=50) == 1  # text as long as the image: projecting is cheaper
     attention.form = "project"  # what a method that hooks or replaces k/v asks for
     assert image_token_projections(attention, T=4, N=50) == 1
+
+
+def test_kept_weights_are_the_ones_sdpa_s_output_is_made_of():
+    attention = random_cross_attention()
+    q, memory = torch.randn(2, 4, 6, 8), torch.randn(2, 50, 32)
+    k, v = attention.memory_kv(memory)
+    keep = []
+    y = attend_and_keep(q, k, v, keep)
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    (weights,) = keep
+    assert weights.shape == (2, 4, 6, 50)
+    torch.testing.assert_close(weights @ v, y)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
+
+
+def test_a_probe_keeps_its_layers_weights_and_changes_nothing():
+    decoder = ours()
+    with torch.no_grad():
+        for block in decoder.h:  # make the cross-attention count
+            block.cross_attn.c_proj.weight.normal_(std=0.5)
+    ids, memory = torch.randint(0, 300, (3, 7)), torch.randn(3, 20, 32)
+    probe = AttentionProbe([1])
+    with torch.no_grad():
+        plain = decoder(ids, memory)
+        probed = decoder(ids, memory, probe=probe)
+        decoder(ids[:, :4], memory, probe=probe)
+    torch.testing.assert_close(probed, plain, rtol=1e-5, atol=1e-5)
+    assert list(probe.weights) == [1] and [w.shape for w in probe.weights[1]] == [(3, 4, 7, 20), (3, 4, 4, 20)]
+    with pytest.raises(ValueError, match=r"probe layer\(s\) \[2\]"):
+        decoder(ids, memory, probe=AttentionProbe([2]))
+    with pytest.raises(ValueError, match="only cross"):
+        AttentionProbe([0], kind="self")
+    with pytest.raises(ValueError, match="not incremental decoding"):
+        decoder(ids, cache=DecoderCache.build(decoder, memory), probe=AttentionProbe([0]))
 
 
 def test_memory_space_attention_under_bf16_autocast():
