@@ -105,8 +105,8 @@ class CrossAttention(nn.Module):
     def memory_space_is_cheaper(self, T, N):
         """Whether ``attend_in_memory_space`` takes fewer multiply-adds than projecting the ``N``
         image tokens to keys and values, for ``T`` text positions (per image, key side; the value
-        side is the same). Training sees few positions (course captions average 12 tokens)
-        against 197-257 image tokens, so it usually is."""
+        side is the same). It is while ``T < N C / (C + (n_head - 1) N)``: captions are short
+        next to the image tokens, so in training it usually is."""
         C = self.k.in_features
         projecting = N * C * C + T * N * C  # keys of the N tokens, then T x N scores of head width
         in_memory_space = T * C * C + self.n_head * T * N * C  # queries to memory width, then scores at C
@@ -120,10 +120,10 @@ class CrossAttention(nn.Module):
         the same for every token; it is added anyway, so ``b_k`` gets the gradient it gets in the
         projecting form). The weights of a query sum to 1, so ``Σ a v(m) = W_v (Σ a m) + b_v``.
         The heads share the memory, so their queries are stacked on the time axis and attend in
-        one batched matmul. Same result as the projecting form up to float rounding; ~2.5x fewer
-        multiply-adds at 20 positions x 197 tokens, and the trained projection's gradient no
-        longer goes back through N x C x C matmuls per layer. Only valid while k and v are the
-        plain Linear layers whose weights it reads (see ``form``)."""
+        one batched matmul. Same result as the projecting form up to float rounding, with the
+        cost ``memory_space_is_cheaper`` counts; and the trained projections' gradients no longer
+        go back through N x C x C matmuls per layer. Only valid while k and v are the plain
+        Linear layers whose weights it reads (see ``form``)."""
         B, H, T, D = q.shape
         w_k, w_v = self.k.weight.view(H, D, -1), self.v.weight.view(H, D, -1)  # (H, D, C)
         queries = torch.einsum("bhtd,hdc->bhtc", q, w_k).reshape(B, H * T, -1)
@@ -219,7 +219,8 @@ class GPT2Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
-        self.gradient_checkpointing = False  # train.grad_checkpointing: less memory, ~30% more compute
+        # train.grad_checkpointing: less memory, for a second forward of every block in backward.
+        self.gradient_checkpointing = False
         # Hook point for prompt-style methods: a callable ``batch_size -> (B, P, n_embd)`` of input
         # embeddings placed before the token embeddings. They take positions 0..P-1 (the text
         # moves to P..P+T-1, as in HF peft's prompt tuning), every text position attends to them,
