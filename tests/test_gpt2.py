@@ -1,18 +1,21 @@
-"""The decoder loads the course's decoder_model.bin format and computes GPT-2 exactly."""
-import loralib
+"""The decoder loads the course's decoder_model.bin format and computes GPT-2 exactly.
+
+Only the parity test against HF's GPT-2 needs ``transformers`` (the ``hf_gpt2`` fixture skips
+without it); the loading and cross-attention maths tests run everywhere."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import course_state_dict, load_course_weights, save_course_weights
-from vlcap.core.model.gpt2 import GPT2Config, GPT2Decoder, CrossAttention, merge_heads, split_heads
-
-transformers = pytest.importorskip("transformers")
+from vlcap.core.model.gpt2 import (AttentionProbe, CrossAttention, GPT2Config, GPT2Decoder, attend_and_keep,
+                                   merge_heads, split_heads)
+from vlcap.core.model.kv_cache import DecoderCache
 
 
 @pytest.fixture(scope="module")
 def hf_gpt2():
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=64,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -26,6 +29,13 @@ def hf_gpt2():
 
 def ours(n_layer=2, n_head=4, n_embd=32, vocab_size=300, block_size=64):
     return GPT2Decoder(GPT2Config(n_layer, n_head, n_embd, vocab_size, block_size)).eval()
+
+
+@pytest.fixture
+def course_state():
+    """A course-format state dict (what ``decoder_model.bin`` holds) of a random decoder."""
+    torch.manual_seed(0)
+    return course_state_dict(ours())
 
 
 def course_file(tmp_path, state, name="decoder_model.bin"):
@@ -46,8 +56,8 @@ def test_logits_equal_transformers_gpt2(hf_gpt2, tmp_path):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mask_buffers_are_accepted(hf_gpt2, tmp_path):
-    state = dict(hf_gpt2.transformer.state_dict())
+def test_mask_buffers_are_accepted(course_state, tmp_path):
+    state = dict(course_state)
     for i in range(2):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -66,8 +76,8 @@ def test_written_weights_reload_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_unexpected_and_missing_keys_are_reported(hf_gpt2, tmp_path):
-    state = dict(hf_gpt2.transformer.state_dict())
+def test_unexpected_and_missing_keys_are_reported(course_state, tmp_path):
+    state = dict(course_state)
     state["h.0.attn.extra.weight"] = torch.zeros(1)
     del state["ln_f.bias"]
     path = course_file(tmp_path, state)
@@ -75,14 +85,16 @@ def test_unexpected_and_missing_keys_are_reported(hf_gpt2, tmp_path):
         load_course_weights(ours(), path)
 
 
-def test_prefixed_state_dict_is_refused_with_a_hint(hf_gpt2, tmp_path):
-    path = course_file(tmp_path, hf_gpt2.state_dict())  # 'transformer.' prefix + lm_head
+def test_prefixed_state_dict_is_refused_with_a_hint(course_state, tmp_path):
+    # What GPT2LMHeadModel.state_dict() holds: the 'transformer.' prefix and the LM head.
+    state = {f"transformer.{key}": value for key, value in course_state.items()}
+    path = course_file(tmp_path, {**state, "lm_head.weight": course_state["wte.weight"]})
     with pytest.raises(VlcapError, match="without the 'transformer.' prefix"):
         load_course_weights(ours(), path)
 
 
-def test_wrong_size_names_the_tensor(hf_gpt2, tmp_path):
-    path = course_file(tmp_path, hf_gpt2.transformer.state_dict())
+def test_wrong_size_names_the_tensor(course_state, tmp_path):
+    path = course_file(tmp_path, course_state)
     with pytest.raises(VlcapError, match=r"wpe.weight has shape \(64, 32\).*needs \(128, 32\)"):
         load_course_weights(ours(block_size=128), path)
 
@@ -136,13 +148,47 @@ def image_token_projections(attention, T, N):
     return len(calls)
 
 
-def test_the_cheaper_cross_attention_form_is_chosen():
+def test_the_form_switch_decides_whether_the_image_tokens_are_projected():
     attention = random_cross_attention()
+    assert attention.form == "auto"  # the default: the cheaper form
     assert image_token_projections(attention, T=4, N=50) == 0  # few caption tokens, many image tokens
     assert image_token_projections(attention, T=40, N=50) == 1  # text as long as the image: projecting is cheaper
-    # A method that replaced the key projection (here a LoRA layer) keeps the form that runs it.
-    attention.k = loralib.Linear(32, 32, r=2)
+    attention.form = "project"  # what a method that hooks or replaces k/v asks for
     assert image_token_projections(attention, T=4, N=50) == 1
+
+
+def test_kept_weights_are_the_ones_sdpa_s_output_is_made_of():
+    attention = random_cross_attention()
+    q, memory = torch.randn(2, 4, 6, 8), torch.randn(2, 50, 32)
+    k, v = attention.memory_kv(memory)
+    keep = []
+    y = attend_and_keep(q, k, v, keep)
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    (weights,) = keep
+    assert weights.shape == (2, 4, 6, 50)
+    torch.testing.assert_close(weights @ v, y)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
+
+
+def test_a_probe_keeps_its_layers_weights_and_changes_nothing():
+    decoder = ours()
+    with torch.no_grad():
+        for block in decoder.h:  # make the cross-attention count
+            block.cross_attn.c_proj.weight.normal_(std=0.5)
+    ids, memory = torch.randint(0, 300, (3, 7)), torch.randn(3, 20, 32)
+    probe = AttentionProbe([1])
+    with torch.no_grad():
+        plain = decoder(ids, memory)
+        probed = decoder(ids, memory, probe=probe)
+        decoder(ids[:, :4], memory, probe=probe)
+    torch.testing.assert_close(probed, plain, rtol=1e-5, atol=1e-5)
+    assert list(probe.weights) == [1] and [w.shape for w in probe.weights[1]] == [(3, 4, 7, 20), (3, 4, 4, 20)]
+    with pytest.raises(ValueError, match=r"probe layer\(s\) \[2\]"):
+        decoder(ids, memory, probe=AttentionProbe([2]))
+    with pytest.raises(ValueError, match="only cross"):
+        AttentionProbe([0], kind="self")
+    with pytest.raises(ValueError, match="not incremental decoding"):
+        decoder(ids, cache=DecoderCache.build(decoder, memory), probe=AttentionProbe([0]))
 
 
 def test_memory_space_attention_under_bf16_autocast():

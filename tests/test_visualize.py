@@ -11,9 +11,10 @@ from PIL import Image
 
 from conftest import SHARED, needs_shared, tiny_config
 from vlcap.cli import main
-from vlcap.core.model.attention import group_words, recording_cross_attention, token_attention, word_attention
+from vlcap.core.model.attention import group_words, token_attention, word_attention
 from vlcap.core.model.captioner import build_captioner
 from vlcap.core.model.checkpoint import LoadedCaptioner
+from vlcap.core.model.gpt2 import AttentionProbe
 from vlcap.core.eval.clip import load_clip
 from vlcap.core.data import load_captions
 from vlcap.core.eval.evaluation import clip_scores, image_paths_for
@@ -50,14 +51,14 @@ def test_recorded_weights_are_sdpa_s_and_the_ones_each_token_saw_while_decoding(
     with torch.no_grad():
         memory = captioner.encode(pixels[None])
         ids = torch.tensor([[eot]])
-        with recording_cross_attention(captioner.decoder, 1) as record:
-            for _ in range(5):  # greedy, end token banned, the whole sequence through the decoder each step
-                logits = captioner.decoder(ids, memory)[:, -1]
-                logits[:, eot] = -float("inf")
-                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        probe = AttentionProbe([1])
+        for _ in range(5):  # greedy, end token banned, the whole sequence through the decoder each step
+            logits = captioner.decoder(ids, memory, probe=probe)[:, -1]
+            logits[:, eot] = -float("inf")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         plain = captioner.decoder(ids, memory)
-        with recording_cross_attention(captioner.decoder, 1):
-            recorded = captioner.decoder(ids, memory)
+        recorded = captioner.decoder(ids, memory, probe=AttentionProbe([1]))
+    record = probe.weights[1]
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
     tokens = ids[0, 1:].tolist()
     for head in (None, 2):

@@ -7,7 +7,8 @@ what each name is for, with examples.
 
 PEFT methods: subclass ``PeftMethod``; change the captioner through its hook points with
 ``swap_linear`` (replace a Linear, keeping its pretrained Parameters) and ``select_layers``
-(the ``layers`` option); ``trainable_state`` is what ``export`` saves by default.
+(the ``layers`` option); ``project_image_tokens`` before hooking or wrapping a cross-attention's
+``k``/``v``; ``trainable_state`` is what ``export`` saves by default.
 
 Decoding strategies: subclass ``DecodingStrategy``; ``generate`` gets a ``NextToken`` model.
 The loop and mechanics every strategy shares: ``decode_token_by_token``, ``sample``,
@@ -30,7 +31,8 @@ from vlcap.core.hookspecs import hookimpl
 from vlcap.core.infer.decoding import (DecodingStrategy, ban_repeated_ngrams, cut_at_end, decode_token_by_token,
                                        generate_tokens, length_normalised, make_generator, sample)
 from vlcap.core.model.gpt2 import merge_heads, split_heads
-from vlcap.core.model.peft import PeftMethod, is_pretrained, select_layers, swap_linear, trainable_state
+from vlcap.core.model.peft import (PeftMethod, is_pretrained, project_image_tokens, select_layers, swap_linear,
+                                   trainable_state)
 from vlcap.core.model.tokenizer import IGNORE_INDEX, Tokenizer
 from vlcap.core.plugins import registry
 from vlcap.testing.builders import perturb_trainable, pixels_for, tiny_captioner, tiny_config, token_ids
@@ -41,8 +43,8 @@ __all__ = [
     # hooks and errors
     "hookimpl", "registry", "VlcapError", "VlcapWarning",
     # PEFT methods
-    "PeftMethod", "swap_linear", "select_layers", "trainable_state", "is_pretrained", "split_heads",
-    "merge_heads",
+    "PeftMethod", "swap_linear", "project_image_tokens", "select_layers", "trainable_state", "is_pretrained",
+    "split_heads", "merge_heads",
     # decoding strategies
     "DecodingStrategy", "decode_token_by_token", "sample", "make_generator", "ban_repeated_ngrams",
     "length_normalised", "cut_at_end", "generate_tokens",

@@ -2,30 +2,18 @@
 
 Decoding never records anything (and pays nothing for it). Decoding is deterministic given the
 tokens it produced and the decoder is causal, so one teacher-forced forward of ``[start] +
-tokens`` recomputes exactly the cross-attention every token saw while it was decoded, whatever
-the strategy (greedy, sampling, the winning beam of a beam search). The weights at input
+tokens``, with an ``AttentionProbe`` (``gpt2``) on the layer, recomputes exactly the
+cross-attention every token saw while it was decoded, whatever the strategy (greedy, sampling, the winning beam of a beam search). The weights at input
 position t are the ones that predicted token t+1: the k-th produced token's map comes from
 position k-1, and the end token's map is never needed.
 """
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from vlcap.core.runtime import evaluating
 from vlcap.core.errors import VlcapError
-
-
-@contextlib.contextmanager
-def recording_cross_attention(decoder, layer):
-    """Inside the block, every full-sequence forward of ``decoder`` appends layer ``layer``'s
-    cross-attention weights ``(B, n_head, T, image tokens)`` to the list this yields."""
-    attention = decoder.h[layer].cross_attn
-    attention.record = []
-    try:
-        yield attention.record
-    finally:
-        attention.record = None
+from vlcap.core.model.gpt2 import AttentionProbe
+from vlcap.core.runtime import evaluating
 
 
 def check_layer(layer, n_layer):
@@ -62,9 +50,9 @@ def token_attention(captioner, pixels, tokens, start_id, layer, head=None):
     with evaluating(captioner), torch.inference_mode():
         memory = captioner.encode(pixels[None])
         ids = torch.tensor([[start_id, *tokens[:-1]]], device=pixels.device)
-        with recording_cross_attention(captioner.decoder, layer) as record:
-            captioner.decoder(ids, memory)
-    weights = record[0][0]  # (heads, T, image tokens)
+        probe = AttentionProbe([layer])
+        captioner.decoder(ids, memory, probe=probe)
+    weights = probe.weights[layer][0][0]  # (heads, T, image tokens)
     weights = weights.mean(0) if head is None else weights[head]
     return weights.float().cpu()
 

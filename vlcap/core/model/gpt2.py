@@ -6,6 +6,7 @@ Module names follow the course checkpoint (``wte``, ``wpe``, ``h.N.attn.c_attn``
 """
 import math
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -58,6 +59,13 @@ def attend_after_past(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+# How training's cross-attention reaches the image tokens (``CrossAttention.form``):
+# "auto"     in memory space (``attend_in_memory_space``: k and v are folded into the queries, their
+#            forward never runs) when that takes fewer multiply-adds, else as "project";
+# "project"  always run ``k`` and ``v`` on the image tokens, as the decoding cache does.
+CROSS_ATTENTION_FORMS = ("auto", "project")
+
+
 class CrossAttention(nn.Module):
     """Text positions attend to all image tokens (no mask: every image token is visible)."""
 
@@ -72,21 +80,23 @@ class CrossAttention(nn.Module):
         # model, so training starts from GPT-2's fluency instead of from noise.
         nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
-        # Set to a list by ``vlcap.core.model.attention.recording_cross_attention``: while it is, the
-        # full-sequence path computes its attention weights explicitly and appends them here.
-        self.record = None
+        # One of CROSS_ATTENTION_FORMS. "auto" reads k's and v's weights directly, so a method
+        # that hooks, wraps or replaces k or v must set "project" (``peft.project_image_tokens``;
+        # ``peft.swap_linear`` does it), or its change would act in decoding but not in training.
+        self.form = "auto"
 
     def memory_kv(self, memory):
         """Keys and values of the image tokens, ``(B, n_head, tokens, head_dim)`` each."""
         return split_heads(self.k(memory), self.n_head), split_heads(self.v(memory), self.n_head)
 
-    def forward(self, x, memory, cache=None):
+    def forward(self, x, memory, cache=None, keep=None):
+        """``keep``: a list that receives this call's attention weights (an ``AttentionProbe``'s)."""
         q = split_heads(self.q(x), self.n_head)
         if cache is not None:
             y = attend_shared_memory(q, cache.cross_k, cache.cross_v)
-        elif self.record is not None:
-            y = self.attend_and_record(q, *self.memory_kv(memory))
-        elif self.memory_space_is_cheaper(q.size(2), memory.size(1)):
+        elif keep is not None:
+            y = attend_and_keep(q, *self.memory_kv(memory), keep)
+        elif self.form == "auto" and self.memory_space_is_cheaper(q.size(2), memory.size(1)):
             y = self.attend_in_memory_space(q, memory)
         else:
             y = F.scaled_dot_product_attention(q, *self.memory_kv(memory))
@@ -95,11 +105,8 @@ class CrossAttention(nn.Module):
     def memory_space_is_cheaper(self, T, N):
         """Whether ``attend_in_memory_space`` takes fewer multiply-adds than projecting the ``N``
         image tokens to keys and values, for ``T`` text positions (per image, key side; the value
-        side is the same). Training sees few positions (course captions average 12 tokens)
-        against 197-257 image tokens, so it usually is. A method that replaced ``k`` or ``v``
-        (LoRA on them, say) keeps the projecting form, which runs whatever layer it put there."""
-        if type(self.k) is not nn.Linear or type(self.v) is not nn.Linear:
-            return False
+        side is the same). It is while ``T < N C / (C + (n_head - 1) N)``: captions are short
+        next to the image tokens, so in training it usually is."""
         C = self.k.in_features
         projecting = N * C * C + T * N * C  # keys of the N tokens, then T x N scores of head width
         in_memory_space = T * C * C + self.n_head * T * N * C  # queries to memory width, then scores at C
@@ -113,9 +120,10 @@ class CrossAttention(nn.Module):
         the same for every token; it is added anyway, so ``b_k`` gets the gradient it gets in the
         projecting form). The weights of a query sum to 1, so ``Σ a v(m) = W_v (Σ a m) + b_v``.
         The heads share the memory, so their queries are stacked on the time axis and attend in
-        one batched matmul. Same result as the projecting form up to float rounding; ~2.5x fewer
-        multiply-adds at 20 positions x 197 tokens, and the trained projection's gradient no
-        longer goes back through N x C x C matmuls per layer."""
+        one batched matmul. Same result as the projecting form up to float rounding, with the
+        cost ``memory_space_is_cheaper`` counts; and the trained projections' gradients no longer
+        go back through N x C x C matmuls per layer. Only valid while k and v are the plain
+        Linear layers whose weights it reads (see ``form``)."""
         B, H, T, D = q.shape
         w_k, w_v = self.k.weight.view(H, D, -1), self.v.weight.view(H, D, -1)  # (H, D, C)
         queries = torch.einsum("bhtd,hdc->bhtc", q, w_k).reshape(B, H * T, -1)
@@ -126,11 +134,12 @@ class CrossAttention(nn.Module):
         y = torch.einsum("bhtc,hdc->bhtd", mixed, w_v)
         return y + self.v.bias.view(H, 1, D).to(y.dtype)
 
-    def attend_and_record(self, q, k, v):
-        """What SDPA computes, with the weights ``(B, n_head, T, tokens)`` kept in ``record``."""
-        weights = torch.softmax((q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1)), dim=-1)
-        self.record.append(weights)
-        return weights.to(v.dtype) @ v
+
+def attend_and_keep(q, k, v, keep):
+    """What SDPA computes (no mask), with the weights ``(B, n_head, T, keys)`` appended to ``keep``."""
+    weights = torch.softmax((q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1)), dim=-1)
+    keep.append(weights)
+    return weights.to(v.dtype) @ v
 
 
 def attend_shared_memory(q, k, v):
@@ -166,10 +175,38 @@ class Block(nn.Module):
         self.post_cross_attn = nn.Identity()
         self.post_mlp = nn.Identity()
 
-    def forward(self, x, memory, cache=None):
+    def forward(self, x, memory, cache=None, keep=None):
+        """``keep``: this layer's lists from an ``AttentionProbe`` (``AttentionProbe.at``)."""
+        keep = keep or {}
         x = x + self.post_attn(self.attn(self.ln_1(x), cache))
-        x = x + self.post_cross_attn(self.cross_attn(self.ln_cross(x), memory, cache))
+        x = x + self.post_cross_attn(self.cross_attn(self.ln_cross(x), memory, cache, keep.get("cross")))
         return x + self.post_mlp(self.mlp(self.ln_2(x)))
+
+
+@dataclass
+class AttentionProbe:
+    """A request to keep attention weights during a full-sequence forward, passed as
+    ``GPT2Decoder.forward(..., probe=AttentionProbe([layer]))``: afterwards ``weights[layer]``
+    holds one ``(B, n_head, T, keys)`` tensor per forward, computed as SDPA computes its output.
+    ``kind`` says which attention: "cross" (keys: the image tokens). Each block hands its
+    sub-layers the lists of ``at(i)`` by kind; a self-attention probe would add "self" to
+    ``PROBED`` and have ``SelfAttention`` append to ``keep["self"]`` the same way."""
+    layers: tuple
+    kind: str = "cross"
+    weights: dict = field(default_factory=dict, init=False)  # layer -> [weights of each forward]
+
+    PROBED = ("cross",)
+
+    def __post_init__(self):
+        if self.kind not in self.PROBED:
+            raise ValueError(f"attention probe kind {self.kind!r}: only {', '.join(self.PROBED)} can be probed")
+        self.layers = tuple(self.layers)
+        for layer in self.layers:
+            self.weights.setdefault(layer, [])
+
+    def at(self, layer):
+        """What the block of ``layer`` keeps: ``{kind: list}``, or None when it is not probed."""
+        return {self.kind: self.weights[layer]} if layer in self.layers else None
 
 
 class GPT2Decoder(nn.Module):
@@ -182,7 +219,8 @@ class GPT2Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
-        self.gradient_checkpointing = False  # train.grad_checkpointing: less memory, ~30% more compute
+        # train.grad_checkpointing: less memory, for a second forward of every block in backward.
+        self.gradient_checkpointing = False
         # Hook point for prompt-style methods: a callable ``batch_size -> (B, P, n_embd)`` of input
         # embeddings placed before the token embeddings. They take positions 0..P-1 (the text
         # moves to P..P+T-1, as in HF peft's prompt tuning), every text position attends to them,
@@ -206,19 +244,20 @@ class GPT2Decoder(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids, memory=None, cache=None, only=None):
+    def forward(self, input_ids, memory=None, cache=None, only=None, probe=None):
         """Logits ``(B, T, vocab)``. Training passes the whole sequence and the image tokens
         ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
         (``vlcap.core.model.kv_cache``), which holds the image keys/values (and has already run any
         ``input_prefix``) and grows by ``T``. ``only``: a bool mask ``(B, T)``; the logits of
         just those positions come back, ``(N, vocab)`` (the LM head is 50257 wide, and the loss
-        reads no logits where there is no label)."""
+        reads no logits where there is no label). ``probe``: an ``AttentionProbe`` that keeps
+        the attention weights it names (full-sequence forwards only)."""
         x = self.wte(input_ids)
         P = 0
         if cache is None and self.input_prefix is not None:
             prefix = self.input_prefix(input_ids.size(0))
             x, P = torch.cat([prefix.to(x.dtype), x], dim=1), prefix.size(1)
-        x = self.transform(x, memory, cache)[:, P:]
+        x = self.transform(x, memory, cache, probe)[:, P:]
         return self.lm_head(self.ln_f(x if only is None else x[only]))
 
     def next_token_loss(self, input_ids, labels, memory=None):
@@ -233,18 +272,22 @@ class GPT2Decoder(nn.Module):
         labelled = labelled[:, :end]
         return F.cross_entropy(self(input_ids[:, :end], memory, only=labelled).float(), labels[:, :end][labelled])
 
-    def transform(self, x, memory=None, cache=None):
+    def transform(self, x, memory=None, cache=None, probe=None):
         """The transformer blocks on input embeddings ``x`` ``(B, T, n_embd)`` (position
         embeddings added here): hidden states before ``ln_f``. With a cache, positions continue
-        after the ones it holds, and it grows by ``T``."""
+        after the ones it holds, and it grows by ``T``. ``probe``: see ``forward``."""
         past = 0 if cache is None else cache.positions
         T = x.size(1)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence of {past + T} positions exceeds the decoder context of {self.cfg.block_size}")
+        if probe is not None:
+            self.check_probe(probe, cache)
         x = x + self.wpe(torch.arange(past, past + T, device=x.device))
         for i, block in enumerate(self.h):
             if cache is not None:
                 x = block(x, memory, cache.layers[i])
+            elif probe is not None:  # not checkpointed: a recompute in backward would keep weights twice
+                x = block(x, memory, keep=probe.at(i))
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Recompute the block's activations in backward instead of keeping them.
                 x = torch.utils.checkpoint.checkpoint(block, x, memory, use_reentrant=False)
@@ -253,6 +296,15 @@ class GPT2Decoder(nn.Module):
         if cache is not None:
             cache.positions += T
         return x
+
+    def check_probe(self, probe, cache):
+        # A probe reads a full-sequence forward: the cache's path shares image keys/values
+        # between beam rows and keeps nothing. Layers are indices as the caller resolved them.
+        if cache is not None:
+            raise ValueError("an attention probe reads a full-sequence forward, not incremental decoding with a cache")
+        bad = [layer for layer in probe.layers if not 0 <= layer < self.cfg.n_layer]
+        if bad:
+            raise ValueError(f"attention probe layer(s) {bad}: the decoder has layers 0..{self.cfg.n_layer - 1}")
 
     def pretrained_parameters(self):
         """The parameters a ``decoder_model.bin`` provides (everything but the cross-attention)."""

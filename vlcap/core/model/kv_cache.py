@@ -8,7 +8,9 @@ of image ``b``. Per layer the cache holds
   followed by the positions of the decoder's ``input_prefix`` (prompt tuning), which ``build``
   runs through the decoder once (prefill) so decoding starts right after them;
 - the cross-attention keys/values of the image tokens, ``(images, n_head, tokens, head_dim)``:
-  computed once per image when the cache is built and shared by all its beams
+  computed once per image when the cache is built, always by running ``k`` and ``v`` on the
+  image tokens (``CrossAttention.memory_kv``, whatever its ``form``; training runs them too only
+  on the "project" form, which a method that hooks or replaces them sets), shared by all its beams
   (``gpt2.attend_shared_memory``), never copied by ``expand`` or ``reorder``.
 
 Decoding strategies own the row layout: they call ``expand`` to turn one row per image into

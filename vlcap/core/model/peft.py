@@ -6,7 +6,9 @@ A method only says *what* to change, through the captioner's hook points:
 ``captioner.decoder.h[i].attn``              self-attention: ``c_attn`` (fused q,k,v Linear),
                                              ``c_proj``, ``kv_prefix`` (a callable
                                              ``batch_size -> (k, v)`` of extra keys/values)
-``captioner.decoder.h[i].cross_attn``        cross-attention: ``q``, ``k``, ``v``, ``c_proj``
+``captioner.decoder.h[i].cross_attn``        cross-attention: ``q``, ``k``, ``v``, ``c_proj``;
+                                             hook, wrap or replace ``k``/``v`` only with
+                                             ``project_image_tokens`` (see below)
 ``captioner.decoder.h[i].mlp``               ``c_fc``, ``c_proj``
 ``captioner.decoder.h[i].post_attn`` /       identity slots applied to each sub-layer's output
 ``post_cross_attn`` / ``post_mlp``           before the residual add
@@ -23,15 +25,22 @@ Trainability is the core's job, decided after the method ran: every parameter th
 the pretrained encoder or decoder stays frozen, everything else (projection, cross-attention,
 the method's new parameters) trains. A method that swaps a pretrained layer for its own class
 must keep the pretrained Parameter objects (``swap_linear`` does).
+
+Cross-attention ``k``/``v``: on its default form ("auto", ``gpt2.CrossAttention.form``) training
+folds their weights into the queries and never runs their forward, while the decoding cache
+does. A method that hooks, wraps or replaces them calls ``project_image_tokens`` so training runs
+them too (``swap_linear`` on them does it); after ``apply`` the core refuses one that did not.
 """
 import contextlib
 import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from vlcap.core.config import plugin_config
 from vlcap.core.errors import VlcapError
+from vlcap.core.model.gpt2 import CROSS_ATTENTION_FORMS, CrossAttention
 
 MAX_TRAINABLE = 35_000_000
 _PRETRAINED_FLAG = "_vlcap_pretrained"
@@ -80,9 +89,48 @@ def apply_peft(captioner, method, options):
     """Run ``method`` on ``captioner``, then set trainability. Returns the method's config."""
     config = plugin_config(method, options, "peft.options")
     method.apply(captioner, config)
+    check_cross_attention_forms(captioner, method)
     for p in captioner.parameters():
         p.requires_grad_(not is_pretrained(p))
     return config
+
+
+def project_image_tokens(cross_attention):
+    """Make ``cross_attention`` (a ``decoder.h[i].cross_attn``) run its ``k`` and ``v`` on the
+    image tokens in training, as decoding does: call it on every cross-attention whose ``k`` or
+    ``v`` a method hooks, wraps or replaces. Returns ``cross_attention``."""
+    if not isinstance(cross_attention, CrossAttention):
+        raise TypeError(f"project_image_tokens takes a decoder.h[i].cross_attn, got {type(cross_attention).__name__}")
+    cross_attention.form = "project"
+    return cross_attention
+
+
+def check_cross_attention_forms(captioner, method):
+    """The safety net after ``method.apply``: a cross-attention still on "auto" whose ``k`` or
+    ``v`` is no longer a plain, hook-free ``nn.Linear`` would train without the method's change
+    (training reads their weights) and decode with it (the cache runs them): refused."""
+    for name, attention in captioner.named_modules():
+        if not isinstance(attention, CrossAttention):
+            continue
+        if attention.form not in CROSS_ATTENTION_FORMS:
+            raise VlcapError(f"PEFT method '{method.name}' set {name}.form to {attention.form!r}; "
+                             f"use one of {', '.join(CROSS_ATTENTION_FORMS)}")
+        for part in ("k", "v") if attention.form == "auto" else ():
+            change = linear_change(getattr(attention, part))
+            if change:
+                raise VlcapError(f"PEFT method '{method.name}' {change} {name}.{part} but left {name} on form "
+                                 f"'auto', which trains without running it; call project_image_tokens({name}) "
+                                 "in apply (swap_linear does it)")
+
+
+def linear_change(layer):
+    """How ``layer`` differs from a plain ``nn.Linear`` called as is, in words ("" if it does not)."""
+    if type(layer) is not nn.Linear:
+        return f"replaced (by {type(layer).__module__}.{type(layer).__qualname__})"
+    hooks = {"forward": layer._forward_hooks, "forward-pre": layer._forward_pre_hooks,
+             "backward": layer._backward_hooks, "backward-pre": layer._backward_pre_hooks}
+    kinds = [kind for kind, registered in hooks.items() if registered]
+    return f"put {'/'.join(kinds)} hook(s) on" if kinds else ""
 
 
 def trainable_state(captioner):
@@ -132,7 +180,9 @@ def check_budget(trainable, what="this model"):
 
 def swap_linear(parent, name, new_linear):
     """Replace ``parent.<name>`` (an nn.Linear) by ``new_linear`` of the same shape, moving the
-    pretrained weight and bias Parameters over so they stay frozen and shared."""
+    pretrained weight and bias Parameters over so they stay frozen and shared. On a
+    cross-attention's ``k`` or ``v`` it also calls ``project_image_tokens``, so the new layer
+    runs in training as in decoding."""
     old = getattr(parent, name)
     if tuple(new_linear.weight.shape) != tuple(old.weight.shape):
         raise ValueError(f"{name}: replacement has shape {tuple(new_linear.weight.shape)}, "
@@ -140,6 +190,8 @@ def swap_linear(parent, name, new_linear):
     new_linear.weight = old.weight
     new_linear.bias = old.bias
     setattr(parent, name, new_linear.to(old.weight.device))
+    if isinstance(parent, CrossAttention) and name in ("k", "v"):
+        project_image_tokens(parent)
     return new_linear
 
 

@@ -7,7 +7,7 @@ class MergedLinear(loralib.MergedLinear):
     """loralib's ``MergedLinear`` (LoRA on some slices of a fused q/k/v Linear) with a low-rank
     forward. loralib 0.1.2 rebuilds the full ``(out, in)`` update ``B @ A`` (a grouped conv1d and
     a zero pad) on every forward and multiplies the input by it: three extra full-size matmuls
-    per layer in training, ~8% of a ViT-B/16 + GPT-2 step. Here the input goes through ``A``,
+    per layer in training, to apply an update of rank ``r``. Here the input goes through ``A``,
     then each enabled slice's ``B``, and is added to that slice of the output: the same sum,
     with rank-sized matmuls. Parameters, init, merging and state-dict keys stay loralib's."""
 
