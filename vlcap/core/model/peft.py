@@ -1,25 +1,8 @@
 """What every PEFT method shares: the plugin interface, freezing, counting and the budget.
 
-A method only says *what* to change, through the captioner's hook points:
-
-==========================================  ===============================================
-``captioner.decoder.h[i].attn``              self-attention: ``c_attn`` (fused q,k,v Linear),
-                                             ``c_proj``, ``kv_prefix`` (a callable
-                                             ``batch_size -> (k, v)`` of extra keys/values)
-``captioner.decoder.h[i].cross_attn``        cross-attention: ``q``, ``k``, ``v``, ``c_proj``;
-                                             hook, wrap or replace ``k``/``v`` only with
-                                             ``project_image_tokens`` (see below)
-``captioner.decoder.h[i].mlp``               ``c_fc``, ``c_proj``
-``captioner.decoder.h[i].post_attn`` /       identity slots applied to each sub-layer's output
-``post_cross_attn`` / ``post_mlp``           before the residual add
-``captioner.decoder.wte``                    input embeddings (tied to the LM head, frozen)
-``captioner.decoder.input_prefix``           a callable ``batch_size -> (B, P, n_embd)``: input
-                                             embeddings placed before the text (prompt tuning);
-                                             they take positions 0..P-1, their outputs are
-                                             dropped, decoding caches them once per image
-``captioner.projection``                     image tokens -> decoder width
-``captioner.peft``                           ModuleDict for modules the method owns outright
-==========================================  ===============================================
+A method only says *what* to change, through the captioner's hook points (self-attention q/k/v
+and ``kv_prefix``, cross-attention, MLP, the ``post_*`` slots, ``input_prefix``, the projection,
+``captioner.peft``), mapped in docs/design.md ("The hook-point map").
 
 Trainability is the core's job, decided after the method ran: every parameter that came with
 the pretrained encoder or decoder stays frozen, everything else (projection, cross-attention,
