@@ -39,6 +39,7 @@ def test_metadata_describes_the_run(registry, tmp_path):
     meta = read_metadata(path)
     assert meta["peft"]["name"] == "adapter" and meta["peft"]["package"] == "vlcap" and meta["peft"]["version"]
     assert meta["encoder"] == "test_vit" and len(meta["tokenizer"]) == 16
+    assert (meta["encoder_width"], meta["encoder_tokens"]) == (64, 101)  # test_vit: 1 CLS + 10 x 10 patches
     assert meta["config"]["peft"]["options"]["reduction"] == 8
     assert meta["config"]["model"]["decoder_weights"] == str((tmp_path / "decoder_model.bin").resolve())
 
@@ -79,6 +80,22 @@ def test_tampered_checkpoints_are_refused(registry, tmp_path, change, message):
     rewrite(path, change)
     with pytest.raises(VlcapError, match=message):
         load_checkpoint(path, registry)
+
+
+def test_encoder_features_other_than_recorded_are_refused_in_one_line(registry, tmp_path, batch):
+    captioner, path, _ = trained_like(registry, tmp_path, "lora")
+    rewrite(path, lambda t, m: m.update(encoder_tokens="197"))
+    with pytest.raises(VlcapError) as error:
+        load_checkpoint(path, registry)
+    message = str(error.value)
+    assert message.startswith(f"{path}: trained on 64-wide x 197 feature tokens of encoder 'test_vit'")
+    assert "gives 64-wide x 101 here" in message and "\n" not in message
+
+    rewrite(path, lambda t, m: (m.pop("encoder_width"), m.pop("encoder_tokens")))  # written before they were recorded
+    loaded = load_checkpoint(path, registry)
+    assert "encoder_width" not in loaded.metadata
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.captioner(*batch), captioner(*batch), rtol=1e-5, atol=1e-5)
 
 
 def test_over_budget_is_refused_on_save_and_load(registry, tmp_path, monkeypatch):

@@ -2,9 +2,10 @@
 
 The file holds exactly the parameters with ``requires_grad`` (after the PEFT method's
 ``export``); the header holds the resolved run config, the plugin that made it and its package
-version, the encoder name, the tokenizer fingerprint and the parameter count. Loading rebuilds
-the captioner from that metadata plus the frozen decoder weights, and refuses any file whose
-keys, shapes or count do not match the model it describes.
+version, the encoder name with the width and number of the feature tokens it gave, the tokenizer
+fingerprint and the parameter count. Loading rebuilds the captioner from that metadata plus the
+frozen decoder weights, and refuses any file whose encoder features, keys, shapes or count do not
+match the model it describes.
 """
 import dataclasses
 import json
@@ -27,6 +28,7 @@ from vlcap.core.model.peft import check_budget, config_dict, count_parameters
 from vlcap.core.model.tokenizer import Tokenizer
 
 FORMAT = "vlcap.trainable.v1"
+ENCODER_FEATURES = ("encoder_width", "encoder_tokens")
 
 
 @dataclass
@@ -52,6 +54,10 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry):
         "config": json.dumps(config_lib.to_dict(saved_cfg)),
         "peft": json.dumps({"name": entry.name, "package": entry.package, "version": entry.version}),
         "encoder": cfg.model.encoder,
+        # What the encoder built from the config gave (not in the config): the projection and the
+        # cross-attention were trained on tokens of this width and number.
+        "encoder_width": str(captioner.encoder.embed_dim),
+        "encoder_tokens": str(captioner.encoder.num_tokens),
         "tokenizer": tokenizer.fingerprint,
         "parameters": str(count),
         "vlcap_version": vlcap.__version__,
@@ -78,6 +84,9 @@ def read_metadata(path):
         metadata["config"] = json.loads(metadata["config"])
         metadata["peft"] = json.loads(metadata["peft"])
         metadata["parameters"] = int(metadata["parameters"])
+        for key in ENCODER_FEATURES:
+            if key in metadata:  # absent from checkpoints written before they were recorded
+                metadata[key] = int(metadata[key])
         if not isinstance(metadata["config"], dict):
             raise ValueError("config is not a mapping")
         if not (isinstance(metadata["peft"], dict) and all(isinstance(metadata["peft"].get(k), str)
@@ -122,6 +131,7 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     check_budget(metadata["parameters"], what=str(path))
 
     captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
+    check_encoder_features(path, metadata, captioner.encoder)
     expected = {name: p for name, p in captioner.named_parameters() if p.requires_grad}
     unused, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if unused or missing:
@@ -136,3 +146,15 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     captioner.to(device).eval()
     return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
 
+
+
+def check_encoder_features(path, metadata, encoder):
+    """The encoder built here must give the feature tokens the checkpoint was trained on (another
+    timm version or image size can change them under the same name). Checkpoints written before
+    these were recorded are not checked."""
+    built = {"encoder_width": encoder.embed_dim, "encoder_tokens": encoder.num_tokens}
+    if any(metadata.get(key, value) != value for key, value in built.items()):
+        raise VlcapError(f"{path}: trained on {metadata.get('encoder_width', '?')}-wide x "
+                         f"{metadata.get('encoder_tokens', '?')} feature tokens of encoder '{encoder.name}', but it "
+                         f"gives {encoder.embed_dim}-wide x {encoder.num_tokens} here; use the timm version and "
+                         "encoder it was trained with")

@@ -13,7 +13,9 @@ import dataclasses
 import random
 import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -64,6 +66,67 @@ def load_state(run_dir):
     except Exception as exc:  # any unpickling failure means a damaged or foreign file
         raise VlcapError(f"{path}: damaged resume state ({type(exc).__name__}); "
                          "start the run again without --resume") from None
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, apart from the weights, optimizer, scheduler and loss scaler (which
+    keep their own state): the counters the next step depends on. The resume state holds these
+    fields under their own names next to the others."""
+    epoch: int = 0  # the epoch in progress (the next one, once an epoch has ended)
+    batches: int = 0  # micro-batches of that epoch already trained on
+    step: int = 0  # optimizer steps taken
+    running: float = 0.0  # this process's token-weighted loss sum in the epoch so far
+    seen: int = 0  # images this process trained on in the epoch so far
+    tokens: int = 0  # caption tokens this process trained on in the epoch so far
+    skipped_batches: int = 0  # DDP: micro-batches every process skipped, one having no readable image
+    best_value: Optional[float] = None  # the best value so far of the number that selects best.safetensors
+    history: list = field(default_factory=list)  # one record per finished epoch
+    unreadable: set = field(default_factory=set)  # one message per image file that could not be read
+
+    def next_epoch(self):
+        """The epoch ended: the next one starts at its first batch with fresh loss counters."""
+        self.epoch, self.batches = self.epoch + 1, 0
+        self.running, self.seen, self.tokens = 0.0, 0, 0
+
+    def to_dict(self):
+        return {"epoch": self.epoch, "batches": self.batches, "step": self.step, "running": self.running,
+                "seen": self.seen, "tokens": self.tokens, "skipped_batches": self.skipped_batches,
+                "best_value": self.best_value, "history": self.history, "unreadable": sorted(self.unreadable)}
+
+    @classmethod
+    def from_dict(cls, saved):
+        return cls(epoch=saved["epoch"], batches=saved["batches"], step=saved["step"], running=saved["running"],
+                   seen=saved["seen"], tokens=saved["tokens"],
+                   skipped_batches=saved.get("skipped_batches", 0),  # absent from states written before it was counted
+                   best_value=saved["best_value"], history=saved["history"], unreadable=set(saved["unreadable"]))
+
+
+def save_training(run_dir, state, named_trainable, optimizer, scheduler, scaler):
+    """Write the resume state: ``state``, the trainable parameters, optimizer, scheduler, loss
+    scaler and every random number generator, as they are now."""
+    save_state(run_dir, {
+        "trainable": {name: p.detach().cpu() for name, p in named_trainable},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng": rng_state(), **state.to_dict()})
+
+
+def restore_training(saved, captioner, optimizer, scheduler, scaler, path):
+    """Put a loaded resume state back into the freshly built run and return its ``TrainState``.
+    Call it once everything that draws random numbers is built: it sets the generators last."""
+    restore_trainable(captioner, saved["trainable"], path)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    state = TrainState.from_dict(saved)
+    set_rng_state(saved["rng"])
+    return state
+
+
+def stopped(signal_name, step, total_steps, run_dir):
+    """The error a run stopped by a signal ends with: where it stopped and how to continue."""
+    return VlcapError(f"stopped by {signal_name} at step {step} of {total_steps}; state saved to "
+                      f"{state_path(run_dir)}; continue with: vlcap train --resume {run_dir}")
 
 
 def resume_config(run_dir, device=None):

@@ -1,5 +1,24 @@
 """The training loop. It knows no PEFT method, decoding strategy or metric by name: all three
-come from the registry, chosen by the run config."""
+come from the registry, chosen by the run config.
+
+``train`` builds a ``Trainer`` and runs it; ``Trainer.run`` and ``Trainer.train_epoch`` are the
+loop. Each concern the loop touches lives in one place:
+
+- model and data: ``prepare_model``, ``configure_decoder``, ``make_loaders`` (``ValidationData``)
+- optimizer, learning-rate schedule, gradient accumulation: ``build_optimizer``, ``build_scheduler``,
+  ``Schedule``
+- AMP and the loss scaler: ``MixedPrecision``
+- DDP: ``distributed`` (process context, loss weights, gradient sync); ``Trainer.train_micro_batch``
+  and the ``ctx.sum`` calls are where the loop meets it
+- the numerical guard: ``NumericalGuard`` (non-finite loss, gradient norm, weights)
+- validation and best-checkpoint selection: ``validation_loss``, ``validation_metrics``,
+  ``selection_key``, ``Selection``
+- checkpoint and history writing: ``Trainer.write_epoch``, ``write_history``
+- resume state and stop signals: ``resume.TrainState``, ``resume.save_training``,
+  ``resume.restore_training``, ``resume.stop_requests``
+- progress display: ``TrainingDisplay``
+"""
+import contextlib
 import dataclasses
 import functools
 import json
@@ -8,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +45,7 @@ from vlcap.core.data import check_images_exist, iterate_images, load_captions
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.progress import progress_bar
-from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
+from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
 from vlcap.core.train.datasets import CachedCaptionDataset, CaptionDataset, collate_captions
 from vlcap.core.train.feature_cache import training_cache
 from vlcap.core.model.course_weights import save_course_weights
@@ -46,13 +65,13 @@ class TrainResult:
     unreadable: list = field(default_factory=list)  # one message per image file that could not be read
 
 
-def configure_decoder(captioner, cfg):
-    """The decoder's throughput options: gradient checkpointing and ``torch.compile`` (in place,
-    so parameter names and checkpoints stay the same)."""
-    captioner.decoder.gradient_checkpointing = cfg.train.grad_checkpointing
-    if cfg.train.compile:
-        captioner.decoder.compile(backend="inductor" if cfg.train.compile is True else cfg.train.compile)
+def train(cfg, run_dir, registry, console=None, resume=False):
+    """Train ``cfg`` into ``run_dir``. With ``resume``, continue from ``run_dir``'s resume state
+    (``cfg`` must be that run's config, see ``resume.resume_config``)."""
+    return Trainer(cfg, run_dir, registry, console, resume).run()
 
+
+# --- Model and data -------------------------------------------------------------------------
 
 def seed_everything(seed):
     random.seed(seed)
@@ -84,65 +103,220 @@ def prepare_model(cfg, registry, run_dir=None):
     return PreparedModel(tokenizer, captioner, method, resolved)
 
 
+def configure_decoder(captioner, cfg):
+    """The decoder's throughput options: gradient checkpointing and ``torch.compile`` (in place,
+    so parameter names and checkpoints stay the same)."""
+    captioner.decoder.gradient_checkpointing = cfg.train.grad_checkpointing
+    if cfg.train.compile:
+        captioner.decoder.compile(backend="inductor" if cfg.train.compile is True else cfg.train.compile)
+
+
+class ValidationData(NamedTuple):
+    loss_batches: DataLoader  # every validation caption, batched as in training, for the validation loss
+    images: Callable  # () -> batches of the images captioned for metrics (``data.iterate_images``)
+    references: dict  # stem -> reference captions, for every image listed with at least one
+    paths: dict  # stem -> path of each image captioned for metrics (at most train.max_val_images)
+
+
+def caption_dataset(json_path, image_dir, transform, tokenizer, max_tokens):
+    """The caption file's ``CaptionSet`` and its ``CaptionDataset``; every listed image must exist."""
+    captions = load_captions(json_path)
+    check_images_exist(captions, image_dir, json_path)
+    return captions, CaptionDataset(captions, image_dir, transform, tokenizer, max_tokens)
+
+
 def make_loaders(cfg, captioner, tokenizer, device, ctx=distributed.Context(), cache=None):
+    """``(training DataLoader, ValidationData or None)``. With ``cache`` the training set reads
+    the cached encoder tokens instead of the images."""
     if not cfg.data.train_json or not cfg.data.train_images:
         raise VlcapError("no training data: pass --train-json FILE and --train-images DIR")
     transform = captioner.encoder.transform()
     loader_args = dict(batch_size=distributed.per_rank_batch(cfg.train.batch_size, ctx), num_workers=cfg.train.num_workers,
                        pin_memory=device.type == "cuda", worker_init_fn=resume_lib.ignore_interrupts_in_worker,
                        collate_fn=functools.partial(collate_captions, pad_id=tokenizer.eot_id))
-
-    def caption_dataset(json_path, image_dir):
-        captions = load_captions(json_path)
-        check_images_exist(captions, image_dir, json_path)
-        return captions, CaptionDataset(captions, image_dir, transform, tokenizer, cfg.data.max_caption_tokens)
-
-    train_captions, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images)
+    train_captions, train_set = caption_dataset(cfg.data.train_json, cfg.data.train_images, transform, tokenizer,
+                                                cfg.data.max_caption_tokens)
     if not len(train_set):
         raise VlcapError(f"{cfg.data.train_json}: no non-empty captions to train on")
     if cache is not None:
         cache.check_images(set(train_captions.images.values()), cfg.data.train_images, cfg.data.train_json)
         train_set = CachedCaptionDataset(train_set, cache)
-    # The order is a function of (seed, epoch) alone, so a resumed run rebuilds it and N processes
-    # see the batches one process would; the loader's own generator only seeds workers and keeps
-    # the global RNG (dropout) untouched.
-    sampler, batch_sampler = distributed.train_sampler(train_set, loader_args["batch_size"], ctx, cfg.train.seed,
-                                                       cfg.train.length_buckets)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    if batch_sampler is None:
-        train_loader = DataLoader(train_set, sampler=sampler, generator=generator, **loader_args)
-    else:
-        train_loader = DataLoader(train_set, batch_sampler=batch_sampler, generator=generator,
-                                  **{k: v for k, v in loader_args.items() if k != "batch_size"})
+    train_loader = training_loader(train_set, loader_args, ctx, cfg.train)
     val = None
     if cfg.data.val_json and cfg.data.val_images:
-        val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images)
-        references = val_captions.references()  # images listed without captions cannot be scored
-        names = sorted(n for n in set(val_captions.images.values()) if Path(n).stem in references)
-        image_paths = [Path(cfg.data.val_images) / name for name in names[:cfg.train.max_val_images]]
-        val = {
-            "loss": DataLoader(val_set, shuffle=False, **loader_args),
-            "images": functools.partial(iterate_images, image_paths, transform, cfg.train.batch_size, device,
-                                        num_workers=cfg.train.num_workers,
-                                        worker_init_fn=resume_lib.ignore_interrupts_in_worker),
-            "references": references,
-            "paths": {p.stem: p for p in image_paths},
-        }
+        val = validation_data(cfg, transform, tokenizer, device, loader_args)
     return train_loader, val
 
 
+def training_loader(train_set, loader_args, ctx, train_cfg):
+    """The order is a function of (seed, epoch) alone, so a resumed run rebuilds it and N processes
+    see the batches one process would; the loader's own generator only seeds workers and keeps
+    the global RNG (dropout) untouched."""
+    sampler, batch_sampler = distributed.train_sampler(train_set, loader_args["batch_size"], ctx, train_cfg.seed,
+                                                       train_cfg.length_buckets)
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    if batch_sampler is None:
+        return DataLoader(train_set, sampler=sampler, generator=generator, **loader_args)
+    return DataLoader(train_set, batch_sampler=batch_sampler, generator=generator,
+                      **{k: v for k, v in loader_args.items() if k != "batch_size"})
+
+
+def validation_data(cfg, transform, tokenizer, device, loader_args):
+    """The validation set. Images listed without captions cannot be scored: the validation loss
+    has nothing of theirs, and metrics caption only images with references."""
+    val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images, transform, tokenizer,
+                                            cfg.data.max_caption_tokens)
+    references = val_captions.references()
+    names = sorted(n for n in set(val_captions.images.values()) if Path(n).stem in references)
+    image_paths = [Path(cfg.data.val_images) / name for name in names[:cfg.train.max_val_images]]
+    images = functools.partial(iterate_images, image_paths, transform, cfg.train.batch_size, device,
+                               num_workers=cfg.train.num_workers,
+                               worker_init_fn=resume_lib.ignore_interrupts_in_worker)
+    return ValidationData(DataLoader(val_set, shuffle=False, **loader_args), images, references,
+                          {p.stem: p for p in image_paths})
+
+
+# --- Optimizer, schedule and gradient accumulation -------------------------------------------
+
 def build_optimizer(trainable, train_cfg):
     """AdamW over the trainable parameters; no weight decay on biases, LayerNorm and prefix
-    vectors (the GPT-2 / nanoGPT convention). Fused on CPU too: one kernel for all tensors is
-    ~4x faster than the per-tensor loop at ~30M parameters (and is HF Trainer's default)."""
+    vectors (the GPT-2 / nanoGPT convention). Fused on CPU too: one kernel updates every tensor
+    instead of a Python loop over them, which dominates the step with many small PEFT tensors
+    (it is also HF Trainer's default)."""
     return torch.optim.AdamW(
         [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
          {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
         lr=train_cfg.lr, fused=True)
 
 
+def build_scheduler(optimizer, total_steps, train_cfg):
+    """Linear warm-up from 1% of ``train.lr``, then cosine decay to ``lr * min_lr_ratio`` at the
+    last step; updated per optimizer step (``step_update``), so a resumed run continues it."""
+    return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=train_cfg.lr * train_cfg.min_lr_ratio,
+                             warmup_t=min(train_cfg.warmup_steps, max(total_steps - 1, 0)),
+                             warmup_lr_init=train_cfg.lr * 0.01, t_in_epochs=False)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length and its gradient accumulation: ``grad_accum`` micro-batches make one
+    optimizer step (an epoch's last step may take fewer), and the run ends after ``total_steps``
+    steps (``train.max_steps``) or ``train.epochs`` epochs, whichever comes first."""
+    grad_accum: int
+    batches_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    @classmethod
+    def plan(cls, batches_per_epoch, train_cfg):
+        steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
+        total_steps = train_cfg.epochs * steps_per_epoch
+        if train_cfg.max_steps is not None:
+            total_steps = min(total_steps, train_cfg.max_steps)
+        return cls(train_cfg.grad_accum, batches_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
+
+    def steps_after(self, batch):
+        """Whether the optimizer steps after micro-batch ``batch`` (0-based, within its epoch)."""
+        return (batch + 1) % self.grad_accum == 0 or batch + 1 == self.batches_per_epoch
+
+    def micro_loss(self, loss, weight):
+        """What a micro-batch back-propagates: its loss with its process's DDP weight, as one
+        ``grad_accum``-th of the step, so the accumulated gradient is the mean over the step."""
+        return loss * weight / self.grad_accum
+
+
+# --- AMP and the loss scaler -----------------------------------------------------------------
+
+class MixedPrecision:
+    """Autocast per ``train.amp`` (``runtime.autocast_dtype``; None: full precision) and the loss
+    scaler. Only fp16 scales: the loss is multiplied before backward so small gradients do not
+    flush to zero, and a step whose gradients overflowed is skipped (the scale lowered instead)."""
+
+    def __init__(self, amp, device):
+        self.device = device
+        self.dtype = autocast_dtype(amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    @property
+    def skips_overflowing_steps(self):
+        return self.scaler.is_enabled()
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def unscale(self, optimizer):
+        """Bring the gradients back to their true size (before clipping them)."""
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer):
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+# --- The numerical guard ---------------------------------------------------------------------
+
+class NonFinite(VlcapError):
+    """A NaN/inf loss, gradient or weight stopped the run; the last good state was kept."""
+
+
+def check_finite(named_parameters, step, what):
+    """Refuse to write non-finite weights over the last good state."""
+    bad = [name for name, p in named_parameters if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFinite(f"parameters became non-finite ({few(bad)}) after step {step}; {what}")
+
+
+class NumericalGuard:
+    """Stops the run at the first NaN/inf loss or gradient norm, naming the step and batch, and
+    keeps non-finite weights from overwriting the last good resume state or checkpoint."""
+
+    def __init__(self, state_file, ctx, amp):
+        self.state_file, self.ctx, self.amp = state_file, ctx, amp
+
+    def last_good(self):
+        return f"the last good state is {self.state_file}" if self.state_file.exists() else "no state was saved yet"
+
+    def check_loss(self, loss, where):
+        # Under DDP a non-finite loss stops every process at the gradient-norm check instead (the
+        # gradients are all-reduced): one process stopping alone would strand the others.
+        if not self.ctx.enabled and not torch.isfinite(loss):
+            raise NonFinite(f"loss became {loss.item()} at {where}; {self.last_good()}; "
+                            "lower train.lr or set train.amp=off")
+
+    def check_gradient_norm(self, norm, where):
+        if not self.amp.skips_overflowing_steps and not torch.isfinite(norm):  # fp16's scaler skips such steps
+            raise NonFinite(f"gradient norm became {float(norm)} at {where}; {self.last_good()}; lower train.lr")
+
+    def check_weights(self, named_parameters, step):
+        """Before a checkpoint is written."""
+        check_finite(named_parameters, step, self.last_good())
+
+    def check_weights_before_state_save(self, named_parameters, step):
+        check_finite(named_parameters, step, f"the last good state stays in {self.state_file}")
+
+
+# --- Validation and best-checkpoint selection ------------------------------------------------
+
+@contextlib.contextmanager
+def progress_task(progress, description, total):
+    """A task on the rich ``progress`` for the block (removed after it); yields ``advance(n)``.
+    With ``progress`` None nothing is shown."""
+    if progress is None:
+        yield lambda n: None
+        return
+    task = progress.add_task(description, total=total, stats="")
+    try:
+        yield lambda n: progress.advance(task, n)
+    finally:
+        progress.remove_task(task)
+
+
 @torch.no_grad()
 def validation_loss(captioner, loader, device, dtype, unreadable):
+    """Token-weighted mean loss over the validation captions; unreadable images go to ``unreadable``."""
     total, count = 0.0, 0
     for pixels, input_ids, labels, skipped in loader:
         unreadable.update(skipped)
@@ -156,24 +330,33 @@ def validation_loss(captioner, loader, device, dtype, unreadable):
 
 
 @torch.no_grad()
-def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, unreadable):
+def validation_captions(captioner, val, tokenizer, decoding_cfg, strategy, device, dtype, unreadable, progress=None):
+    """stem -> generated caption for every readable image in ``val.paths``, shown as a
+    "validate" task on ``progress``."""
+    stems, predictions = list(val.paths), {}
+    with progress_task(progress, "validate", len(stems)) as advance:
+        for pixels, indices, skipped in val.images():
+            unreadable.update(item.message for item in skipped)
+            if pixels is not None:
+                with autocast(device, dtype):
+                    captions = caption_images(captioner, pixels, tokenizer, strategy,
+                                              decoding_cfg.options, decoding_cfg.max_length)
+                predictions.update(zip((stems[i] for i in indices), captions))
+            advance(len(indices) + len(skipped))
+    return predictions
+
+
+def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, unreadable, progress=None):
+    """Each metric in ``train.metrics`` on the validation images' generated captions."""
     if not cfg.train.metrics:
         return {}
     strategy = registry.get("decoding", cfg.decoding.strategy)
-    predictions = {}
-    stems = list(val["paths"])
-    for pixels, indices, skipped in val["images"]():
-        unreadable.update(item.message for item in skipped)
-        if pixels is None:
-            continue
-        with autocast(device, dtype):
-            captions = caption_images(captioner, pixels, tokenizer, strategy,
-                                      cfg.decoding.options, cfg.decoding.max_length)
-        predictions.update(zip((stems[i] for i in indices), captions))
+    predictions = validation_captions(captioner, val, tokenizer, cfg.decoding, strategy, device, dtype,
+                                      unreadable, progress)
     if not predictions:
         raise VlcapError(f"no validation image could be read: {few(sorted(unreadable), 2)}")
-    references = {stem: val["references"][stem] for stem in predictions}
-    return {name: float(registry.get("metric", name).compute(predictions, references, val["paths"]))
+    references = {stem: val.references[stem] for stem in predictions}
+    return {name: float(registry.get("metric", name).compute(predictions, references, val.paths))
             for name in cfg.train.metrics}
 
 
@@ -203,16 +386,18 @@ def selection_key(cfg, registry, has_val):
     return choice, metric.higher_is_better
 
 
-class NonFinite(VlcapError):
-    """A NaN/inf loss, gradient or weight stopped the run; the last good state was kept."""
+class Selection(NamedTuple):
+    """Which epoch's weights best.safetensors holds: the one with the best ``record[key]`` so far
+    (on a tie, the earlier one)."""
+    key: str
+    higher_is_better: bool
+
+    def improves(self, record, best_value):
+        value = record[self.key]
+        return best_value is None or (value > best_value if self.higher_is_better else value < best_value)
 
 
-def check_finite(named_parameters, step, what):
-    """Refuse to write non-finite weights over the last good state."""
-    bad = [name for name, p in named_parameters if not torch.isfinite(p).all()]
-    if bad:
-        raise NonFinite(f"parameters became non-finite ({few(bad)}) after step {step}; {what}")
-
+# --- History and progress display ------------------------------------------------------------
 
 def write_history(run_dir, history):
     """The whole history, atomically: a kill never leaves half a line, a resume never repeats one."""
@@ -220,175 +405,247 @@ def write_history(run_dir, history):
         f.writelines(json.dumps(record) + "\n" for record in history)
 
 
-def train(cfg, run_dir, registry, console=None, resume=False):
-    """Train ``cfg`` into ``run_dir``. With ``resume``, continue from ``run_dir``'s resume state
-    (``cfg`` must be that run's config, see ``resume.resume_config``)."""
-    console = console or Console(stderr=True)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = resume_lib.load_state(run_dir) if resume else None
-    if not resume:  # a new run here makes an old resume state meaningless (and misleading)
-        resume_lib.state_path(run_dir).unlink(missing_ok=True)
-    seed_everything(cfg.train.seed)
-    ctx, device = distributed.init(resolve_device(cfg.train.device))
-    if not ctx.is_main:  # rank 0 alone logs, shows progress and writes the run directory
-        console = Console(quiet=True)
-    dtype = autocast_dtype(cfg.train.amp, device)
+class TrainingDisplay:
+    """The live progress bar (disabled except on rank 0): steps done, the epoch, its running loss,
+    the learning rate and images/s since the epoch (or the resumed part of it) started."""
 
-    tokenizer, captioner, method, cfg = prepare_model(cfg, registry, run_dir)
-    counts = count_parameters(captioner)
-    check_budget(counts.trainable)
-    captioner.to(device)
-    cache = training_cache(cfg, captioner.encoder, run_dir, console, ctx.is_main, ctx.barrier)
-    if cache is not None:  # the run records the cache it trained from
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, feature_cache=str(cache.path)))
-    train_loader, val = make_loaders(cfg, captioner, tokenizer, device, ctx, cache)
-    configure_decoder(captioner, cfg)
-    step_model = distributed.wrap(CaptionLoss(captioner, from_features=cache is not None), ctx, device)
-    key, higher_is_better = selection_key(cfg, registry, val is not None)
-    if ctx.is_main:
-        with atomic_write(run_dir / "config.yaml", "w") as f:
-            f.write(config_lib.dump_yaml(cfg))
-    dataset = train_loader.dataset
-    if dataset.truncated:
-        console.print(f"[yellow]{dataset.truncated} training caption(s) longer than "
-                      f"{cfg.data.max_caption_tokens} tokens were truncated[/]")
-    if dataset.empty:
-        console.print(f"[yellow]{dataset.empty} empty training caption(s) were left out[/]")
+    def __init__(self, console, enabled, total_steps, step):
+        self.progress = progress_bar(console=console, stats=True, disable=not enabled)
+        self.total_steps, self.step = total_steps, step
+        self.started, self.seen_at_start = time.perf_counter(), 0
 
-    named_trainable = [(n, p) for n, p in captioner.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in named_trainable]
-    optimizer = build_optimizer(trainable, cfg.train)
-    batches_per_epoch = len(train_loader)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=cfg.train.lr * cfg.train.min_lr_ratio,
-                                  warmup_t=min(cfg.train.warmup_steps, max(total_steps - 1, 0)),
-                                  warmup_lr_init=cfg.train.lr * 0.01, t_in_epochs=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    def __enter__(self):
+        self.progress.__enter__()
+        self.task = self.progress.add_task("train", total=self.total_steps, completed=self.step, stats="")
+        return self
 
-    best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
-    state_file = resume_lib.state_path(run_dir)
-    best_value, step, history, unreadable, saved = None, 0, [], set(), 0
-    skipped_batches = 0  # DDP: micro-batches every process skipped, as one had no readable image in them
-    start_epoch, skip_batches, running, seen, tokens = 0, 0, 0.0, 0, 0
-    if state is not None:
-        resume_lib.restore_trainable(captioner, state["trainable"], state_file)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best_value, history, unreadable = state["step"], state["best_value"], state["history"], set(state["unreadable"])
-        start_epoch, skip_batches = state["epoch"], state["batches"]
-        running, seen, tokens = state["running"], state["seen"], state["tokens"]
-        skipped_batches = state.get("skipped_batches", 0)  # absent from states written before it was counted
-        if step >= total_steps:
-            raise VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to resume")
-        resume_lib.set_rng_state(state["rng"])  # last, after everything that draws random numbers
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
 
-    def save_resume_state(epoch, batches):
-        check_finite(named_trainable, step, f"the last good state stays in {state_file}")
-        resume_lib.save_state(run_dir, {
-            "trainable": {n: p.detach().cpu() for n, p in named_trainable},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": resume_lib.rng_state(), "epoch": epoch, "batches": batches,
-            "running": running, "seen": seen, "tokens": tokens, "skipped_batches": skipped_batches,
-            "step": step, "best_value": best_value, "history": history, "unreadable": sorted(unreadable)})
+    def epoch_started(self, seen):
+        self.started, self.seen_at_start = time.perf_counter(), seen
 
-    def last_good():
-        return f"the last good state is {state_file}" if state_file.exists() else "no state was saved yet"
+    def step_done(self, epoch, epochs, loss, lr, images):
+        """``images``: trained on (by every process) since ``epoch_started``."""
+        rate = images / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
+                             stats=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.1f} img/s")
 
-    def stop(signal_name):
-        return VlcapError(f"stopped by {signal_name} at step {step} of {total_steps}; state saved to {state_file}; "
-                          f"continue with: vlcap train --resume {run_dir}")
+    def print_record(self, record):
+        self.progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in record.items()))
 
-    resumed = f" (resumed at step {step})" if state is not None else ""
-    console.print(f"[bold]vlcap train[/] {cfg.peft.method} on {device}"
-                  f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}: {counts.trainable:,} trainable "
-                  f"parameters, {len(dataset):,} captions, {total_steps} steps{resumed} -> {run_dir}"
-                  f"{f' (from feature cache {cache.path})' if cache else ''}")
-    progress = progress_bar(console=console, stats=True, disable=not ctx.is_main)
-    with progress, resume_lib.stop_requests() as stop_signals:
-        task = progress.add_task("train", total=total_steps, completed=step, stats="")
-        for epoch in range(start_epoch, epochs):
-            captioner.train()
-            distributed.set_epoch(train_loader, epoch, skip_batches)
-            started, seen_before = time.perf_counter(), seen
-            for i, batch in enumerate(train_loader, start=skip_batches):
-                unreadable.update(batch.unreadable)
-                steps_now = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == batches_per_epoch
-                weight = distributed.loss_weight(None if batch.pixels is None else batch.labels, ctx)
-                skipped_batches += weight is None and ctx.enabled  # counted alike by every process
-                if weight is not None:
-                    pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
-                    with distributed.sync_gradients(step_model, ctx, steps_now):
-                        with autocast(device, dtype):
-                            loss = step_model(pixels, input_ids, labels)
-                        # Under DDP a non-finite loss stops every process at the gradient-norm check
-                        # below (the gradients are all-reduced): one stopping alone strands the rest.
-                        if not ctx.enabled and not torch.isfinite(loss):
-                            raise NonFinite(f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
-                                            f"{last_good()}; lower train.lr or set train.amp=off")
-                        scaler.scale(loss * weight / cfg.train.grad_accum).backward()
-                    # Token-weighted, like the validation loss: the same number with any process count.
-                    n = int((labels != IGNORE_INDEX).sum())
-                    running, seen, tokens = running + loss.item() * n, seen + len(pixels), tokens + n
-                if not steps_now:
-                    continue
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.clip_grad)
-                if not scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
-                    raise NonFinite(f"gradient norm became {float(norm)} at step {step + 1} (epoch {epoch + 1}, "
-                                    f"batch {i + 1}); {last_good()}; lower train.lr")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                scheduler.step_update(step)
-                loss_sum, items, token_sum = ctx.sum(running, seen - seen_before, tokens)  # over all processes
-                rate = items / max(time.perf_counter() - started, 1e-9)
-                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
-                                stats=f"loss {loss_sum / max(token_sum, 1):.3f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.1f} img/s")
-                if ctx.is_main and (stop_signals or step % cfg.train.save_every == 0):
-                    save_resume_state(epoch, i + 1)
-                if stop_signals:
-                    raise stop(stop_signals[0])
-                if step >= total_steps:
-                    break
-            skip_batches = 0
-            if seen == 0:
-                raise VlcapError(f"no training image could be read in epoch {epoch + 1}: {few(sorted(unreadable), 2)}")
 
-            loss_sum, token_sum = ctx.sum(running, tokens)
-            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(token_sum, 1)}
-            history.append(record)
-            running, seen, tokens = 0.0, 0, 0
-            if not ctx.is_main:  # the others wait while rank 0 validates and writes checkpoints
-                ctx.barrier()
+# --- The trainer -----------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: ``__init__`` builds (or, resuming, restores) everything, ``run`` trains.
+
+    The run config is read-only. What building computes (the PEFT method's resolved options, the
+    decoder weights written for a random decoder, the feature cache used) is in ``self.cfg``, a new
+    config, which is what ``config.yaml`` and the checkpoints record."""
+
+    def __init__(self, cfg, run_dir, registry, console=None, resume=False):
+        console = console or Console(stderr=True)
+        self.run_dir, self.registry = Path(run_dir), registry
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state_file = resume_lib.state_path(self.run_dir)
+        saved = resume_lib.load_state(self.run_dir) if resume else None
+        if not resume:  # a new run here makes an old resume state meaningless (and misleading)
+            self.state_file.unlink(missing_ok=True)
+        seed_everything(cfg.train.seed)
+        self.ctx, self.device = distributed.init(resolve_device(cfg.train.device))
+        # Rank 0 alone logs, shows progress and writes the run directory.
+        self.console = console if self.ctx.is_main else Console(quiet=True)
+        self.amp = MixedPrecision(cfg.train.amp, self.device)
+        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp)
+        self.build_model_and_data(cfg)
+        self.selection = Selection(*selection_key(self.cfg, registry, self.val is not None))
+        if self.ctx.is_main:
+            with atomic_write(self.run_dir / "config.yaml", "w") as f:
+                f.write(config_lib.dump_yaml(self.cfg))
+        self.warn_about_captions()
+        self.build_optimizer()
+        self.resumed = saved is not None
+        self.state = self.restore(saved) if self.resumed else resume_lib.TrainState()
+        self.best_path, self.last_path = self.run_dir / "best.safetensors", self.run_dir / "last.safetensors"
+        self.saved = 0  # parameters in the last checkpoint written
+        self.display = TrainingDisplay(self.console, self.ctx.is_main, self.schedule.total_steps, self.state.step)
+
+    def build_model_and_data(self, cfg):
+        self.tokenizer, self.captioner, self.method, cfg = prepare_model(cfg, self.registry, self.run_dir)
+        self.trainable_count = count_parameters(self.captioner).trainable
+        check_budget(self.trainable_count)
+        self.captioner.to(self.device)
+        self.cache = training_cache(cfg, self.captioner.encoder, self.run_dir, self.console, self.ctx.is_main,
+                                    self.ctx.barrier)
+        if self.cache is not None:  # the run records the cache it trained from
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, feature_cache=str(self.cache.path)))
+        self.cfg = cfg
+        self.train_loader, self.val = make_loaders(cfg, self.captioner, self.tokenizer, self.device, self.ctx,
+                                                   self.cache)
+        configure_decoder(self.captioner, cfg)
+        # DDP wraps the loss module: its forward is what synchronises gradients.
+        self.step_model = distributed.wrap(CaptionLoss(self.captioner, from_features=self.cache is not None),
+                                           self.ctx, self.device)
+
+    def warn_about_captions(self):
+        dataset = self.train_loader.dataset
+        if dataset.truncated:
+            self.console.print(f"[yellow]{dataset.truncated} training caption(s) longer than "
+                               f"{self.cfg.data.max_caption_tokens} tokens were truncated[/]")
+        if dataset.empty:
+            self.console.print(f"[yellow]{dataset.empty} empty training caption(s) were left out[/]")
+
+    def build_optimizer(self):
+        self.named_trainable = [(n, p) for n, p in self.captioner.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in self.named_trainable]
+        self.optimizer = build_optimizer(self.trainable, self.cfg.train)
+        self.schedule = Schedule.plan(len(self.train_loader), self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule.total_steps, self.cfg.train)
+
+    def restore(self, saved):
+        """The stopped run's weights, optimizer, scheduler, scaler, random state and counters."""
+        state = resume_lib.restore_training(saved, self.captioner, self.optimizer, self.scheduler, self.amp.scaler,
+                                            self.state_file)
+        if state.step >= self.schedule.total_steps:
+            raise VlcapError(f"{self.run_dir}: the run already finished ({state.step} of "
+                             f"{self.schedule.total_steps} steps); nothing to resume")
+        return state
+
+    def run(self):
+        self.announce()
+        with self.display, resume_lib.stop_requests() as self.stop_signals:
+            for epoch in range(self.state.epoch, self.schedule.epochs):
+                self.train_epoch(epoch)
+                self.end_epoch(epoch)
+        distributed.cleanup(self.ctx)
+        self.report_skipped()
+        state = self.state
+        return TrainResult(self.run_dir, self.best_path, self.last_path, self.trainable_count, self.saved,
+                           state.step, state.history, sorted(state.unreadable))
+
+    def train_epoch(self, epoch):
+        """One pass over the training data (a resumed epoch from where it stopped), stepping the
+        optimizer every ``grad_accum`` micro-batches; saves the resume state every
+        ``train.save_every`` steps and stops, saved, when asked to by a signal."""
+        state = self.state
+        self.captioner.train()
+        distributed.set_epoch(self.train_loader, epoch, state.batches)
+        self.display.epoch_started(state.seen)
+        for i, batch in enumerate(self.train_loader, start=state.batches):
+            state.unreadable.update(batch.unreadable)
+            where = f"step {state.step + 1} (epoch {epoch + 1}, batch {i + 1})"
+            steps_now = self.schedule.steps_after(i)
+            self.train_micro_batch(batch, steps_now, where)
+            state.batches = i + 1
+            if not steps_now:
                 continue
-            if val is not None:
-                captioner.eval()
-                record["val_loss"] = validation_loss(captioner, val["loss"], device, dtype, unreadable)
-                record.update(validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, unreadable))
-            check_finite(named_trainable, step, f"{last_good()}")
-            saved = save_checkpoint(last_path, captioner, method, cfg, tokenizer, registry)
-            value = record[key]
-            if best_value is None or (value > best_value if higher_is_better else value < best_value):
-                best_value = value
-                save_checkpoint(best_path, captioner, method, cfg, tokenizer, registry)
-            write_history(run_dir, history)
-            save_resume_state(epoch + 1, 0)
-            progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in record.items()))
-            ctx.barrier()
-            if stop_signals:
-                raise stop(stop_signals[0])
-    distributed.cleanup(ctx)
-    if unreadable:
-        console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(sorted(unreadable), 3)}[/]")
-    if skipped_batches:
-        console.print(f"[yellow]{skipped_batches} batch(es) were skipped by every process: a process had no "
-                      "readable image in its share of them[/]")
-    return TrainResult(run_dir, best_path, last_path, counts.trainable, saved, step, history, sorted(unreadable))
+            self.optimizer_step(where)
+            self.show_step(epoch)
+            if self.ctx.is_main and (self.stop_signals or state.step % self.cfg.train.save_every == 0):
+                self.save_resume_state()
+            if self.stop_signals:
+                raise resume_lib.stopped(self.stop_signals[0], state.step, self.schedule.total_steps, self.run_dir)
+            if state.step >= self.schedule.total_steps:
+                break
+        if state.seen == 0:
+            raise VlcapError(f"no training image could be read in epoch {epoch + 1}: "
+                             f"{few(sorted(state.unreadable), 2)}")
+
+    def train_micro_batch(self, batch, steps_now, where):
+        """Forward and backward of one micro-batch, adding to the step's gradient. Under DDP the
+        processes all-reduce the gradients only with the step's last micro-batch."""
+        weight = distributed.loss_weight(None if batch.pixels is None else batch.labels, self.ctx)
+        self.state.skipped_batches += weight is None and self.ctx.enabled  # counted alike by every process
+        if weight is None:
+            return
+        device = self.device
+        pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
+        with distributed.sync_gradients(self.step_model, self.ctx, steps_now):
+            with self.amp.autocast():
+                loss = self.step_model(pixels, input_ids, labels)
+            self.guard.check_loss(loss, where)
+            self.amp.backward(self.schedule.micro_loss(loss, weight))
+        # Token-weighted, like the validation loss: the same number with any process count.
+        n = int((labels != IGNORE_INDEX).sum())
+        self.state.running += loss.item() * n
+        self.state.seen += len(pixels)
+        self.state.tokens += n
+
+    def optimizer_step(self, where):
+        self.amp.unscale(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.clip_grad)
+        self.guard.check_gradient_norm(norm, where)
+        self.amp.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.scheduler.step_update(self.state.step)
+
+    def show_step(self, epoch):
+        state = self.state
+        loss_sum, images, token_sum = self.ctx.sum(state.running, state.seen - self.display.seen_at_start,
+                                                   state.tokens)  # over all processes
+        self.display.step_done(epoch, self.schedule.epochs, loss_sum / max(token_sum, 1),
+                               self.optimizer.param_groups[0]["lr"], images)
+
+    def end_epoch(self, epoch):
+        """The epoch's record; rank 0 validates and writes the checkpoints, history and resume
+        state while the other processes wait."""
+        loss_sum, token_sum = self.ctx.sum(self.state.running, self.state.tokens)
+        record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": loss_sum / max(token_sum, 1)}
+        self.state.history.append(record)
+        self.state.next_epoch()
+        if self.ctx.is_main:
+            if self.val is not None:
+                record.update(self.validate())
+            self.write_epoch(record)
+            self.display.print_record(record)
+        self.ctx.barrier()
+        if self.stop_signals:
+            raise resume_lib.stopped(self.stop_signals[0], self.state.step, self.schedule.total_steps, self.run_dir)
+
+    def validate(self):
+        """``val_loss`` and each metric in ``train.metrics``, in eval mode."""
+        dtype, unreadable = self.amp.dtype, self.state.unreadable
+        with evaluating(self.captioner):
+            scores = {"val_loss": validation_loss(self.captioner, self.val.loss_batches, self.device, dtype,
+                                                  unreadable)}
+            scores.update(validation_metrics(self.captioner, self.val, self.tokenizer, self.cfg, self.registry,
+                                             self.device, dtype, unreadable, self.display.progress))
+        return scores
+
+    def write_epoch(self, record):
+        """last.safetensors, best.safetensors when ``record`` is the best so far, the history and
+        the resume state, in that order, and never from non-finite weights."""
+        self.guard.check_weights(self.named_trainable, self.state.step)
+        self.saved = self.save_checkpoint(self.last_path)
+        if self.selection.improves(record, self.state.best_value):
+            self.state.best_value = record[self.selection.key]
+            self.save_checkpoint(self.best_path)
+        write_history(self.run_dir, self.state.history)
+        self.save_resume_state()
+
+    def save_checkpoint(self, path):
+        return save_checkpoint(path, self.captioner, self.method, self.cfg, self.tokenizer, self.registry)
+
+    def save_resume_state(self):
+        self.guard.check_weights_before_state_save(self.named_trainable, self.state.step)
+        resume_lib.save_training(self.run_dir, self.state, self.named_trainable, self.optimizer, self.scheduler,
+                                 self.amp.scaler)
+
+    def announce(self):
+        processes = f" x {self.ctx.world_size} processes" if self.ctx.enabled else ""
+        resumed = f" (resumed at step {self.state.step})" if self.resumed else ""
+        cache = f" (from feature cache {self.cache.path})" if self.cache else ""
+        self.console.print(f"[bold]vlcap train[/] {self.cfg.peft.method} on {self.device}{processes}: "
+                           f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
+                           f"captions, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}{cache}")
+
+    def report_skipped(self):
+        unreadable, skipped = sorted(self.state.unreadable), self.state.skipped_batches
+        if unreadable:
+            self.console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}[/]")
+        if skipped:
+            self.console.print(f"[yellow]{skipped} batch(es) were skipped by every process: a process had no "
+                               "readable image in its share of them[/]")
