@@ -5,7 +5,8 @@ CLIP's text tower embeds the sentences and its image tower the images, and the c
 sentence lies closest (cosine) to the image wins. Several templates are ensembled as in the CLIP
 paper: each class's unit text embeddings are averaged over the templates and the mean is
 renormalised. Images are embedded once, so comparing templates (``report``) only costs one text
-pass per template.
+pass per template. ``run_classification`` is ``vlcap classify``: it checks every input before
+CLIP loads, then predicts, writes, reports and plots.
 """
 import csv
 import io
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import iterate_images, read_json
+from vlcap.core.data import find_images, iterate_images, load_image, read_json
+from vlcap.core.eval import clip as clip_lib
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.outputs import write_csv
 from vlcap.core.progress import progress_bar
@@ -193,3 +195,104 @@ def plot_top5(image, probs, labels, path, title="", k=5):
     with atomic_write(path, "wb") as f:
         figure.savefig(f, format="png", dpi=100)
     return [(name, bar.get_width()) for name, bar in zip(names, bars)]
+
+
+@dataclass
+class Request:
+    """What ``vlcap classify`` was asked for, checked (``check_request``) before CLIP loads."""
+    images_dir: Path
+    labels: Labels
+    templates: list  # ensembled for the predictions
+    paths: list  # the images to classify
+    truth: dict  # file name -> true class id, for the report (None without one)
+
+
+@dataclass
+class TemplateAccuracy:
+    template: str  # a template, or "ensemble of N templates"
+    correct: int
+    total: int
+
+
+@dataclass
+class Classification:
+    clip_name: str
+    files: list  # file names of the images classified, in input order
+    probs: torch.Tensor  # (len(files), classes): row i is files[i]'s class probabilities
+    report: list  # TemplateAccuracy of each template, then of their ensemble; empty without a report
+    plotted: int  # top-5 plots written
+
+
+def check_request(images_dir, labels_file, templates=(), *, out=None, report=False, ground_truth=None,
+                  plot_top5=None, out_dir=None):
+    """Every input of ``run_classification`` read and checked, so a mistake is one ``VlcapError``
+    before the (possibly large) model loads."""
+    if not (out or report or plot_top5):
+        raise VlcapError("nothing to do: pass --out pred.csv, --report and/or --plot-top5 N --out-dir DIR")
+    if plot_top5 is not None and (plot_top5 < 1 or not out_dir):
+        raise VlcapError("--plot-top5 N needs N >= 1 and --out-dir DIR for the PNGs")
+    labels = load_labels(labels_file)
+    templates = [check_template(t) for t in templates] or list(DEFAULT_TEMPLATES)
+    paths = find_images(images_dir)
+    names = [p.name for p in paths]
+    truth = None
+    if report:
+        truth = load_ground_truth(ground_truth, names, labels) if ground_truth else ground_truth_from_names(names, labels)
+    return Request(Path(images_dir), labels, templates, paths, truth)
+
+
+def check_images_read(images, images_dir, skip_bad_images):
+    """Fail on unreadable images unless ``skip_bad_images``; fail when none could be read."""
+    if images.bad and not skip_bad_images:
+        raise VlcapError(f"{len(images.bad)} unreadable image(s) in {images_dir}: {few(n for n, _ in images.bad)}; "
+                         "fix or remove them, or pass --skip-bad-images to classify the rest")
+    if not images.files:
+        raise VlcapError(f"{images_dir}: none of the images could be read")
+
+
+def template_report(clip, images, per_template, request):
+    """The accuracy of each template's embeddings alone, then (several templates) of their ensemble."""
+    rows = list(zip(request.templates, per_template))
+    if len(rows) > 1:
+        rows.append((f"ensemble of {len(rows)} templates", ensemble(per_template)))
+    report = []
+    for template, embeddings in rows:
+        probs = probabilities(clip, images.embeddings, embeddings)
+        report.append(TemplateAccuracy(template, *accuracy(probs, images.files, request.truth, request.labels)))
+    return report
+
+
+def plot_samples(request, files, probs, count, out_dir, seed=0):
+    """Top-5 plots of ``count`` images sampled with ``seed``, as ``OUT_DIR/STEM_top5.png``
+    (titled with the true class when the request has one). Returns how many were written."""
+    chosen = sample(files, count, seed)
+    for index in chosen:
+        name = files[index]
+        title = name
+        if request.truth is not None:
+            title = f"{name} (true: {request.labels.names[request.labels.ids.index(request.truth[name])]})"
+        png = Path(out_dir) / f"{Path(name).stem}_top5.png"
+        plot_top5(load_image(request.images_dir / name), probs[index], request.labels, png, title=title)
+    return len(chosen)
+
+
+def run_classification(images_dir, labels_file, templates=(), *, out=None, report=False, ground_truth=None,
+                       plot_top5=None, out_dir=None, seed=0, clip_model=None, batch_size=128, device=None,
+                       skip_bad_images=False, console=None):
+    """``vlcap classify``: check the inputs (``check_request``), load CLIP (``clip_model``, default
+    ViT-L/14) on ``device``, embed the images (progress on ``console``) and predict with the
+    ensemble of ``templates``; then write the ``out`` CSV, compute the per-template ``report``
+    and draw ``plot_top5`` plots into ``out_dir``, as asked. Unreadable images fail the run
+    unless ``skip_bad_images``."""
+    request = check_request(images_dir, labels_file, templates, out=out, report=report,
+                            ground_truth=ground_truth, plot_top5=plot_top5, out_dir=out_dir)
+    clip = clip_lib.load_clip(clip_model, device=device, default="ViT-L/14")
+    images = encode_images(clip, request.paths, batch_size=batch_size, console=console)
+    check_images_read(images, images_dir, skip_bad_images)
+    per_template = [text_embeddings(clip, request.labels.names, t) for t in request.templates]
+    probs = probabilities(clip, images.embeddings, ensemble(per_template))
+    if out:
+        write_predictions(out, images.files, probs, request.labels)
+    accuracies = template_report(clip, images, per_template, request) if report else []
+    plotted = plot_samples(request, images.files, probs, plot_top5, out_dir, seed) if plot_top5 else 0
+    return Classification(clip.name, images.files, probs, accuracies, plotted)

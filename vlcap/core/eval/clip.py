@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
+from vlcap.core.runtime import resolve_device
 
 CLIP_MODEL_ENV = "VLCAP_CLIP_MODEL"
 # OpenAI's model names (as ``clip.available_models()``) -> open_clip's names for the same weights.
@@ -61,7 +62,9 @@ class Clip:
 
 
 def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
-    """Load an OpenAI CLIP model by name or from a local OpenAI-format file.
+    """Load an OpenAI CLIP model by name or from a local OpenAI-format file onto ``device``: a
+    ``torch.device`` or a name ``resolve_device`` takes (None: CUDA when there is a GPU, else CPU);
+    a device that is not there is a ``VlcapError`` before anything loads.
 
     As ``clip.load``: fp16 weights on CUDA, fp32 on CPU.
     """
@@ -70,7 +73,7 @@ def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
     from open_clip.transform import image_transform
 
     name = clip_model_name(name_or_path, default)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     precision = "fp16" if device.type == "cuda" else "fp32"
     path = Path(name).expanduser()
     if path.is_file():

@@ -1,0 +1,126 @@
+"""What the ``vlcap`` commands print, in one place: their terminal tables and JSON documents.
+
+Each function takes a command's result and returns a rich renderable (a ``Table``, or a
+``Group`` of tables and lines), a line of rich markup, or a JSON-ready dict; the command prints
+it on its own console. Nothing here computes a result or touches a file.
+"""
+import json
+
+from rich.console import Group
+from rich.table import Table
+
+
+def _table(title, columns, right=(), **options):
+    """A table with ``columns``, those in ``right`` right-justified."""
+    table = Table(title=title, **options)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table
+
+
+def plugins_table(entries, failed):
+    """``vlcap list-plugins``: one row per installed plugin, then one per module that failed."""
+    table = _table("vlcap plugins", ("name", "kind", "package", "version", "description"))
+    for e in entries:
+        table.add_row(e.name, e.kind, e.package, e.version, e.description)
+    for m in failed:
+        table.add_row(m.entry_point, "[red]failed", m.package, m.version, f"skipped: {m.error}")
+    return table
+
+
+def plugin_modules_table(modules):
+    """``vlcap list-plugins --hooks``: each plugin module, its package and the hooks it implements."""
+    table = Table(title="vlcap plugin modules")
+    for column in ("entry point", "module", "package", "version", "hooks"):
+        table.add_column(column, overflow="fold")
+    for m in modules:
+        table.add_row(m.entry_point, m.module, m.package, m.version,
+                      f"[red]failed: {m.error}[/]" if m.error else "\n".join(m.hooks))
+    return table
+
+
+def parameter_table(counts, title):
+    """Trainable and frozen parameters per part of the captioner (a ``ParameterCount``), and the total."""
+    table = _table(title, ("part", "trainable", "frozen"), right=("trainable", "frozen"))
+    for group, (trainable, frozen) in sorted(counts.groups.items()):
+        table.add_row(group, f"{trainable:,}", f"{frozen:,}")
+    table.add_row("[bold]total", f"[bold]{counts.trainable:,}", f"{counts.frozen:,}")
+    return table
+
+
+def parameter_report(counts, title, budget):
+    """``vlcap train --dry-run``: the parameter table and the trainable count against ``budget``."""
+    return Group(parameter_table(counts, title), f"trainable: {counts.trainable:,} of the {budget:,} budget")
+
+
+def checkpoint_report(summary):
+    """``vlcap inspect``: the checkpoint's metadata (a ``CheckpointSummary``), then its parameters
+    per part of the captioner."""
+    meta, cfg = summary.metadata, summary.metadata["config"]
+    peft = meta["peft"]
+    rows = [("format", meta["format"]), ("vlcap", meta.get("vlcap_version", "")),
+            ("peft", f"{peft['name']} ({peft['package']} {peft['version']})"),
+            ("peft options", json.dumps(cfg["peft"]["options"])), ("encoder", meta["encoder"]),
+            ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
+            ("tokenizer", meta["tokenizer"]), ("parameters", f"{meta['parameters']:,}"),
+            ("tensors", str(len(summary.shapes)))]
+    table = Table(title=str(summary.path), show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    return Group(table, *(f"  {group}: {count:,}" for group, count in sorted(summary.groups.items())))
+
+
+def classification_table(result):
+    """``vlcap classify --report``: each template's accuracy (a ``Classification``'s ``report``)."""
+    table = _table(f"zero-shot accuracy, {result.clip_name}, {len(result.files)} images",
+                   ("template", "accuracy", "correct"), right=("accuracy", "correct"))
+    for row in result.report:
+        table.add_row(row.template, f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
+    return table
+
+
+def evaluation_tables(result, pred_path, annotations_path, top_k):
+    """``vlcap evaluate``: the scores of ``pred_path`` against ``annotations_path`` (a
+    ``ScoredPredictions``), then the ``top_k`` best and worst images by CLIPScore (by CIDEr
+    without it)."""
+    evaluation, clip = result.evaluation, result.evaluation.clipscore
+    title = f"{pred_path} against {annotations_path} ({evaluation.images:,} images)"
+    table = _table(title, ("metric", "score", "how"), right=("score",))
+    table.add_row("CIDEr", f"{evaluation.cider.score:.4f}",
+                  "CIDEr-D on PTB tokens; comparable only with the same references")
+    if clip:
+        table.add_row("CLIPScore", f"{clip.score:.4f}", f"2.5 * max(cos, 0) with CLIP {evaluation.clip_model}")
+    tables = [table]
+    if top_k:
+        by = "CLIPScore" if clip else "CIDEr"
+        scores = ("clipscore", "cider") if clip else ("cider",)
+        rows = result.rows
+        for ranked_title, chosen in ((f"top {top_k} by {by}", rows[:top_k]),
+                                     (f"bottom {top_k} by {by}", rows[::-1][:top_k])):
+            ranked = _table(ranked_title, ("image", *scores, "caption"), right=scores)
+            for row in chosen:
+                ranked.add_row(row["stem"], *(f"{row[k]:.4f}" for k in scores), row["caption"])
+            tables.append(ranked)
+    return Group(*tables)
+
+
+def evaluation_json(result):
+    """``vlcap evaluate --json``: the scores of a ``ScoredPredictions``."""
+    evaluation, clip = result.evaluation, result.evaluation.clipscore
+    return {"images": evaluation.images, "cider": evaluation.cider.score,
+            "clipscore": clip.score if clip else None, "clip_model": evaluation.clip_model,
+            "truncated": clip.truncated if clip else []}
+
+
+def truncation_warning(result):
+    """The captions CLIPScore had to cut to CLIP's context, as a line of markup (None if none were)."""
+    clip = result.evaluation.clipscore
+    if clip is None or not clip.truncated:
+        return None
+    return (f"[yellow]{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
+            f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}[/]")
+
+
+def checkpoint_json(summary):
+    """``vlcap inspect --json``: a ``CheckpointSummary``'s metadata and its tensors' shapes."""
+    return {**summary.metadata, "tensors": {k: list(v) for k, v in sorted(summary.shapes.items())}}

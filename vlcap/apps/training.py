@@ -1,0 +1,35 @@
+"""What ``vlcap train`` and ``vlcap cache-features`` run besides the trainer itself: the dry run's
+parameter report, continuing a stopped run, and caching the encoder's tokens."""
+from vlcap.apps import reports
+from vlcap.core.model.captioner import build_captioner, build_encoder
+from vlcap.core.model.peft import MAX_TRAINABLE, check_budget, count_parameters, seeded
+from vlcap.core.train.feature_cache import write_feature_cache
+from vlcap.core.train.resume import resume_config
+from vlcap.core.train.trainer import train
+
+
+def dry_run(cfg, registry, console):
+    """``vlcap train --dry-run``: build ``cfg``'s captioner as shapes only (nothing loads or
+    downloads), print its parameters per part on ``console``, then raise a ``VlcapError`` if the
+    trainable ones are over the budget. Returns the ``ParameterCount``."""
+    captioner = build_captioner(cfg, registry, meta=True).captioner
+    counts = count_parameters(captioner)
+    title = f"{cfg.model.encoder} + GPT-2 ({cfg.model.decoder.n_layer} layers) + {cfg.peft.method}"
+    console.print(reports.parameter_report(counts, title, MAX_TRAINABLE))
+    check_budget(counts.trainable)
+    return counts
+
+
+def resume_training(run_dir, registry, device=None, console=None):
+    """``vlcap train --resume``: continue the stopped run in ``run_dir`` with its own config.yaml,
+    on ``device`` when given (the one setting a resumed run may change). Returns the trainer's result."""
+    return train(resume_config(run_dir, device), run_dir, registry, console=console, resume=True)
+
+
+def cache_encoder_features(cfg, image_dir, out, *, dtype="float16", batch_size=32, device="cpu", console=None):
+    """``vlcap cache-features``: run ``cfg``'s frozen encoder, built exactly as training builds it,
+    over every image in ``image_dir`` on ``device`` and write the feature cache ``out``. Returns the cache."""
+    with seeded(cfg.model.init_seed):  # the same random weights a non-pretrained encoder gets in training
+        vit = build_encoder(cfg).to(device)
+    return write_feature_cache(vit, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
+                               console=console)
