@@ -64,6 +64,9 @@ def count(m, delta):
     (lambda t, m: m["peft"].update(name="adapter"), "metadata names PEFT method 'adapter' but its config says 'lora'"),
     (lambda t, m: m["peft"].update(name="os:system"), "metadata names PEFT method 'os:system'"),
     (lambda t, m: m.update(peft=["lora"]), "damaged vlcap metadata"),
+    # the training record: numbers by name only
+    (lambda t, m: m.update(training={"epoch": "\x1b[2J"}), "damaged vlcap metadata.*training"),
+    (lambda t, m: m.update(training=[1, 2]), "damaged vlcap metadata.*training"),
 ])
 def test_tampered_checkpoint_is_refused_before_use(checkpoint, tmp_path, registry, change, message):
     with pytest.raises(VlcapError, match=message):

@@ -86,38 +86,60 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
     references = val.references()
     paths = [data / "images_val" / name for name in sorted(val.images.values())]
     metric_names = usable_metrics(config_lib.resolve("tiny").train.metrics, registry, console)
-    results = Table(title=f"vlcap demo: tiny preset, {steps} steps per method, synthetic shapes")
-    for column in ("method", "trainable", "checkpoint", "train loss", "val loss", *metric_names, "exact"):
-        results.add_column(column, justify="left" if column == "method" else "right")
-    samples = Table(title="held-out captions (from the reloaded checkpoints)")
-    samples.add_column("image")
-    samples.add_column("reference")
+    runs = {}
     for method in methods or registry.names("peft"):
-        samples.add_column(method)
-    captions_by_method = {}
-    for method in methods or registry.names("peft"):
-        cfg = config_lib.resolve("tiny", overrides=[{
-            "peft": {"method": method},
-            "model": {"decoder_weights": str(decoder_weights), "random_decoder": False},
-            "data": {"train_json": str(data / "train.json"), "train_images": str(data / "images_train"),
-                     "val_json": str(data / "val.json"), "val_images": str(data / "images_val")},
-            "train": {"max_steps": steps, "epochs": 1000, "metrics": metric_names}}])
-        result = train(cfg, out_dir / "runs" / method, registry, console)
-        loaded = load_checkpoint(result.best_checkpoint, registry)
-        if loaded.method.can_merge:
-            loaded.method.merge(loaded.captioner)
-        predictions = caption_paths(loaded, paths, registry, batch_size=25, console=console).predictions
-        captions_by_method[method] = predictions
-        exact = sum(p.lower().rstrip(".") in {r.lower().rstrip(".") for r in references[s]}
-                    for s, p in predictions.items()) / len(predictions)
-        last = result.history[-1]
-        metric_cells = [f"{last.get(name, float('nan')):.3f}" for name in metric_names]
-        results.add_row(method, f"{result.trainable:,}", f"{result.best_checkpoint.stat().st_size / 1024:.0f} KiB",
-                        f"{last['train_loss']:.3f}", f"{last['val_loss']:.3f}", *metric_cells, f"{exact:.0%}")
-    for path in paths[:examples]:
-        samples.add_row(path.name, references[path.stem][0],
-                        *(captions_by_method[m][path.stem] for m in captions_by_method))
-    console.print(samples)
-    console.print(results)
+        result = train(demo_config(method, data, decoder_weights, steps, metric_names), out_dir / "runs" / method,
+                       registry, console)
+        runs[method] = (result, caption_with_best(result, paths, registry, console))
+    console.print(samples_table(runs, paths[:examples], references))
+    console.print(results_table(runs, references, metric_names, steps))
     console.print("'exact': share of held-out images whose caption equals one of its five references. "
                   f"Checkpoints and configs are under {out_dir / 'runs'}.")
+
+
+def demo_config(method, data, decoder_weights, steps, metric_names):
+    """The tiny preset on the synthetic set, over the warm-started frozen decoder."""
+    return config_lib.resolve("tiny", overrides=[{
+        "peft": {"method": method},
+        "model": {"decoder_weights": str(decoder_weights), "random_decoder": False},
+        "data": {"train_json": str(data / "train.json"), "train_images": str(data / "images_train"),
+                 "val_json": str(data / "val.json"), "val_images": str(data / "images_val")},
+        "train": {"max_steps": steps, "epochs": 1000, "metrics": metric_names}}])
+
+
+def caption_with_best(result, paths, registry, console):
+    """Captions of ``paths`` by the run's best checkpoint, reloaded from disk (merged where the
+    method can merge), as a user would caption with it."""
+    loaded = load_checkpoint(result.best_checkpoint, registry)
+    if loaded.method.can_merge:
+        loaded.method.merge(loaded.captioner)
+    return caption_paths(loaded, paths, registry, batch_size=25, console=console).predictions
+
+
+def exact_share(predictions, references):
+    """The share of images whose caption equals one of their references (case and final dot aside)."""
+    return sum(p.lower().rstrip(".") in {r.lower().rstrip(".") for r in references[s]}
+               for s, p in predictions.items()) / len(predictions)
+
+
+def results_table(runs, references, metric_names, steps):
+    """One row per method; every number comes from the best checkpoint, which made the captions."""
+    table = Table(title=f"vlcap demo: tiny preset, {steps} steps per method, synthetic shapes "
+                        "(scores of the best checkpoint)")
+    for column in ("method", "trainable", "checkpoint", "best epoch", "train loss", "val loss", *metric_names, "exact"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, (result, predictions) in runs.items():
+        best = result.best
+        cells = [f"{best.get(name, float('nan')):.3f}" for name in ("train_loss", "val_loss", *metric_names)]
+        table.add_row(method, f"{result.trainable:,}", f"{result.best_checkpoint.stat().st_size / 1024:.0f} KiB",
+                      str(best["epoch"]), *cells, f"{exact_share(predictions, references):.0%}")
+    return table
+
+
+def samples_table(runs, paths, references):
+    table = Table(title="held-out captions (from the reloaded best checkpoints)")
+    for column in ("image", "reference", *runs):
+        table.add_column(column)
+    for path in paths:
+        table.add_row(path.name, references[path.stem][0], *(predictions[path.stem] for _, predictions in runs.values()))
+    return table

@@ -226,25 +226,8 @@ def load_registry(strict=None, trace=None):
     for index, module in enumerate(modules):
         if module.error:
             continue
-        plugin = pm.get_plugin(module.entry_point)
-        others = [p for p in pm.get_plugins() if p is not plugin]
-        own = {}
         try:
-            for kind, (hook_name, label) in KINDS.items():
-                if hook_name not in module.hooks:
-                    continue
-
-                def register(obj, kind=kind, label=label):
-                    name = getattr(obj, "name", None)
-                    if not isinstance(name, str) or not name:
-                        raise PluginFailure(f"registered a {label} without a name")
-                    description = getattr(obj, "description", "") or (obj.__doc__ or "").strip()
-                    own[(kind, name)] = PluginEntry(name, kind, module.package, module.version,
-                                                    description.splitlines()[0] if description else "", obj)
-
-                # One plugin at a time, through pluggy (so hook-call monitoring sees each call):
-                # that is what lets us attribute every registered object to its package.
-                pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+            own = registered_by(pm, module)
         except Exception as exc:
             message = (f"plugin '{module.entry_point}' of package '{module.package}' {module.version} failed to "
                        f"register: {type(exc).__name__}: {exc}")
@@ -259,6 +242,29 @@ def load_registry(strict=None, trace=None):
                                  f"and by package '{entry.package}'; uninstall one of them")
             entries[key] = entry
     return Registry(entries.values(), modules)
+
+
+def registered_by(pm, module):
+    """``{(kind, name): PluginEntry}`` of what ``module``'s hooks register. Its hooks are called
+    one plugin at a time, through pluggy (so hook-call monitoring sees each call): that is what
+    attributes every registered object to its package."""
+    plugin = pm.get_plugin(module.entry_point)
+    others = [p for p in pm.get_plugins() if p is not plugin]
+    own = {}
+    for kind, (hook_name, label) in KINDS.items():
+        if hook_name not in module.hooks:
+            continue
+
+        def register(obj, kind=kind, label=label):
+            name = getattr(obj, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginFailure(f"registered a {label} without a name")
+            description = getattr(obj, "description", "") or (obj.__doc__ or "").strip()
+            own[(kind, name)] = PluginEntry(name, kind, module.package, module.version,
+                                            description.splitlines()[0] if description else "", obj)
+
+        pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+    return own
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,9 +40,10 @@ class LoadedCaptioner:
     metadata: dict
 
 
-def save_checkpoint(path, captioner, method, cfg, tokenizer, registry):
-    """Write the trainable parameters of ``captioner`` to ``path`` (atomically). Returns the
-    number of parameters saved."""
+def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=None):
+    """Write the trainable parameters of ``captioner`` to ``path`` (atomically). ``record``: the
+    training history record (epoch, step, losses, validation scores) the weights were saved at,
+    kept in the metadata for ``vlcap inspect``. Returns the number of parameters saved."""
     trainable = count_parameters(captioner).trainable
     check_budget(trainable, what=f"{path}: the model")
     state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
@@ -62,6 +63,8 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry):
         "parameters": str(count),
         "vlcap_version": vlcap.__version__,
     }
+    if record is not None:
+        metadata["training"] = json.dumps(record)
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
     with atomic_write(path) as f:
         f.write(safetensors_bytes(tensors, metadata=metadata))
@@ -89,6 +92,12 @@ def read_metadata(path):
                 metadata[key] = int(metadata[key])
         if not isinstance(metadata["config"], dict):
             raise ValueError("config is not a mapping")
+        if "training" in metadata:  # the history record the weights were saved at (absent before it was kept)
+            metadata["training"] = json.loads(metadata["training"])
+            if not isinstance(metadata["training"], dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for k, v in metadata["training"].items()):
+                raise ValueError("training is not a mapping of names to numbers")
         if not (isinstance(metadata["peft"], dict) and all(isinstance(metadata["peft"].get(k), str)
                                                            for k in ("name", "package", "version"))):
             raise ValueError("peft needs name, package and version strings")
@@ -99,12 +108,31 @@ def read_metadata(path):
 
 
 def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
-    """Rebuild the captioner a checkpoint describes and fill in its trainable parameters."""
+    """Rebuild the captioner a checkpoint describes and fill in its trainable parameters. Every
+    check on the file's metadata runs before the model is built; every tensor is checked against
+    the built model before any is read."""
     path = Path(path)
     metadata = read_metadata(path)
     cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
-    # The method is looked up in the registry by name, never imported from what the file says.
-    peft = metadata["peft"]
+    check_peft_plugin(path, metadata["peft"], cfg, registry)
+    weights = decoder_weights or cfg.model.decoder_weights
+    if weights is None:
+        raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
+    tokenizer = tokenizer_for(cfg)
+    if tokenizer.fingerprint != metadata.get("tokenizer"):
+        raise VlcapError(f"{path}: trained with tokenizer {metadata.get('tokenizer')}, but the files at "
+                         f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
+    check_parameter_count(path, metadata)
+    captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
+    check_encoder_features(path, metadata, captioner.encoder)
+    fill_trainable(path, metadata["shapes"], captioner)
+    captioner.to(device).eval()
+    return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
+
+
+def check_peft_plugin(path, peft, cfg, registry):
+    """The PEFT method is looked up in the registry by name, never imported from what the file
+    says; a missing one names its package, another version of it is a warning."""
     if peft["name"] != cfg.peft.method:
         raise VlcapError(f"{path}: metadata names PEFT method '{peft['name']}' but its config says "
                          f"'{cfg.peft.method}'; the file was altered")
@@ -115,23 +143,21 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     if (installed.package, installed.version) != (peft["package"], peft["version"]):
         warnings.warn(f"{path}: made with PEFT method '{peft['name']}' from {peft['package']} {peft['version']}, "
                       f"loading it with {installed.package} {installed.version}; if its outputs differ, "
-                      f"pip install {peft['package']}=={peft['version']}", VlcapWarning, stacklevel=2)
-    weights = decoder_weights or cfg.model.decoder_weights
-    if weights is None:
-        raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
-    tokenizer = tokenizer_for(cfg)
-    if tokenizer.fingerprint != metadata.get("tokenizer"):
-        raise VlcapError(f"{path}: trained with tokenizer {metadata.get('tokenizer')}, but the files at "
-                         f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
-    shapes = metadata["shapes"]
-    held = sum(math.prod(s) for s in shapes.values())
+                      f"pip install {peft['package']}=={peft['version']}", VlcapWarning, stacklevel=3)
+
+
+def check_parameter_count(path, metadata):
+    """The tensors' sizes add up to the count the metadata states, which is within the budget."""
+    held = sum(math.prod(s) for s in metadata["shapes"].values())
     if held != metadata["parameters"]:
         raise VlcapError(f"{path}: holds {held:,} parameters but its metadata "
                          f"says {metadata['parameters']:,}; the file was altered")
     check_budget(metadata["parameters"], what=str(path))
 
-    captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
-    check_encoder_features(path, metadata, captioner.encoder)
+
+def fill_trainable(path, shapes, captioner):
+    """Copy the file's tensors into ``captioner``'s trainable parameters: exactly those names,
+    exactly those shapes, or one line saying what differs."""
     expected = {name: p for name, p in captioner.named_parameters() if p.requires_grad}
     unused, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if unused or missing:
@@ -143,9 +169,6 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     with safe_open(str(path), framework="pt") as f, torch.no_grad():
         for name in shapes:
             expected[name].copy_(f.get_tensor(name))
-    captioner.to(device).eval()
-    return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
-
 
 
 def check_encoder_features(path, metadata, encoder):

@@ -71,7 +71,8 @@ def human_bytes(n):
 def write_feature_cache(encoder, image_dir, out, dtype="float16", batch_size=32, device="cpu",
                         num_workers=0, console=None):
     """Run ``encoder`` over every image under ``image_dir`` and write the cache directory ``out``
-    (into a temporary directory beside it, renamed into place when complete)."""
+    (into a temporary directory beside it, renamed into place when complete). Everything that can
+    fail fast (dtype, an existing ``out``, no images, too little disk) is checked first."""
     out, image_dir = Path(out), Path(image_dir)
     if dtype not in DTYPES:
         raise VlcapError(f"feature cache dtype '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -81,6 +82,28 @@ def write_feature_cache(encoder, image_dir, out, dtype="float16", batch_size=32,
     if not names:
         raise VlcapError(f"{image_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) to cache")
     shape = (len(names), encoder.num_tokens, encoder.embed_dim)
+    check_disk_space(out, shape, dtype, console)
+    manifest = {"format": FORMAT, **encoder_description(encoder), "timm": timm.__version__,
+                "dtype": dtype, "shape": list(shape),
+                "images": {name: [row, *file_stamp(image_dir / name)] for row, name in enumerate(names)}}
+    batches = iterate_images([image_dir / n for n in names], encoder.transform(), batch_size, torch.device(device),
+                             unreadable=RAISE, num_workers=num_workers)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
+        encode_into(features, encoder, batches, console)
+        del features
+        with atomic_write(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FeatureCache(out)
+
+
+def check_disk_space(out, shape, dtype, console):
+    """Say what the cache will take, and refuse before writing if the disk cannot hold it."""
     needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -91,33 +114,19 @@ def write_feature_cache(encoder, image_dir, out, dtype="float16", batch_size=32,
         raise VlcapError(f"{out}: the feature cache needs {human_bytes(needed)} but only {human_bytes(free)} "
                          f"is free on that disk; choose another --out")
 
-    manifest = {"format": FORMAT, **encoder_description(encoder), "timm": timm.__version__,
-                "dtype": dtype, "shape": list(shape),
-                "images": {name: [row, *file_stamp(image_dir / name)] for row, name in enumerate(names)}}
-    device = torch.device(device)
-    batches = iterate_images([image_dir / n for n in names], encoder.transform(), batch_size, device,
-                             unreadable=RAISE, num_workers=num_workers)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
-        row = 0
-        with progress_bar("encode images", console, disable=console is None) as progress:
-            task = progress.add_task("encode images", total=len(names))
-            for pixels, _, _ in batches:
-                with torch.no_grad():
-                    tokens = encoder(pixels).float().cpu().numpy()
-                features[row:row + len(tokens)] = tokens
-                row += len(tokens)
-                progress.update(task, advance=len(tokens))
-        features.flush()
-        del features
-        with atomic_write(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return FeatureCache(out)
+
+def encode_into(features, encoder, batches, console):
+    """Fill the memory-mapped ``features`` row by row with the encoder's tokens of ``batches``."""
+    row = 0
+    with progress_bar("encode images", console, disable=console is None) as progress:
+        task = progress.add_task("encode images", total=len(features))
+        for pixels, _, _ in batches:
+            with torch.no_grad():
+                tokens = encoder(pixels).float().cpu().numpy()
+            features[row:row + len(tokens)] = tokens
+            row += len(tokens)
+            progress.update(task, advance=len(tokens))
+    features.flush()
 
 
 class FeatureCache:

@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -63,6 +63,8 @@ class TrainResult:
     steps: int
     history: list = field(default_factory=list)
     unreadable: list = field(default_factory=list)  # one message per image file that could not be read
+    best: Optional[dict] = None  # the history record best_checkpoint was saved at
+
 
 
 def train(cfg, run_dir, registry, console=None, resume=False):
@@ -522,8 +524,9 @@ class Trainer:
         distributed.cleanup(self.ctx)
         self.report_skipped()
         state = self.state
+        best = next((r for r in state.history if r.get(self.selection.key) == state.best_value), None)
         return TrainResult(self.run_dir, self.best_path, self.last_path, self.trainable_count, self.saved,
-                           state.step, state.history, sorted(state.unreadable))
+                           state.step, state.history, sorted(state.unreadable), best)
 
     def train_epoch(self, epoch):
         """One pass over the training data (a resumed epoch from where it stopped), stepping the
@@ -619,15 +622,15 @@ class Trainer:
         """last.safetensors, best.safetensors when ``record`` is the best so far, the history and
         the resume state, in that order, and never from non-finite weights."""
         self.guard.check_weights(self.named_trainable, self.state.step)
-        self.saved = self.save_checkpoint(self.last_path)
+        self.saved = self.save_checkpoint(self.last_path, record)
         if self.selection.improves(record, self.state.best_value):
             self.state.best_value = record[self.selection.key]
-            self.save_checkpoint(self.best_path)
+            self.save_checkpoint(self.best_path, record)
         write_history(self.run_dir, self.state.history)
         self.save_resume_state()
 
-    def save_checkpoint(self, path):
-        return save_checkpoint(path, self.captioner, self.method, self.cfg, self.tokenizer, self.registry)
+    def save_checkpoint(self, path, record):
+        return save_checkpoint(path, self.captioner, self.method, self.cfg, self.tokenizer, self.registry, record)
 
     def save_resume_state(self):
         self.guard.check_weights_before_state_save(self.named_trainable, self.state.step)
