@@ -3,14 +3,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from vlcap.core.plugins import registry as load_registry
 from vlcap.apps.synthetic import make_synthetic_set
+from vlcap.cli import main
 from vlcap.testing.builders import tiny_config  # noqa: F401 (the test files import it from here)
 
 SHARED = Path(os.environ.get("VLCAP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
 PEFT_METHODS = ("lora", "adapter", "prefix")
+
+
+def vlcap_cli(*args, env=None, width=200):
+    """``vlcap ARGS...`` through click's test runner, as a user types it; never a traceback."""
+    result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=width, env=env)
+    assert "Traceback" not in result.output, result.output
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from vlcap.cli import main
+from conftest import vlcap_cli
 from vlcap.core.data import ImageDataset, load_captions, load_image
 from vlcap.core.train.datasets import CaptionDataset
 from vlcap.core.errors import VlcapError
@@ -15,9 +14,7 @@ from vlcap.core.model.tokenizer import Tokenizer
 
 
 def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli(*args)
 
 
 def pixel(path, xy=(0, 0)):

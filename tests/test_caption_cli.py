@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import SHARED, needs_shared
-from vlcap.cli import main
+from conftest import SHARED, needs_shared, vlcap_cli
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hw3_2.sh"
 
@@ -30,9 +28,7 @@ def images(tmp_path, synthetic):
 
 
 def caption(*args):
-    result = CliRunner().invoke(main, ["caption", *map(str, args)], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli("caption", *args)
 
 
 def test_caption_writes_one_caption_per_image_keyed_by_stem(tmp_path, run_dir, images):

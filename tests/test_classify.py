@@ -12,12 +12,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from conftest import SHARED, needs_shared
-from vlcap.cli import main
+from conftest import SHARED, needs_shared, vlcap_cli
 from vlcap.apps import classify as zs
 from vlcap.core.eval.clip import CLIP_MODEL_ENV, load_clip
 from vlcap.core.errors import VlcapError
@@ -78,9 +76,7 @@ def colour_clip(monkeypatch):
 
 
 def run(*args):
-    result = CliRunner().invoke(main, ["classify", *map(str, args)], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli("classify", *args)
 
 
 def read_predictions(path):

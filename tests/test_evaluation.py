@@ -8,11 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import SHARED, data_overrides, needs_shared, tiny_clip_model, tiny_config
-from vlcap.cli import main
+from conftest import SHARED, data_overrides, needs_shared, tiny_clip_model, tiny_config, vlcap_cli
 from vlcap.core.eval.clip import load_clip
 from vlcap.core.errors import VlcapError
 from vlcap.core.eval.evaluation import cider, clip_scores, ptb_tokenize
@@ -22,9 +20,7 @@ LONG_CAPTION = "a small dog with a red ball running across a very green field of
 
 
 def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli(*args)
 
 
 def course_cider(predictions, gts):

@@ -5,11 +5,9 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import data_overrides, tiny_config
-from vlcap.cli import main
+from conftest import data_overrides, tiny_config, vlcap_cli
 from vlcap.core.train import feature_cache
 from vlcap.core.errors import VlcapError
 from vlcap.core.train.trainer import train
@@ -19,9 +17,7 @@ STEPS = {"peft": {"options": {"dropout": 0.0}}, "train": {"batch_size": 8, "epoc
 
 
 def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli(*args)
 
 
 def train_config(root, **data):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import install_package, tiny_config
+from conftest import install_package, tiny_config, vlcap_cli
 from test_plugins import PEFT_PLUGIN, install_peft_package
 from vlcap import cli as cli_module
 from vlcap.cli import main
@@ -33,9 +33,7 @@ def fresh_registry():
 
 
 def cli(*args, **env):
-    result = CliRunner().invoke(main, list(args), terminal_width=200, env=env)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli(*args, env=env)
 
 
 BROKEN_AT_IMPORT = "raise ImportError('needs torch 9')\n"

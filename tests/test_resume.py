@@ -9,18 +9,15 @@ import time
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from vlcap.cli import main
+from conftest import vlcap_cli
 from vlcap.core.errors import VlcapError
 from vlcap.core.train.resume import load_state, state_path
 
 
 def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli(*args)
 
 
 def train_args(data, out, *extra):

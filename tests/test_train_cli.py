@@ -6,11 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import PEFT_METHODS, SHARED, data_overrides, install_package, needs_shared, tiny_config
-from vlcap.cli import main
+from conftest import PEFT_METHODS, SHARED, data_overrides, install_package, needs_shared, tiny_config, vlcap_cli
 from vlcap.core import config as config_lib
 from vlcap.core.model.captioner import tokenizer_for
 from vlcap.core.data import load_captions
@@ -22,9 +20,7 @@ from vlcap.core.train.trainer import train
 
 
 def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], terminal_width=200)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli(*args)
 
 
 def train_args(data, train_split="train", val_split="val", images="images_{}"):

@@ -13,7 +13,6 @@ from conftest import tiny_config
 from vlcap.core.model.checkpoint import load_checkpoint, save_checkpoint
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import load_course_weights
-from vlcap.core.model.course_weights import load_course_weights
 from vlcap.core.model.gpt2 import GPT2Decoder
 from vlcap.core.train.trainer import prepare_model
 

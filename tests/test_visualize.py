@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import SHARED, needs_shared, tiny_config
-from vlcap.cli import main
+from conftest import SHARED, needs_shared, tiny_config, vlcap_cli
 from vlcap.core.model.attention import group_words, token_attention, word_attention
 from vlcap.core.model.captioner import build_captioner
 from vlcap.core.model.checkpoint import LoadedCaptioner
@@ -25,9 +23,7 @@ LINE = re.compile(r'^(\S+\.png): (\d+) panels?, "(.*)"')
 
 
 def run_visualize(*args):
-    result = CliRunner().invoke(main, ["visualize", *map(str, args)], terminal_width=250)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return vlcap_cli("visualize", *args, width=250)
 
 
 def tiny_captioner(registry, **encoder_kwargs):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from vlcap.core.atomic import atomic_write
@@ -136,43 +135,51 @@ def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None
     """Draw the cross-attention of decoder layer ``layer`` (head ``head``: an index or "mean")
     for each target: the caption decoding produces (``strategy``/``options`` over the
     checkpoint's), or the target's own caption, teacher-forced. Returns one ``Drawn`` per target."""
-    captioner, tokenizer, cfg = loaded.captioner, loaded.tokenizer, loaded.config
+    cfg = loaded.config
     layer = check_layer(layer, cfg.model.decoder.n_layer)
     head_index = parse_head(head, cfg.model.decoder.n_head)
-    decoding, options, max_length = resolve_decoding(cfg.decoding, registry, strategy, options, max_length)
-    encoder = captioner.encoder
-    transform = encoder.transform()
-    device = next(captioner.parameters()).device
-    dtype = autocast_dtype(cfg.train.amp, device)
-    out_dir = Path(out_dir)
-    drawn = []
-    for target in targets:
-        pixels = transform(load_image(target.path)).to(device)
-        with autocast(device, dtype):
-            if target.caption is None:
-                tokens = generate_tokens(captioner, pixels[None], tokenizer, decoding, options, max_length)[0]
-            else:
-                tokens = tokenizer.encode(target.caption)
-            weights = token_attention(captioner, pixels, tokens, tokenizer.eot_id, layer, head_index)
-        caption = tokenizer.decode(tokens).strip() if target.caption is None else target.caption
-        words = group_words(tokenizer, tokens, pieces)
-        per_word = word_attention(weights, words)
-        grids = patch_grid(per_word, encoder)
-        heads = "mean of heads" if head_index is None else f"head {head_index}"
-        title = f"\u201c{caption}\u201d\n{target.note + ' | ' if target.note else ''}cross-attention layer {layer}, {heads}"
-        png = out_dir / f"{target.name}.png"
-        panels = draw_attention(encoder.unnormalize(pixels), [w.text for w in words], grids, title, png)
-        npz = None
-        if save_npz:
-            npz = out_dir / f"{target.name}.npz"
-            save_attention_npz(
-                npz, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
-                tokens=np.array([w.text for w in group_words(tokenizer, tokens, pieces=True)], dtype=str),
-                token_weights=weights.numpy(), token_maps=patch_grid(weights, encoder).numpy(),
-                words=np.array([w.text for w in words], dtype=str),
-                word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
-                word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(encoder.grid_size),
-                num_prefix_tokens=np.array(encoder.num_prefix_tokens), layer=np.array(layer), head=np.array(str(head)))
-        drawn.append(Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note))
-    return drawn
+    decoding = resolve_decoding(cfg.decoding, registry, strategy, options, max_length)
+    return [draw_target(loaded, target, Path(out_dir), decoding, layer, head_index, pieces, save_npz)
+            for target in targets]
 
+
+def target_attention(loaded, target, decoding, layer, head_index):
+    """``(pixels, tokens, weights)``: the target's preprocessed image, its caption's tokens (decoded,
+    or its own caption) and each token's attention over the image tokens."""
+    captioner, tokenizer = loaded.captioner, loaded.tokenizer
+    device = next(captioner.parameters()).device
+    pixels = captioner.encoder.transform()(load_image(target.path)).to(device)
+    with autocast(device, autocast_dtype(loaded.config.train.amp, device)):
+        if target.caption is None:
+            tokens = generate_tokens(captioner, pixels[None], tokenizer, *decoding)[0]
+        else:
+            tokens = tokenizer.encode(target.caption)
+        weights = token_attention(captioner, pixels, tokens, tokenizer.eot_id, layer, head_index)
+    return pixels, tokens, weights
+
+
+def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, save_npz):
+    """The PNG (and with ``save_npz`` the arrays) of one target."""
+    tokenizer, encoder = loaded.tokenizer, loaded.captioner.encoder
+    pixels, tokens, weights = target_attention(loaded, target, decoding, layer, head_index)
+    caption = tokenizer.decode(tokens).strip() if target.caption is None else target.caption
+    words = group_words(tokenizer, tokens, pieces)
+    per_word = word_attention(weights, words)
+    grids = patch_grid(per_word, encoder)
+    heads = "mean of heads" if head_index is None else f"head {head_index}"
+    title = f"\u201c{caption}\u201d\n{target.note + ' | ' if target.note else ''}cross-attention layer {layer}, {heads}"
+    png = out_dir / f"{target.name}.png"
+    panels = draw_attention(encoder.unnormalize(pixels), [w.text for w in words], grids, title, png)
+    npz = None
+    if save_npz:
+        npz = out_dir / f"{target.name}.npz"
+        save_attention_npz(
+            npz, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
+            tokens=np.array([w.text for w in group_words(tokenizer, tokens, pieces=True)], dtype=str),
+            token_weights=weights.numpy(), token_maps=patch_grid(weights, encoder).numpy(),
+            words=np.array([w.text for w in words], dtype=str),
+            word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
+            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(encoder.grid_size),
+            num_prefix_tokens=np.array(encoder.num_prefix_tokens), layer=np.array(layer),
+            head=np.array("mean" if head_index is None else str(head_index)))
+    return Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note)
