@@ -72,3 +72,19 @@ def test_an_unreachable_hub_puts_the_hub_client_offline_for_the_encoder(monkeypa
     with pytest.raises(VlcapError, match="could not fetch pretrained weights for encoder 'vit_base_patch16_224'"):
         encoder_module.ImageEncoder("vit_base_patch16_224", pretrained=True)
     assert seen == [True] and constants.HF_HUB_OFFLINE is False  # offline only while creating it
+
+
+def test_loading_with_another_decoder_of_the_same_size_warns(run_dir, tmp_path, registry):
+    import warnings
+    from vlcap.core.errors import VlcapWarning
+    from vlcap.core.model.checkpoint import load_checkpoint, read_metadata
+    checkpoint = run_dir / "best.safetensors"
+    assert len(read_metadata(checkpoint)["decoder_fingerprint"]) == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VlcapWarning)
+        load_checkpoint(checkpoint, registry)  # the decoder it was trained on: no warning
+    torch.manual_seed(1)
+    other = tmp_path / "other_decoder_model.bin"
+    save_course_weights(GPT2Decoder(tiny_config().model.decoder), other)
+    with pytest.warns(VlcapWarning, match=r"trained on top of decoder weights [0-9a-f]{16}, but .*other_decoder_model.bin gives"):
+        load_checkpoint(checkpoint, registry, decoder_weights=other)

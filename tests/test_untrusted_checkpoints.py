@@ -66,6 +66,7 @@ def count(m, delta):
     # the training record: numbers by name only
     (lambda t, m: m.update(training={"epoch": "\x1b[2J"}), "damaged vlcap metadata.*training"),
     (lambda t, m: m.update(training=[1, 2]), "damaged vlcap metadata.*training"),
+    (lambda t, m: m.update(decoder_fingerprint="\x1b]0;pwned\x07"), "damaged vlcap metadata.*decoder_fingerprint"),
 ])
 def test_tampered_checkpoint_is_refused_before_use(checkpoint, tmp_path, registry, change, message):
     with pytest.raises(VlcapError, match=message):

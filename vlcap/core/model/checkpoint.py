@@ -10,6 +10,7 @@ match the model it describes.
 import dataclasses
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 import vlcap
 from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
+from vlcap.core.model.course_weights import decoder_fingerprint
 from vlcap.core.model.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, VlcapWarning, few
@@ -59,6 +61,9 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
         # cross-attention were trained on tokens of this width and number.
         "encoder_width": str(captioner.encoder.embed_dim),
         "encoder_tokens": str(captioner.encoder.num_tokens),
+        # The frozen decoder the trainable parameters were trained on top of: another decoder of
+        # the same size loads without error but turns the captions into noise.
+        "decoder_fingerprint": decoder_fingerprint(captioner.decoder),
         "tokenizer": tokenizer.fingerprint,
         "parameters": str(count),
         "vlcap_version": vlcap.__version__,
@@ -92,6 +97,8 @@ def read_metadata(path):
                 metadata[key] = int(metadata[key])
         if not isinstance(metadata["config"], dict):
             raise ValueError("config is not a mapping")
+        if not re.fullmatch(r"[0-9a-f]{16}", metadata.get("decoder_fingerprint", "0" * 16)):
+            raise ValueError("decoder_fingerprint is not 16 hex digits")
         if "training" in metadata:  # the history record the weights were saved at (absent before it was kept)
             metadata["training"] = json.loads(metadata["training"])
             if not isinstance(metadata["training"], dict) or not all(
@@ -125,6 +132,7 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     check_parameter_count(path, metadata)
     captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
     check_encoder_features(path, metadata, captioner.encoder)
+    check_decoder_fingerprint(path, metadata, captioner.decoder, weights)
     fill_trainable(path, metadata["shapes"], captioner)
     captioner.to(device).eval()
     return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
@@ -169,6 +177,16 @@ def fill_trainable(path, shapes, captioner):
     with safe_open(str(path), framework="pt") as f, torch.no_grad():
         for name in shapes:
             expected[name].copy_(f.get_tensor(name))
+
+
+def check_decoder_fingerprint(path, metadata, decoder, weights):
+    """Warn, loudly, when the decoder weights loaded are not the ones the checkpoint was trained
+    on (checkpoints written before the fingerprint was recorded are not checked)."""
+    recorded, loaded = metadata.get("decoder_fingerprint"), decoder_fingerprint(decoder)
+    if recorded is not None and recorded != loaded:
+        warnings.warn(f"{path}: trained on top of decoder weights {recorded}, but {weights} gives {loaded}: "
+                      "captions from another decoder are noise; pass the decoder_model.bin it was trained with "
+                      "(--decoder-weights)", VlcapWarning, stacklevel=3)
 
 
 def check_encoder_features(path, metadata, encoder):

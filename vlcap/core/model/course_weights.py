@@ -4,6 +4,7 @@ prefix, with the ``c_attn``/``c_fc``/``c_proj`` weights stored as HF's Conv1D ke
 causal-mask buffers some exports carry, and refuses any other missing or unexpected key (the
 course's own loader silently ignores them). Read with ``torch.load(weights_only=True)``: a
 pickled object that is not plain tensors is refused."""
+import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -101,3 +102,17 @@ def save_course_weights(decoder, path):
     """Write ``decoder``'s pretrained part as a course-format ``decoder_model.bin`` (atomically)."""
     with atomic_write(path) as f:
         torch.save(course_state_dict(decoder), f)
+
+
+def decoder_fingerprint(decoder, sample=4096):
+    """A short hash of ``decoder``'s pretrained weights: every course tensor's name, shape and first
+    ``sample`` values. Two different decoder files (another GPT-2, another fine-tune) differ in
+    it; the same weights give the same fingerprint whatever file or layout they came from."""
+    own = decoder.state_dict()
+    digest = hashlib.sha256()
+    for key in course_keys(decoder.cfg):
+        tensor = own[key].detach()
+        digest.update(f"{key}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.flatten()[:sample].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
