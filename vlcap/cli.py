@@ -413,7 +413,7 @@ def visualize(images, checkpoint, out_dir, num_beams, assignments, device, **opt
     """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
-    from vlcap.apps.attention_maps import draw_attention_maps
+    from vlcap.apps.visualize import draw_attention_maps
     drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device,
                                 options=decoding_set(assignments, num_beams), console=err_console, **options)
     for figure in drawn:

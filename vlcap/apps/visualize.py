@@ -15,6 +15,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from vlcap.core.atomic import atomic_write
+from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.model.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
                                   word_attention)
 from vlcap.core.eval.clip import load_clip
@@ -24,7 +25,7 @@ from vlcap.core.errors import VlcapError, few
 from vlcap.core.eval.evaluation import (check_images, check_predictions, clip_scores, image_paths_for,
                                    load_predictions)
 from vlcap.core.infer.captioning import resolve_decoding
-from vlcap.core.runtime import autocast, autocast_dtype
+from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
 
 PANELS_PER_ROW = 5
 COLORMAP = "jet"
@@ -183,3 +184,38 @@ def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, sa
             num_prefix_tokens=np.array(encoder.num_prefix_tokens), layer=np.array(layer),
             head=np.array("mean" if head_index is None else str(head_index)))
     return Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note)
+
+
+def choose_targets(images=(), *, rank_by=None, pred_path=None, annotations_path=None, image_dir=None,
+                   clip_model=None, top=1, bottom=1, console=None):
+    """The images to draw: ``images`` (files or folders, each checked readable), or with
+    ``rank_by="clipscore"`` the ``top`` best and ``bottom`` worst images of ``pred_path`` by
+    CLIPScore against ``annotations_path`` (images in ``image_dir``), carrying their captions."""
+    if rank_by:
+        if images:
+            raise VlcapError(f"--rank-by draws images chosen from --pred; drop the IMAGES arguments ({few(images)})")
+        if not (pred_path and annotations_path and image_dir):
+            raise VlcapError("--rank-by clipscore needs --pred pred.json, --annotations val.json and --images DIR")
+        return rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model, top, bottom, console=console)
+    if pred_path or annotations_path or image_dir:
+        raise VlcapError("--pred, --annotations and --images choose images for --rank-by clipscore; "
+                         "pass --rank-by clipscore, or give the images as arguments")
+    targets = collect_images(images)
+    check_readable(targets)
+    return targets
+
+
+def draw_attention_maps(images, checkpoint, out_dir, registry, *, decoder_weights=None, device="auto", head="mean",
+                        rank_by=None, pred_path=None, annotations_path=None, image_dir=None, clip_model=None,
+                        top=1, bottom=1, console=None, **drawing):
+    """Draw the cross-attention over each image ``choose_targets`` picks (from ``images``, or
+    ranked with ``rank_by``; CLIPScore progress on ``console``) into ``out_dir``, with the
+    checkpoint loaded on ``device``. ``head`` and ``drawing`` (strategy, options, max_length,
+    layer, pieces, save_npz) are ``visualize``'s. Every input is checked
+    before the checkpoint loads. Returns one ``Drawn`` per image."""
+    parse_head(head)  # the range is checked once the checkpoint says how many heads there are
+    device = resolve_device(device)
+    targets = choose_targets(images, rank_by=rank_by, pred_path=pred_path, annotations_path=annotations_path,
+                             image_dir=image_dir, clip_model=clip_model, top=top, bottom=bottom, console=console)
+    loaded = load_checkpoint(checkpoint, registry, decoder_weights=decoder_weights, device=device)
+    return visualize(loaded, targets, out_dir, registry, head=head, **drawing)
