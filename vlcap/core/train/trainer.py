@@ -540,7 +540,7 @@ class Trainer:
     def run(self):
         self.announce()
         with self.display, resume_lib.stop_requests() as self.stop_signals:
-            while self.state.step < self.schedule.total_steps:  # each epoch takes at least one step
+            while self.state.step < self.schedule.total_steps:  # every epoch advances; a new one takes a step
                 epoch = self.state.epoch
                 self.train_epoch(epoch)
                 self.end_epoch(epoch)
