@@ -84,13 +84,13 @@ TRAIN_FLAGS = {
     "val_json": "data.val_json", "val_images": "data.val_images",
     "feature_cache": "data.feature_cache", "cache_features": "data.cache_features",
     "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
-    "lr": "train.lr", "device": "train.device",
+    "lr": "train.lr", "device": "train.device", "init_from": "train.init_from",
 }
 CACHE_FEATURES_FLAGS = {"encoder": "model.encoder"}
 DECODING_FLAGS = {"num_beams": "num_beams"}  # into the decoding strategy's options
-# The config keys a resumed run takes from the command line (resume_config replaces the device);
-# `train --resume` refuses every other option.
-RESUMABLE_KEYS = {"train.device"}
+# The config keys a resumed run takes from the command line (resume_config applies them: where
+# it runs and a new length); `train --resume` refuses every other option.
+RESUMABLE_KEYS = {"train.device", "train.epochs", "train.max_steps"}
 
 
 def config_overrides(flags, table):
@@ -177,8 +177,10 @@ def train_flag(*decls, **attrs):
                  "none: no validation.")
 @train_flag("--val-images", type=click.Path(file_okay=False), help="Folder of the --val-json images.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (checkpoints, config, history).")
-@train_flag("--epochs", type=int, help="Passes over the training data (--max-steps may stop earlier).")
-@train_flag("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@train_flag("--epochs", type=int, help="Passes over the training data (--max-steps may stop earlier). With "
+            "--resume: a new, longer length for the run (the cosine schedule is re-planned over the new total).")
+@train_flag("--max-steps", type=int, help="Stop after this many optimizer steps. With --resume: a new, longer "
+            "length for the run (the cosine schedule is re-planned over the new total).")
 @train_flag("--batch-size", type=int,
             help="Captions per batch, over all processes (an optimizer step takes train.grad_accum batches).")
 @train_flag("--lr", type=float, help="Peak learning rate: reached after train.warmup_steps, then cosine decay.")
@@ -191,7 +193,11 @@ def train_flag(*decls, **attrs):
 @train_flag("--cache-features", is_flag=True, default=None,
             help="Build the feature cache first (at --feature-cache, default OUT/feature_cache) unless it exists.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the stopped run in this directory, with its own config.yaml (only --device may change).")
+              help="Continue the stopped run in this directory with its own config.yaml; only --device, and "
+                   "--epochs/--max-steps to extend a stopped or finished run, may be given too.")
+@train_flag("--init-from", type=click.Path(dir_okay=False),
+            help="Start a new run from this checkpoint's trainable weights (same PEFT method and shapes); "
+                 "optimizer and schedule start fresh.")
 @click.pass_context
 def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **flags):
     """Train a captioner: only the cross-attention, projection and PEFT parameters learn."""
@@ -199,7 +205,9 @@ def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **fla
     from vlcap.apps import training
     if resume_dir:
         refuse_options_on_resume(ctx, resume_dir)
-        print_training(training.resume_training(resume_dir, registry(), flags["device"], console=err_console))
+        resumable = {name: value for name, value in flags.items() if TRAIN_FLAGS[name] in RESUMABLE_KEYS}
+        overrides = config_overrides(resumable, TRAIN_FLAGS).get("train", {})
+        print_training(training.resume_training(resume_dir, registry(), overrides, console=err_console))
         return
     cfg = config_lib.resolve(preset, config_file,
                              [config_overrides(flags, TRAIN_FLAGS), config_lib.parse_set(assignments)])

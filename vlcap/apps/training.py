@@ -4,7 +4,7 @@ from vlcap.apps import reports
 from vlcap.core.model.captioner import build_captioner, build_encoder
 from vlcap.core.model.peft import MAX_TRAINABLE, check_budget, count_parameters, seeded
 from vlcap.core.train.feature_cache import write_feature_cache
-from vlcap.core.train.resume import resume_config
+from vlcap.core.train.resume import LENGTH_KEYS, resume_config
 from vlcap.core.train.trainer import train
 
 
@@ -20,10 +20,17 @@ def dry_run(cfg, registry, console):
     return counts
 
 
-def resume_training(run_dir, registry, device=None, console=None):
-    """``vlcap train --resume``: continue the stopped run in ``run_dir`` with its own config.yaml,
-    on ``device`` when given (the one setting a resumed run may change). Returns the trainer's result."""
-    return train(resume_config(run_dir, device), run_dir, registry, console=console, resume=True)
+def resume_training(run_dir, registry, train_overrides=None, console=None):
+    """``vlcap train --resume``: continue the run in ``run_dir`` with its own config.yaml and
+    ``train_overrides`` (train key -> value: ``device``, and ``epochs`` / ``max_steps`` to give a
+    stopped or finished run a new, longer length; recorded in config.yaml). The learning rate
+    continues on the cosine schedule re-planned over the new total, as if the run had been
+    planned that long: a finished run's rate rises from its minimum to that schedule's value at
+    the step reached, without a new warm-up. Returns the trainer's result."""
+    overrides = dict(train_overrides or {})
+    new_length = any(key in overrides for key in LENGTH_KEYS)
+    return train(resume_config(run_dir, overrides), run_dir, registry, console=console, resume=True,
+                 new_length=new_length)
 
 
 def cache_encoder_features(cfg, image_dir, out, *, dtype="float16", batch_size=32, device="cpu", console=None):

@@ -86,6 +86,10 @@ class TrainConfig:
     compile: Union[bool, str] = False  # torch.compile the decoder: true (inductor) or a backend name
     grad_checkpointing: bool = False  # recompute decoder block activations in backward
     length_buckets: bool = False  # batch captions of similar token length together (less padding)
+    # A vlcap checkpoint (.safetensors) whose trainable weights a new run starts from instead of
+    # its own initialisation: same PEFT method and trainable shapes; optimizer and schedule start
+    # fresh. Recorded as an absolute path; a resumed run takes its weights from the resume state.
+    init_from: Optional[str] = None
 
 
 @dataclass(frozen=True)

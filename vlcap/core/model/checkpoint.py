@@ -126,9 +126,7 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
     tokenizer = tokenizer_for(cfg)
-    if tokenizer.fingerprint != metadata.get("tokenizer"):
-        raise VlcapError(f"{path}: trained with tokenizer {metadata.get('tokenizer')}, but the files at "
-                         f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
+    check_tokenizer(path, metadata, tokenizer)
     check_parameter_count(path, metadata)
     captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
     check_encoder_features(path, metadata, captioner.encoder)
@@ -136,6 +134,12 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     fill_trainable(path, metadata["shapes"], captioner)
     captioner.to(device).eval()
     return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
+
+
+def check_tokenizer(path, metadata, tokenizer):
+    if tokenizer.fingerprint != metadata.get("tokenizer"):
+        raise VlcapError(f"{path}: trained with tokenizer {metadata.get('tokenizer')}, but the files at "
+                         f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
 
 
 def check_peft_plugin(path, peft, cfg, registry):
@@ -163,17 +167,35 @@ def check_parameter_count(path, metadata):
     check_budget(metadata["parameters"], what=str(path))
 
 
+def trainable_parameters(captioner):
+    return {name: p for name, p in captioner.named_parameters() if p.requires_grad}
+
+
+def shape_differences(shapes, captioner):
+    """What keeps tensors of these ``shapes`` (name -> shape) from filling exactly ``captioner``'s
+    trainable parameters, as phrases for an error line; empty when names and shapes all match."""
+    expected = trainable_parameters(captioner)
+    unused, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
+    differences = []
+    if unused or missing:
+        differences.append(f"unused keys: {few(unused)}; trainable parameters without a value: {few(missing)}")
+    differences += [f"{name} has shape {shape}, the model needs {tuple(expected[name].shape)}"
+                    for name, shape in shapes.items() if name in expected and shape != tuple(expected[name].shape)]
+    return differences
+
+
 def fill_trainable(path, shapes, captioner):
     """Copy the file's tensors into ``captioner``'s trainable parameters: exactly those names,
     exactly those shapes, or one line saying what differs."""
-    expected = {name: p for name, p in captioner.named_parameters() if p.requires_grad}
-    unused, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
-    if unused or missing:
-        raise VlcapError(f"{path}: does not match the model its metadata describes "
-                         f"(unused keys: {few(unused)}; trainable parameters without a value: {few(missing)})")
-    for name, shape in shapes.items():
-        if shape != tuple(expected[name].shape):
-            raise VlcapError(f"{path}: {name} has shape {shape}, the model needs {tuple(expected[name].shape)}")
+    differences = shape_differences(shapes, captioner)
+    if differences:
+        raise VlcapError(f"{path}: does not match the model its metadata describes ({differences[0]})")
+    copy_trainable(path, shapes, captioner)
+
+
+def copy_trainable(path, shapes, captioner):
+    """Read the tensors named in ``shapes`` (already checked against the model) into ``captioner``."""
+    expected = trainable_parameters(captioner)
     with safe_open(str(path), framework="pt") as f, torch.no_grad():
         for name in shapes:
             expected[name].copy_(f.get_tensor(name))
@@ -187,6 +209,66 @@ def check_decoder_fingerprint(path, metadata, decoder, weights):
         warnings.warn(f"{path}: trained on top of decoder weights {recorded}, but {weights} gives {loaded}: "
                       "captions from another decoder are noise; pass the decoder_model.bin it was trained with "
                       "(--decoder-weights)", VlcapWarning, stacklevel=3)
+
+
+def init_trainable(path, captioner, cfg, tokenizer, registry):
+    """``vlcap train --init-from``: start a new run from a checkpoint's trainable weights. The
+    run's ``captioner`` is built from its own resolved config ``cfg`` as usual; the checkpoint
+    must come from the same PEFT method, encoder features and tokenizer, and hold exactly the
+    run's trainable names and shapes, else one line naming the first differences. Only weights
+    are taken: the new run's optimizer, schedule and counters start fresh."""
+    metadata = read_metadata(path)
+    saved_cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
+    check_peft_plugin(path, metadata["peft"], saved_cfg, registry)
+    if saved_cfg.peft.method != cfg.peft.method:
+        raise VlcapError(f"{path}: trained with PEFT method '{saved_cfg.peft.method}', but this run uses "
+                         f"'{cfg.peft.method}'; pass --peft {saved_cfg.peft.method} to start from it")
+    check_tokenizer(path, metadata, tokenizer)
+    check_parameter_count(path, metadata)
+    check_encoder_features(path, metadata, captioner.encoder)
+    check_decoder_fingerprint(path, metadata, captioner.decoder, cfg.model.decoder_weights)
+    differences = shape_differences(metadata["shapes"], captioner)
+    if differences:
+        raise VlcapError(form_mismatch(path, metadata["shapes"], saved_cfg, cfg, differences, registry))
+    copy_trainable(path, metadata["shapes"], captioner)
+
+
+def form_mismatch(path, shapes, saved_cfg, cfg, differences, registry):
+    """The one-line error for a checkpoint whose tensors do not fit the run: the PEFT options that
+    differ (the checkpoint records those of the form it saved, which may not be the form its run
+    trained, see ``PeftMethod.export``), the first differing tensors and, when a shapes-only
+    build shows that taking the checkpoint's values for them makes the tensors fit, the --set
+    flags that do so."""
+    method, saved, ours = cfg.peft.method, saved_cfg.peft.options, cfg.peft.options
+    differing = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    if not differing:
+        return f"{path}: its trainable tensors do not match this run's {method} model: {'; '.join(differences[:2])}"
+    line = (f"{path}: PEFT method {method} ({options_text(saved, differing)}) does not match this run's "
+            f"{method} ({options_text(ours, differing)}): {'; '.join(differences[:2])}")
+    fix = {k: saved[k] for k in differing if k in saved}
+    if fix and fits_with_options(shapes, cfg, fix, registry):
+        line += "; to start from it: " + " ".join(f"--set peft.options.{k}={yaml_text(v)}" for k, v in fix.items())
+    return line
+
+
+def options_text(options, keys):
+    return ", ".join(f"{k}={options.get(k)}" for k in keys)
+
+
+def yaml_text(value):
+    """``value`` as --set parses it back (``false``, ``8``, ``[1, 2]``, ``name``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def fits_with_options(shapes, cfg, options, registry):
+    """Whether ``cfg``'s model built (shapes only) with these PEFT ``options`` has exactly the
+    trainable ``shapes`` (name -> shape) of the checkpoint."""
+    trial = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options={**cfg.peft.options, **options}))
+    try:
+        captioner = build_captioner(trial, registry, meta=True).captioner
+    except VlcapError:
+        return False
+    return not shape_differences(shapes, captioner)
 
 
 def check_encoder_features(path, metadata, encoder):

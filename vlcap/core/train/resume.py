@@ -113,12 +113,18 @@ def save_training(run_dir, state, named_trainable, optimizer, scheduler, scaler)
 
 def restore_training(saved, captioner, optimizer, scheduler, scaler, path):
     """Put a loaded resume state back into the freshly built run and return its ``TrainState``.
-    Call it once everything that draws random numbers is built: it sets the generators last."""
+    Call it once everything that draws random numbers is built: it sets the generators last.
+
+    The scheduler is not restored but set to the saved step: the learning rate is a function of
+    the step and the run's length (``trainer.build_scheduler``, built from the config being
+    resumed), so an unchanged run gets exactly the rate it had, and a run resumed with a new
+    length follows the cosine schedule planned over the new total. (The saved scheduler state
+    would bring back the old length.)"""
     restore_trainable(captioner, saved["trainable"], path)
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     state = TrainState.from_dict(saved)
+    scheduler.step_update(state.step)
     set_rng_state(saved["rng"])
     return state
 
@@ -129,15 +135,35 @@ def stopped(signal_name, step, total_steps, run_dir):
                       f"{state_path(run_dir)}; continue with: vlcap train --resume {run_dir}")
 
 
-def resume_config(run_dir, device=None):
-    """The run's own resolved ``config.yaml`` (only the device may change on resume)."""
+# The train.* keys a resumed run may change: where it runs and how long it is (the trainer
+# re-plans the learning-rate schedule over a new length; see ``restore_training``).
+RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps")
+LENGTH_KEYS = ("epochs", "max_steps")
+
+
+def resume_config(run_dir, train_overrides=None):
+    """The run's own resolved ``config.yaml`` with ``train_overrides`` (train key -> value, only
+    ``RESUMABLE_TRAIN_KEYS``) applied; the trainer writes the result back to ``config.yaml``, so
+    a later plain resume keeps a new length."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise VlcapError(f"{run_dir}: no config.yaml here; pass the --out directory of a vlcap train run")
     cfg = config_lib.from_dict(RunConfig, config_lib.load_yaml(path), where=str(path))
-    if device is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-    return cfg
+    overrides = dict(train_overrides or {})
+    refused = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
+    if refused:
+        raise VlcapError(f"{run_dir}: a resumed run cannot change train.{', train.'.join(refused)}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+
+
+def already_trained(run_dir, step, total_steps, train_cfg, length_changed):
+    """The error for resuming a run with nothing left to train: a finished run given no new
+    length, or a new length that is not longer than the steps already taken."""
+    if not length_changed:
+        return VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to "
+                          f"resume; to train longer: vlcap train --resume {run_dir} --epochs N or --max-steps N")
+    return VlcapError(f"{run_dir}: already at step {step} of {total_steps} (train.epochs={train_cfg.epochs}, "
+                      f"train.max_steps={train_cfg.max_steps}); pass a longer --epochs and/or --max-steps")
 
 
 def restore_trainable(captioner, tensors, path):

@@ -40,7 +40,7 @@ from vlcap.core.train import distributed
 from vlcap.core.train import resume as resume_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.model.captioner import CaptionLoss, build_captioner, tokenizer_for
-from vlcap.core.model.checkpoint import save_checkpoint
+from vlcap.core.model.checkpoint import init_trainable, save_checkpoint
 from vlcap.core.data import check_images_exist, iterate_images, load_captions
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.errors import VlcapError, few
@@ -67,10 +67,11 @@ class TrainResult:
 
 
 
-def train(cfg, run_dir, registry, console=None, resume=False):
+def train(cfg, run_dir, registry, console=None, resume=False, new_length=False):
     """Train ``cfg`` into ``run_dir``. With ``resume``, continue from ``run_dir``'s resume state
-    (``cfg`` must be that run's config, see ``resume.resume_config``)."""
-    return Trainer(cfg, run_dir, registry, console, resume).run()
+    (``cfg`` must be that run's config, see ``resume.resume_config``); ``new_length``: ``cfg``
+    gives the run a new train.epochs / train.max_steps, which must be longer than what it trained."""
+    return Trainer(cfg, run_dir, registry, console, resume, new_length).run()
 
 
 # --- Model and data -------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class Schedule:
     grad_accum: int
     batches_per_epoch: int
     total_steps: int
-    epochs: int
+    epochs: int  # of a run trained from the start (``final_epoch`` counts from where a run stands)
 
     @classmethod
     def plan(cls, batches_per_epoch, train_cfg):
@@ -216,6 +217,14 @@ class Schedule:
         if train_cfg.max_steps is not None:
             total_steps = min(total_steps, train_cfg.max_steps)
         return cls(train_cfg.grad_accum, batches_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
+
+    def final_epoch(self, epoch, batches, step):
+        """How many epochs the history holds when a run at ``step`` (``batches`` into 0-based
+        ``epoch``) ends: ``epochs`` from the start, more after an epoch cut short by max_steps and
+        extended (the cut epoch stays closed; the extension starts the next one)."""
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.grad_accum)
+        taken_this_epoch = sum(self.steps_after(i) for i in range(batches))
+        return epoch + math.ceil(max(self.total_steps - step + taken_this_epoch, 0) / steps_per_epoch)
 
     def steps_after(self, batch):
         """Whether the optimizer steps after micro-batch ``batch`` (0-based, within its epoch)."""
@@ -447,7 +456,7 @@ class Trainer:
     decoder weights written for a random decoder, the feature cache used) is in ``self.cfg``, a new
     config, which is what ``config.yaml`` and the checkpoints record."""
 
-    def __init__(self, cfg, run_dir, registry, console=None, resume=False):
+    def __init__(self, cfg, run_dir, registry, console=None, resume=False, new_length=False):
         console = console or Console(stderr=True)
         self.run_dir, self.registry = Path(run_dir), registry
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -461,21 +470,26 @@ class Trainer:
         self.console = console if self.ctx.is_main else Console(quiet=True)
         self.amp = MixedPrecision(cfg.train.amp, self.device)
         self.guard = NumericalGuard(self.state_file, self.ctx, self.amp)
-        self.build_model_and_data(cfg)
+        self.build_model_and_data(cfg, initialise=saved is None)
         self.selection = Selection(*selection_key(self.cfg, registry, self.val is not None))
-        if self.ctx.is_main:
-            with atomic_write(self.run_dir / "config.yaml", "w") as f:
-                f.write(config_lib.dump_yaml(self.cfg))
         self.warn_about_captions()
         self.build_optimizer()
         self.resumed = saved is not None
-        self.state = self.restore(saved) if self.resumed else resume_lib.TrainState()
+        self.state = self.restore(saved, new_length) if self.resumed else resume_lib.TrainState()
+        if self.ctx.is_main:  # after restore: a refused resume leaves config.yaml as it was
+            with atomic_write(self.run_dir / "config.yaml", "w") as f:
+                f.write(config_lib.dump_yaml(self.cfg))
         self.best_path, self.last_path = self.run_dir / "best.safetensors", self.run_dir / "last.safetensors"
         self.saved = 0  # parameters in the last checkpoint written
         self.display = TrainingDisplay(self.console, self.ctx.is_main, self.schedule.total_steps, self.state.step)
+        self.final_epoch = self.schedule.final_epoch(self.state.epoch, self.state.batches, self.state.step)
 
-    def build_model_and_data(self, cfg):
+    def build_model_and_data(self, cfg, initialise=True):
+        """``initialise``: a new run, whose trainable weights come from ``train.init_from`` when
+        set (a resumed run's come from its resume state)."""
         self.tokenizer, self.captioner, self.method, cfg = prepare_model(cfg, self.registry, self.run_dir)
+        if initialise and cfg.train.init_from:
+            cfg = self.init_from_checkpoint(cfg)
         self.trainable_count = count_parameters(self.captioner).trainable
         check_budget(self.trainable_count)
         self.captioner.to(self.device)
@@ -490,6 +504,13 @@ class Trainer:
         # DDP wraps the loss module: its forward is what synchronises gradients.
         self.step_model = distributed.wrap(CaptionLoss(self.captioner, from_features=self.cache is not None),
                                            self.ctx, self.device)
+
+    def init_from_checkpoint(self, cfg):
+        """Fill the freshly built trainable parameters from ``train.init_from`` (checked by
+        ``checkpoint.init_trainable``); the config records the checkpoint's absolute path."""
+        init_trainable(cfg.train.init_from, self.captioner, cfg, self.tokenizer, self.registry)
+        path = str(Path(cfg.train.init_from).resolve())
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=path))
 
     def warn_about_captions(self):
         dataset = self.train_loader.dataset
@@ -506,19 +527,21 @@ class Trainer:
         self.schedule = Schedule.plan(len(self.train_loader), self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.schedule.total_steps, self.cfg.train)
 
-    def restore(self, saved):
-        """The stopped run's weights, optimizer, scheduler, scaler, random state and counters."""
+    def restore(self, saved, new_length):
+        """The stopped run's weights, optimizer, scaler, random state and counters; the learning
+        rate of its step on this run's schedule (re-planned over a new length)."""
         state = resume_lib.restore_training(saved, self.captioner, self.optimizer, self.scheduler, self.amp.scaler,
                                             self.state_file)
         if state.step >= self.schedule.total_steps:
-            raise VlcapError(f"{self.run_dir}: the run already finished ({state.step} of "
-                             f"{self.schedule.total_steps} steps); nothing to resume")
+            raise resume_lib.already_trained(self.run_dir, state.step, self.schedule.total_steps, self.cfg.train,
+                                             new_length)
         return state
 
     def run(self):
         self.announce()
         with self.display, resume_lib.stop_requests() as self.stop_signals:
-            for epoch in range(self.state.epoch, self.schedule.epochs):
+            while self.state.step < self.schedule.total_steps:  # every epoch advances; a new one takes a step
+                epoch = self.state.epoch
                 self.train_epoch(epoch)
                 self.end_epoch(epoch)
         distributed.cleanup(self.ctx)
@@ -589,7 +612,7 @@ class Trainer:
         state = self.state
         loss_sum, images, token_sum = self.ctx.sum(state.running, state.seen - self.display.seen_at_start,
                                                    state.tokens)  # over all processes
-        self.display.step_done(epoch, self.schedule.epochs, loss_sum / max(token_sum, 1),
+        self.display.step_done(epoch, self.final_epoch, loss_sum / max(token_sum, 1),
                                self.optimizer.param_groups[0]["lr"], images)
 
     def end_epoch(self, epoch):
@@ -640,6 +663,8 @@ class Trainer:
     def announce(self):
         processes = f" x {self.ctx.world_size} processes" if self.ctx.enabled else ""
         resumed = f" (resumed at step {self.state.step})" if self.resumed else ""
+        if not self.resumed and self.cfg.train.init_from:
+            resumed = f" (starting from {self.cfg.train.init_from})"
         cache = f" (from feature cache {self.cache.path})" if self.cache else ""
         self.console.print(f"[bold]vlcap train[/] {self.cfg.peft.method} on {self.device}{processes}: "
                            f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
