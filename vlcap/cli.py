@@ -88,6 +88,8 @@ TRAIN_FLAGS = {
 }
 CACHE_FEATURES_FLAGS = {"encoder": "model.encoder"}
 DECODING_FLAGS = {"num_beams": "num_beams"}  # into the decoding strategy's options
+# The strategy each shortcut flag of DECODING_FLAGS stands for: --num-beams N is beam search.
+SHORTCUT_STRATEGIES = {"num_beams": "beam"}
 # The config keys a resumed run takes from the command line (resume_config replaces the device);
 # `train --resume` refuses every other option.
 RESUMABLE_KEYS = {"train.device"}
@@ -354,7 +356,9 @@ def decoding_options(command):
     """--decoding, --num-beams, --max-length and --set, for the commands that generate captions."""
     for option in reversed([
             click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`)."),
-            click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search)."),
+            click.option("--num-beams", type=int,
+                         help="Beam search with N beams: --decoding beam --set num_beams=N (whatever the "
+                              "checkpoint's default; refused beside another --decoding)."),
             click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length)."),
             click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                          help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable).")]):
@@ -362,9 +366,23 @@ def decoding_options(command):
     return command
 
 
-def decoding_set(assignments, num_beams):
-    """The decoding strategy's options from --set KEY=VALUE, then the shortcut flags of ``DECODING_FLAGS``."""
-    return config_lib.merge(config_lib.parse_set(assignments), config_overrides({"num_beams": num_beams}, DECODING_FLAGS))
+def decoding_request(strategy, assignments, num_beams):
+    """``(strategy, options)`` from --decoding, --set KEY=VALUE and the shortcut flags of
+    ``DECODING_FLAGS`` (a flag wins over --set). A shortcut picks its strategy
+    (``SHORTCUT_STRATEGIES``) whatever the checkpoint's default, so --num-beams means beam search
+    everywhere; beside a --decoding naming another strategy it is one ``VlcapError`` line rather
+    than options the chosen strategy would refuse."""
+    shortcuts = {"num_beams": num_beams}
+    for name, value in shortcuts.items():
+        implied = SHORTCUT_STRATEGIES[name]
+        if value is None or strategy == implied:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if strategy is not None:
+            raise VlcapError(f"{flag} {value} means --decoding {implied}, not --decoding {strategy}; drop one of them")
+        strategy = implied
+    options = config_lib.merge(config_lib.parse_set(assignments), config_overrides(shortcuts, DECODING_FLAGS))
+    return strategy, options
 
 
 @main.command()
@@ -380,8 +398,9 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
     device = checked_device(device)
     from vlcap.core.infer.captioning import caption_folder
+    strategy, options = decoding_request(strategy, assignments, num_beams)
     result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
-                            strategy=strategy, options=decoding_set(assignments, num_beams), max_length=max_length,
+                            strategy=strategy, options=options, max_length=max_length,
                             batch_size=batch_size, device=device, console=err_console)
     for message in result.bad_images:
         err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -409,13 +428,14 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 @click.option("--bottom", type=int, default=1, show_default=True, help="How many of the worst images to draw.")
 @click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-def visualize(images, checkpoint, out_dir, num_beams, assignments, device, **options):
+def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, **options):
     """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
+    strategy, decoding = decoding_request(strategy, assignments, num_beams)
     from vlcap.apps.attention_maps import draw_attention_maps
-    drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device,
-                                options=decoding_set(assignments, num_beams), console=err_console, **options)
+    drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device, strategy=strategy,
+                                options=decoding, console=err_console, **options)
     for figure in drawn:
         panels = f"{figure.panels} panel{'s' * (figure.panels != 1)}"
         note = f" ({figure.note})" if figure.note else ""
