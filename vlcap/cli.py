@@ -147,13 +147,22 @@ def config_flag(table, *decls, **attrs):
 @main.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON objects instead of a table.")
 @click.option("--hooks", is_flag=True, help="Show each plugin module: its package and the hooks it implements.")
-def list_plugins(as_json, hooks):
+@click.option("--options", is_flag=True,
+              help="Show each plugin's options (what --set NAME=VALUE or peft.options.NAME sets) with their "
+                   "types and defaults.")
+def list_plugins(as_json, hooks, options):
     """List the installed PEFT methods, decoding strategies and metrics."""
+    if hooks and options:
+        raise VlcapError("--hooks and --options are two views of the plugins; pass one of them")
     reg = registry()
     if hooks and as_json:
         click.echo(json.dumps([m.as_dict() for m in reg.modules], indent=2))
     elif hooks:
         console.print(reports.plugin_modules_table(reg.modules))
+    elif options and as_json:
+        click.echo(json.dumps(reports.plugin_options_json(reg.entries()), indent=2, default=repr))
+    elif options:
+        console.print(reports.plugin_options_table(reg.entries()))
     elif as_json:
         click.echo(json.dumps([e.as_dict() for e in reg.entries()], indent=2))
     else:

@@ -2,12 +2,15 @@
 
 Each function takes a command's result and returns a rich renderable (a ``Table``, or a
 ``Group`` of tables and lines), a line of rich markup, or a JSON-ready dict; the command prints
-it on its own console. Nothing here computes a result or touches a file.
+it on its own console. Nothing here computes a result or touches a file. Names and values that
+come from users, files or plugins go in as ``Text`` (never parsed as markup: a ``[x]`` in a name
+stays).
 """
 import json
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 
 def _table(title, columns, right=(), **options):
@@ -26,6 +29,33 @@ def plugins_table(entries, failed):
     for m in failed:
         table.add_row(m.entry_point, "[red]failed", m.package, m.version, f"skipped: {m.error}")
     return table
+
+
+def option_default(option):
+    """A ``PluginOption``'s default as ``--set`` takes it: JSON, which is YAML (``null``,
+    ``["q", "v"]``, ``"all"``), so it can be pasted as a value."""
+    return "(required)" if option.required else json.dumps(option.default, default=repr)
+
+
+def plugin_options_table(entries):
+    """``vlcap list-plugins --options``: one row per option of each plugin (name, type,
+    default); a plugin without options gets one row saying so."""
+    table = _table("vlcap plugin options (set with --set NAME=VALUE or peft.options.NAME)",
+                   ("plugin", "kind", "option", "type", "default"))
+    for column in table.columns:
+        column.overflow = "fold"  # an option's name is what users type: never cut to an ellipsis
+    for e in entries:
+        options = e.options()
+        if not options:
+            table.add_row(Text(e.name), e.kind, Text("(no options)", style="dim"), "", "")
+        for option in options:
+            table.add_row(Text(e.name), e.kind, Text(option.name), Text(option.type), Text(option_default(option)))
+    return table
+
+
+def plugin_options_json(entries):
+    """``vlcap list-plugins --options --json``: each plugin's entry with its ``options``."""
+    return [{**e.as_dict(), "options": [option.as_dict() for option in e.options()]} for e in entries]
 
 
 def plugin_modules_table(modules):
