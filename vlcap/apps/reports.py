@@ -84,20 +84,44 @@ def parameter_report(counts, title, budget):
 
 
 def checkpoint_report(summary):
-    """``vlcap inspect``: the checkpoint's metadata (a ``CheckpointSummary``), then its parameters
-    per part of the captioner."""
+    """``vlcap inspect``: the checkpoint's metadata (a ``CheckpointSummary``), how it was saved
+    (``saved_at_rows``), then its parameters per part of the captioner. Every value is ``Text``:
+    paths and names in a file are not markup."""
     meta, cfg = summary.metadata, summary.metadata["config"]
     peft = meta["peft"]
     rows = [("format", meta["format"]), ("vlcap", meta.get("vlcap_version", "")),
             ("peft", f"{peft['name']} ({peft['package']} {peft['version']})"),
             ("peft options", json.dumps(cfg["peft"]["options"])), ("encoder", meta["encoder"]),
+            ("encoder features", encoder_features(meta)),
             ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
             ("tokenizer", meta["tokenizer"]), ("parameters", f"{meta['parameters']:,}"),
-            ("tensors", str(len(summary.shapes)))]
-    table = Table(title=str(summary.path), show_header=False)
+            ("tensors", str(len(summary.shapes))), *saved_at_rows(meta.get("training"))]
+    table = Table(title=Text(str(summary.path)), show_header=False)
     for key, value in rows:
-        table.add_row(key, value)
-    return Group(table, *(f"  {group}: {count:,}" for group, count in sorted(summary.groups.items())))
+        table.add_row(Text(key), Text(value))
+    return Group(table, *(Text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
+
+
+def encoder_features(metadata):
+    """The feature tokens the encoder gave when the checkpoint was saved ("257 tokens of width
+    1024"); "not recorded" for checkpoints written before they were kept."""
+    if "encoder_tokens" not in metadata or "encoder_width" not in metadata:
+        return "not recorded"
+    return f"{metadata['encoder_tokens']:,} tokens of width {metadata['encoder_width']:,}"
+
+
+def saved_at_rows(training):
+    """``(key, value)`` rows for the history record a checkpoint was saved at: "epoch E, step S",
+    then each loss and validation score under its own name. A checkpoint written before the
+    record was kept (``training`` None) gets one "not recorded" row."""
+    if training is None:
+        return [("saved at", "not recorded")]
+    position = ", ".join(f"{key} {training[key]}" for key in ("epoch", "step") if key in training)
+    rows = [("saved at", position or "not recorded")]
+    for name, value in training.items():
+        if name not in ("epoch", "step"):
+            rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    return rows
 
 
 def classification_table(result):
