@@ -261,7 +261,7 @@ def cache_features(image_dir, out, preset, config_file, assignments, dtype, batc
     from vlcap.apps.training import cache_encoder_features
     cache = cache_encoder_features(cfg, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
                                    console=err_console)
-    console.print(f"cached {len(cache.rows):,} images -> {cache.path}")
+    console.print(f"cached {len(cache.rows):,} images -> {cache.path}", markup=False, highlight=False)
 
 
 @main.command()
@@ -293,7 +293,8 @@ def demo(out, steps, methods):
 @click.option("--labels", "labels_file", required=True, type=click.Path(), help="id2label.json: {\"0\": \"bicycle\", ...}.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write predictions here as 'filename,label' CSV.")
 @click.option("--template", "templates", multiple=True, metavar="TEXT",
-              help="Prompt with {object} for the class name (repeatable; several are ensembled). "
+              help="Prompt with {object} for the class name, written with spaces for underscores "
+                   "(repeatable; several are ensembled). "
                    "Default: CLIP's 18 CIFAR prompts.")
 @click.option("--clip-model", help="OpenAI CLIP name or local OpenAI-format file (default: $VLCAP_CLIP_MODEL, else ViT-L/14).")
 @click.option("--report", is_flag=True, help="Print the accuracy of each template and of their ensemble.")
@@ -313,11 +314,11 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
                                 out_dir=out_dir, device=device, console=err_console, **options)
     if out:
-        err_console.print(f"{len(result.files)} predictions written to {out}")
+        err_console.print(f"{len(result.files)} predictions written to {out}", markup=False, highlight=False)
     if report:
         console.print(reports.classification_table(result))
     if plot_top5:
-        err_console.print(f"top-5 plots of {result.plotted} images written to {out_dir}")
+        err_console.print(f"top-5 plots of {result.plotted} images written to {out_dir}", markup=False, highlight=False)
 
 
 @main.command()
@@ -350,7 +351,7 @@ def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, b
         return
     console.print(reports.evaluation_tables(result, pred_path, annotations_path, top_k))
     if per_image_path:
-        console.print(f"per-image scores: {per_image_path}")
+        console.print(f"per-image scores: {per_image_path}", markup=False, highlight=False)
 
 
 def checkpoint_options(command):
@@ -413,7 +414,7 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
                             batch_size=batch_size, device=device, console=err_console)
     for message in result.bad_images:
         err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {len(result.predictions)} captions to {out}")
+    console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
     if result.bad_images and not skip_bad_images:
         raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "
                          "fix or remove them, or pass --skip-bad-images")

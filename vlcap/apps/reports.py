@@ -9,6 +9,7 @@ stays).
 import json
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -25,9 +26,10 @@ def plugins_table(entries, failed):
     """``vlcap list-plugins``: one row per installed plugin, then one per module that failed."""
     table = _table("vlcap plugins", ("name", "kind", "package", "version", "description"))
     for e in entries:
-        table.add_row(e.name, e.kind, e.package, e.version, e.description)
+        table.add_row(Text(e.name), e.kind, Text(e.package), Text(e.version), Text(e.description))
     for m in failed:
-        table.add_row(m.entry_point, "[red]failed", m.package, m.version, f"skipped: {m.error}")
+        table.add_row(Text(m.entry_point), Text("failed", style="red"), Text(m.package), Text(m.version),
+                      Text(f"skipped: {m.error}"))
     return table
 
 
@@ -129,7 +131,7 @@ def classification_table(result):
     table = _table(f"zero-shot accuracy, {result.clip_name}, {len(result.files)} images",
                    ("template", "accuracy", "correct"), right=("accuracy", "correct"))
     for row in result.report:
-        table.add_row(row.template, f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
+        table.add_row(Text(row.template), f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
     return table
 
 
@@ -153,7 +155,7 @@ def evaluation_tables(result, pred_path, annotations_path, top_k):
                                      (f"bottom {top_k} by {by}", rows[::-1][:top_k])):
             ranked = _table(ranked_title, ("image", *scores, "caption"), right=scores)
             for row in chosen:
-                ranked.add_row(row["stem"], *(f"{row[k]:.4f}" for k in scores), row["caption"])
+                ranked.add_row(Text(row["stem"]), *(f"{row[k]:.4f}" for k in scores), Text(row["caption"]))
             tables.append(ranked)
     return Group(*tables)
 
@@ -172,7 +174,7 @@ def truncation_warning(result):
     if clip is None or not clip.truncated:
         return None
     return (f"[yellow]{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
-            f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}[/]")
+            f"for CLIPScore (the course's script stops on them): {escape(', '.join(clip.truncated[:4]))}[/]")
 
 
 def checkpoint_json(summary):
