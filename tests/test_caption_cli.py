@@ -72,11 +72,40 @@ def test_image_folder_problems_are_named(tmp_path, run_dir, images):
     assert "share the file stem(s) a" in caption(images, "--checkpoint", ckpt, "--out", tmp_path / "o.json").output
 
 
-def run_script(images, out, decoder, env_checkpoint=None, script=SCRIPT):
+def test_num_beams_is_beam_search_whatever_the_checkpoints_strategy(tmp_path, run_dir, images):
+    assert read_config(run_dir)["decoding"]["strategy"] != "beam"  # the case that used to fail
+    ckpt, out = run_dir / "best.safetensors", tmp_path / "pred.json"
+    shortcut = caption(images, "--checkpoint", ckpt, "--out", out, "--num-beams", 2)
+    assert shortcut.exit_code == 0, shortcut.output
+    spelled = caption(images, "--checkpoint", ckpt, "--out", tmp_path / "beam.json", "--decoding", "beam",
+                      "--set", "num_beams=2")
+    assert spelled.exit_code == 0, spelled.output
+    assert json.loads(out.read_text()) == json.loads((tmp_path / "beam.json").read_text())
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "top_k"])
+def test_num_beams_beside_another_strategy_is_one_line(tmp_path, run_dir, images, strategy):
+    out = tmp_path / "pred.json"
+    result = caption(images, "--checkpoint", run_dir / "best.safetensors", "--out", out,
+                     "--decoding", strategy, "--num-beams", 3)
+    assert result.exit_code != 0 and not out.exists()
+    assert f"--num-beams 3 means --decoding beam, not --decoding {strategy}" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def read_config(run_dir):
+    from vlcap.core.model.checkpoint import read_metadata
+    return read_metadata(run_dir / "best.safetensors")["config"]
+
+
+def run_script(images, out, decoder, env_checkpoint=None, script=SCRIPT, caption_args=None):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VLCAP_CHECKPOINT", None)
+    env.pop("VLCAP_CAPTION_ARGS", None)
     if env_checkpoint:
         env["VLCAP_CHECKPOINT"] = str(env_checkpoint)
+    if caption_args is not None:
+        env["VLCAP_CAPTION_ARGS"] = caption_args
     return subprocess.run(["bash", str(script), str(images), str(out), str(decoder)], env=env,
                           capture_output=True, text=True)
 
@@ -90,6 +119,24 @@ def test_hw3_2_finds_the_checkpoint_beside_the_script(tmp_path, run_dir, images)
     result = run_script(images, tmp_path / "out.json", run_dir / "decoder_model.bin", script=clone / "hw3_2.sh")
     assert result.returncode == 0, result.stderr
     assert sorted(json.loads((tmp_path / "out.json").read_text())) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("caption_args, same_as", [
+    (None, ["--decoding", "beam", "--num-beams", "3"]),  # the script's default
+    ("--decoding greedy", ["--decoding", "greedy"]),
+    ("--decoding top_k --set k=5 --set seed=0", ["--decoding", "top_k", "--set", "k=5", "--set", "seed=0"]),
+    ("--num-beams 2 --max-length 8", ["--decoding", "beam", "--set", "num_beams=2", "--max-length", "8"]),
+    ("--set num_beams=2", ["--decoding", "beam", "--set", "num_beams=2"]),
+])
+def test_hw3_2_caption_args_replace_its_decoding(tmp_path, run_dir, images, caption_args, same_as):
+    # The script's own --num-beams 3 must not meet the user's choice (greedy takes no num_beams).
+    ckpt = run_dir / "best.safetensors"
+    result = run_script(images, tmp_path / "out.json", run_dir / "decoder_model.bin", env_checkpoint=ckpt,
+                        caption_args=caption_args)
+    assert result.returncode == 0, result.stderr
+    direct = caption(images, "--checkpoint", ckpt, "--out", tmp_path / "direct.json", *same_as)
+    assert direct.exit_code == 0, direct.output
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads((tmp_path / "direct.json").read_text())
 
 
 def test_hw3_2_needs_three_arguments():

@@ -226,3 +226,48 @@ def test_unreadable_images_are_listed_and_fail_unless_skipped(tmp_path, colour_c
     result = run(folder, "--labels", labels, "--out", out, "--skip-bad-images", "--template", "a {object} photo.")
     assert result.exit_code == 0, result.output
     assert read_predictions(out) == {f"{c}_{n}.png": c for c in range(3) for n in range(4)}
+
+
+@pytest.mark.parametrize("name, prompt", [("palm_tree", "palm tree"), ("aquarium__fish", "aquarium fish"),
+                                          (" sweet_ pepper ", "sweet pepper"), ("bicycle", "bicycle")])
+def test_class_names_are_written_as_words_in_prompts(name, prompt):
+    assert zs.prompt_name(name) == prompt
+
+
+def test_text_embedding_of_an_underscored_name_is_that_of_its_words(tiny_clip):
+    clip = load_clip(str(tiny_clip), device="cpu")
+    template = "a photo of a {object}."
+    got = zs.text_embeddings(clip, ["palm_tree", "maple_tree"], template)
+    want = clip.encode_texts(["a photo of a palm tree.", "a photo of a maple tree."])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, clip.encode_texts(["a photo of a palm_tree.", "a photo of a maple_tree."]))
+
+
+class RecordingClip(ColourClip):
+    """A ``ColourClip`` that keeps every text it was asked to embed."""
+
+    def __init__(self):
+        self.texts = []
+
+    def encode_texts(self, texts):
+        self.texts.extend(texts)
+        return super().encode_texts(texts)
+
+
+def test_prompts_use_words_and_every_output_keeps_the_raw_name(tmp_path, monkeypatch):
+    clip = RecordingClip()
+    monkeypatch.setattr("vlcap.core.eval.clip.load_clip", lambda *args, **kwargs: clip)
+    titles = []
+    monkeypatch.setattr(zs, "plot_top5", lambda image, probs, labels, path, title="": titles.append(
+        (list(labels.names), title)))
+    names = ["red_[x]_thing", "green__thing", "blue_thing"]
+    folder = colour_images(tmp_path / "images")
+    result = zs.run_classification(folder, write_labels(tmp_path / "id2label.json", names),
+                                   ["a photo of a {object}."], out=tmp_path / "pred.csv", report=True,
+                                   plot_top5=1, out_dir=tmp_path / "plots")
+    assert sorted(set(clip.texts)) == ["a photo of a blue thing.", "a photo of a green thing.",
+                                       "a photo of a red [x] thing."]
+    assert read_predictions(tmp_path / "pred.csv") == {f"{c}_{n}.png": c for c in range(3) for n in range(4)}
+    assert result.report[0].correct == 12
+    (plotted_names, title), = titles
+    assert plotted_names == names and title.split("(true: ")[1].rstrip(")") in names

@@ -89,3 +89,58 @@ def test_unknown_peft_name_lists_installed_methods():
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "vlcap", "--help"], capture_output=True, text=True, check=True).stdout
     assert "list-plugins" in out and "train" in out
+
+
+def plugin_options(*args):
+    result = CliRunner().invoke(main, ["list-plugins", "--options", *args], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def option_rows(table, plugin):
+    """The (option, type, default) cells of ``plugin``'s rows in the --options table."""
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines() if "│" in line]
+    return [tuple(row[2:]) for row in rows if row[0] == plugin]
+
+
+def test_list_plugins_options_shows_types_and_defaults():
+    table = plugin_options()
+    assert option_rows(table, "lora") == [("r", "int", "8"), ("alpha", "int", "16"), ("dropout", "float", "0.05"),
+                                          ("targets", "list", '["q", "v"]'), ("layers", "Union[str, list]", '"all"')]
+    assert ("num_beams", "int", "3") in option_rows(table, "beam")
+    assert ("max_length", "Optional[int]", "null") in option_rows(table, "beam")
+    assert option_rows(table, "greedy") == [("(no options)", "", "")]
+    assert option_rows(table, "cider") == [("(no options)", "", "")]  # metrics have no config_class
+
+
+def test_list_plugins_options_json():
+    entries = {e["name"]: e for e in json.loads(plugin_options("--json"))}
+    lora = {o["name"]: o for o in entries["lora"]["options"]}
+    assert list(lora) == ["r", "alpha", "dropout", "targets", "layers"]
+    assert lora["targets"] == {"name": "targets", "type": "list", "default": ["q", "v"], "required": False}
+    assert {"name": "num_beams", "type": "int", "default": 3, "required": False} in entries["beam"]["options"]
+    assert entries["greedy"]["options"] == [] and entries["greedy"]["kind"] == "decoding"
+
+
+def test_list_plugins_help_names_the_options_view():
+    assert "--options" in CliRunner().invoke(main, ["list-plugins", "--help"]).output
+    both = CliRunner().invoke(main, ["list-plugins", "--options", "--hooks"])
+    assert both.exit_code != 0 and "pass one of them" in both.output
+
+
+def test_plugin_option_table_prints_names_and_defaults_as_text():
+    from dataclasses import dataclass
+    from rich.console import Console
+    from vlcap.apps.reports import plugin_options_table
+    from vlcap.core.plugins import PluginEntry
+
+    @dataclass
+    class Options:
+        style: str = "[bold]x"
+
+    class Odd:
+        config_class = Options
+
+    console = Console(record=True, width=200)
+    console.print(plugin_options_table([PluginEntry("odd[x]", "peft", "pkg", "1", "", Odd())]))
+    assert option_rows(console.export_text(), "odd[x]") == [("style", "str", '"[bold]x"')]

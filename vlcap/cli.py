@@ -88,6 +88,8 @@ TRAIN_FLAGS = {
 }
 CACHE_FEATURES_FLAGS = {"encoder": "model.encoder"}
 DECODING_FLAGS = {"num_beams": "num_beams"}  # into the decoding strategy's options
+# The strategy each shortcut flag of DECODING_FLAGS stands for: --num-beams N is beam search.
+SHORTCUT_STRATEGIES = {"num_beams": "beam"}
 # The config keys a resumed run takes from the command line (resume_config applies them: where
 # it runs and a new length); `train --resume` refuses every other option.
 RESUMABLE_KEYS = {"train.device", "train.epochs", "train.max_steps"}
@@ -145,13 +147,22 @@ def config_flag(table, *decls, **attrs):
 @main.command("list-plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON objects instead of a table.")
 @click.option("--hooks", is_flag=True, help="Show each plugin module: its package and the hooks it implements.")
-def list_plugins(as_json, hooks):
+@click.option("--options", is_flag=True,
+              help="Show each plugin's options (what --set NAME=VALUE or peft.options.NAME sets) with their "
+                   "types and defaults.")
+def list_plugins(as_json, hooks, options):
     """List the installed PEFT methods, decoding strategies and metrics."""
+    if hooks and options:
+        raise VlcapError("--hooks and --options are two views of the plugins; pass one of them")
     reg = registry()
     if hooks and as_json:
         click.echo(json.dumps([m.as_dict() for m in reg.modules], indent=2))
     elif hooks:
         console.print(reports.plugin_modules_table(reg.modules))
+    elif options and as_json:
+        click.echo(json.dumps(reports.plugin_options_json(reg.entries()), indent=2, default=repr))
+    elif options:
+        console.print(reports.plugin_options_table(reg.entries()))
     elif as_json:
         click.echo(json.dumps([e.as_dict() for e in reg.entries()], indent=2))
     else:
@@ -258,7 +269,7 @@ def cache_features(image_dir, out, preset, config_file, assignments, dtype, batc
     from vlcap.apps.training import cache_encoder_features
     cache = cache_encoder_features(cfg, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
                                    console=err_console)
-    console.print(f"cached {len(cache.rows):,} images -> {cache.path}")
+    console.print(f"cached {len(cache.rows):,} images -> {cache.path}", markup=False, highlight=False)
 
 
 @main.command()
@@ -290,7 +301,8 @@ def demo(out, steps, methods):
 @click.option("--labels", "labels_file", required=True, type=click.Path(), help="id2label.json: {\"0\": \"bicycle\", ...}.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write predictions here as 'filename,label' CSV.")
 @click.option("--template", "templates", multiple=True, metavar="TEXT",
-              help="Prompt with {object} for the class name (repeatable; several are ensembled). "
+              help="Prompt with {object} for the class name, written with spaces for underscores "
+                   "(repeatable; several are ensembled). "
                    "Default: CLIP's 18 CIFAR prompts.")
 @click.option("--clip-model", help="OpenAI CLIP name or local OpenAI-format file (default: $VLCAP_CLIP_MODEL, else ViT-L/14).")
 @click.option("--report", is_flag=True, help="Print the accuracy of each template and of their ensemble.")
@@ -310,11 +322,11 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
                                 out_dir=out_dir, device=device, console=err_console, **options)
     if out:
-        err_console.print(f"{len(result.files)} predictions written to {out}")
+        err_console.print(f"{len(result.files)} predictions written to {out}", markup=False, highlight=False)
     if report:
         console.print(reports.classification_table(result))
     if plot_top5:
-        err_console.print(f"top-5 plots of {result.plotted} images written to {out_dir}")
+        err_console.print(f"top-5 plots of {result.plotted} images written to {out_dir}", markup=False, highlight=False)
 
 
 @main.command()
@@ -347,7 +359,7 @@ def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, b
         return
     console.print(reports.evaluation_tables(result, pred_path, annotations_path, top_k))
     if per_image_path:
-        console.print(f"per-image scores: {per_image_path}")
+        console.print(f"per-image scores: {per_image_path}", markup=False, highlight=False)
 
 
 def checkpoint_options(command):
@@ -362,7 +374,9 @@ def decoding_options(command):
     """--decoding, --num-beams, --max-length and --set, for the commands that generate captions."""
     for option in reversed([
             click.option("--decoding", "strategy", help="Decoding strategy (default: the checkpoint's; see `vlcap list-plugins`)."),
-            click.option("--num-beams", type=int, help="Shortcut for --set num_beams=N (beam search)."),
+            click.option("--num-beams", type=int,
+                         help="Beam search with N beams: --decoding beam --set num_beams=N (whatever the "
+                              "checkpoint's default; refused beside another --decoding)."),
             click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length)."),
             click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                          help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable).")]):
@@ -370,9 +384,23 @@ def decoding_options(command):
     return command
 
 
-def decoding_set(assignments, num_beams):
-    """The decoding strategy's options from --set KEY=VALUE, then the shortcut flags of ``DECODING_FLAGS``."""
-    return config_lib.merge(config_lib.parse_set(assignments), config_overrides({"num_beams": num_beams}, DECODING_FLAGS))
+def decoding_request(strategy, assignments, num_beams):
+    """``(strategy, options)`` from --decoding, --set KEY=VALUE and the shortcut flags of
+    ``DECODING_FLAGS`` (a flag wins over --set). A shortcut picks its strategy
+    (``SHORTCUT_STRATEGIES``) whatever the checkpoint's default, so --num-beams means beam search
+    everywhere; beside a --decoding naming another strategy it is one ``VlcapError`` line rather
+    than options the chosen strategy would refuse."""
+    shortcuts = {"num_beams": num_beams}
+    for name, value in shortcuts.items():
+        implied = SHORTCUT_STRATEGIES[name]
+        if value is None or strategy == implied:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if strategy is not None:
+            raise VlcapError(f"{flag} {value} means --decoding {implied}, not --decoding {strategy}; drop one of them")
+        strategy = implied
+    options = config_lib.merge(config_lib.parse_set(assignments), config_overrides(shortcuts, DECODING_FLAGS))
+    return strategy, options
 
 
 @main.command()
@@ -388,12 +416,13 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
     device = checked_device(device)
     from vlcap.core.infer.captioning import caption_folder
+    strategy, options = decoding_request(strategy, assignments, num_beams)
     result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
-                            strategy=strategy, options=decoding_set(assignments, num_beams), max_length=max_length,
+                            strategy=strategy, options=options, max_length=max_length,
                             batch_size=batch_size, device=device, console=err_console)
     for message in result.bad_images:
         err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {len(result.predictions)} captions to {out}")
+    console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
     if result.bad_images and not skip_bad_images:
         raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "
                          "fix or remove them, or pass --skip-bad-images")
@@ -417,13 +446,14 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 @click.option("--bottom", type=int, default=1, show_default=True, help="How many of the worst images to draw.")
 @click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-def visualize(images, checkpoint, out_dir, num_beams, assignments, device, **options):
+def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, **options):
     """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
+    strategy, decoding = decoding_request(strategy, assignments, num_beams)
     from vlcap.apps.visualize import draw_attention_maps
-    drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device,
-                                options=decoding_set(assignments, num_beams), console=err_console, **options)
+    drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device, strategy=strategy,
+                                options=decoding, console=err_console, **options)
     for figure in drawn:
         panels = f"{figure.panels} panel{'s' * (figure.panels != 1)}"
         note = f" ({figure.note})" if figure.note else ""

@@ -70,9 +70,17 @@ def check_template(template):
     return template
 
 
+def prompt_name(name):
+    """A class name as CLIP's own prompts write it: underscores as spaces and each run of
+    whitespace as one space (``"aquarium_fish"`` -> ``"aquarium fish"``), since CLIP learnt from
+    sentences, not identifiers. Only the prompt text changes: outputs keep the raw name."""
+    return " ".join(name.replace("_", " ").split())
+
+
 def text_embeddings(clip, names, template):
-    """Unit text embedding of every class name in one template: ``(classes, dim)``."""
-    return clip.encode_texts([template.replace(PLACEHOLDER, name) for name in names])
+    """Unit text embedding of every class name (written as ``prompt_name``) in one template:
+    ``(classes, dim)``."""
+    return clip.encode_texts([template.replace(PLACEHOLDER, prompt_name(name)) for name in names])
 
 
 def ensemble(per_template):

@@ -2,12 +2,16 @@
 
 Each function takes a command's result and returns a rich renderable (a ``Table``, or a
 ``Group`` of tables and lines), a line of rich markup, or a JSON-ready dict; the command prints
-it on its own console. Nothing here computes a result or touches a file.
+it on its own console. Nothing here computes a result or touches a file. Names and values that
+come from users, files or plugins go in as ``Text`` (never parsed as markup: a ``[x]`` in a name
+stays).
 """
 import json
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 def _table(title, columns, right=(), **options):
@@ -22,10 +26,38 @@ def plugins_table(entries, failed):
     """``vlcap list-plugins``: one row per installed plugin, then one per module that failed."""
     table = _table("vlcap plugins", ("name", "kind", "package", "version", "description"))
     for e in entries:
-        table.add_row(e.name, e.kind, e.package, e.version, e.description)
+        table.add_row(Text(e.name), e.kind, Text(e.package), Text(e.version), Text(e.description))
     for m in failed:
-        table.add_row(m.entry_point, "[red]failed", m.package, m.version, f"skipped: {m.error}")
+        table.add_row(Text(m.entry_point), Text("failed", style="red"), Text(m.package), Text(m.version),
+                      Text(f"skipped: {m.error}"))
     return table
+
+
+def option_default(option):
+    """A ``PluginOption``'s default as ``--set`` takes it: JSON, which is YAML (``null``,
+    ``["q", "v"]``, ``"all"``), so it can be pasted as a value."""
+    return "(required)" if option.required else json.dumps(option.default, default=repr)
+
+
+def plugin_options_table(entries):
+    """``vlcap list-plugins --options``: one row per option of each plugin (name, type,
+    default); a plugin without options gets one row saying so."""
+    table = _table("vlcap plugin options (set with --set NAME=VALUE or peft.options.NAME)",
+                   ("plugin", "kind", "option", "type", "default"))
+    for column in table.columns:
+        column.overflow = "fold"  # an option's name is what users type: never cut to an ellipsis
+    for e in entries:
+        options = e.options()
+        if not options:
+            table.add_row(Text(e.name), e.kind, Text("(no options)", style="dim"), "", "")
+        for option in options:
+            table.add_row(Text(e.name), e.kind, Text(option.name), Text(option.type), Text(option_default(option)))
+    return table
+
+
+def plugin_options_json(entries):
+    """``vlcap list-plugins --options --json``: each plugin's entry with its ``options``."""
+    return [{**e.as_dict(), "options": [option.as_dict() for option in e.options()]} for e in entries]
 
 
 def plugin_modules_table(modules):
@@ -54,20 +86,44 @@ def parameter_report(counts, title, budget):
 
 
 def checkpoint_report(summary):
-    """``vlcap inspect``: the checkpoint's metadata (a ``CheckpointSummary``), then its parameters
-    per part of the captioner."""
+    """``vlcap inspect``: the checkpoint's metadata (a ``CheckpointSummary``), how it was saved
+    (``saved_at_rows``), then its parameters per part of the captioner. Every value is ``Text``:
+    paths and names in a file are not markup."""
     meta, cfg = summary.metadata, summary.metadata["config"]
     peft = meta["peft"]
     rows = [("format", meta["format"]), ("vlcap", meta.get("vlcap_version", "")),
             ("peft", f"{peft['name']} ({peft['package']} {peft['version']})"),
             ("peft options", json.dumps(cfg["peft"]["options"])), ("encoder", meta["encoder"]),
+            ("encoder features", encoder_features(meta)),
             ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
             ("tokenizer", meta["tokenizer"]), ("parameters", f"{meta['parameters']:,}"),
-            ("tensors", str(len(summary.shapes)))]
-    table = Table(title=str(summary.path), show_header=False)
+            ("tensors", str(len(summary.shapes))), *saved_at_rows(meta.get("training"))]
+    table = Table(title=Text(str(summary.path)), show_header=False)
     for key, value in rows:
-        table.add_row(key, value)
-    return Group(table, *(f"  {group}: {count:,}" for group, count in sorted(summary.groups.items())))
+        table.add_row(Text(key), Text(value))
+    return Group(table, *(Text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
+
+
+def encoder_features(metadata):
+    """The feature tokens the encoder gave when the checkpoint was saved ("257 tokens of width
+    1024"); "not recorded" for checkpoints written before they were kept."""
+    if "encoder_tokens" not in metadata or "encoder_width" not in metadata:
+        return "not recorded"
+    return f"{metadata['encoder_tokens']:,} tokens of width {metadata['encoder_width']:,}"
+
+
+def saved_at_rows(training):
+    """``(key, value)`` rows for the history record a checkpoint was saved at: "epoch E, step S",
+    then each loss and validation score under its own name. A checkpoint written before the
+    record was kept (``training`` None) gets one "not recorded" row."""
+    if training is None:
+        return [("saved at", "not recorded")]
+    position = ", ".join(f"{key} {training[key]}" for key in ("epoch", "step") if key in training)
+    rows = [("saved at", position or "not recorded")]
+    for name, value in training.items():
+        if name not in ("epoch", "step"):
+            rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    return rows
 
 
 def classification_table(result):
@@ -75,7 +131,7 @@ def classification_table(result):
     table = _table(f"zero-shot accuracy, {result.clip_name}, {len(result.files)} images",
                    ("template", "accuracy", "correct"), right=("accuracy", "correct"))
     for row in result.report:
-        table.add_row(row.template, f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
+        table.add_row(Text(row.template), f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
     return table
 
 
@@ -99,7 +155,7 @@ def evaluation_tables(result, pred_path, annotations_path, top_k):
                                      (f"bottom {top_k} by {by}", rows[::-1][:top_k])):
             ranked = _table(ranked_title, ("image", *scores, "caption"), right=scores)
             for row in chosen:
-                ranked.add_row(row["stem"], *(f"{row[k]:.4f}" for k in scores), row["caption"])
+                ranked.add_row(Text(row["stem"]), *(f"{row[k]:.4f}" for k in scores), Text(row["caption"]))
             tables.append(ranked)
     return Group(*tables)
 
@@ -118,7 +174,7 @@ def truncation_warning(result):
     if clip is None or not clip.truncated:
         return None
     return (f"[yellow]{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
-            f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}[/]")
+            f"for CLIPScore (the course's script stops on them): {escape(', '.join(clip.truncated[:4]))}[/]")
 
 
 def checkpoint_json(summary):

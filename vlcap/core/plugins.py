@@ -15,6 +15,7 @@ Controls (environment, read when the registry loads):
 - ``VLCAP_TRACE_PLUGINS=1`` (``vlcap --trace-plugins``) logs every hook call to stderr, through
   pluggy's hook-call monitoring.
 """
+import dataclasses
 import functools
 import importlib
 import os
@@ -50,6 +51,44 @@ KINDS = {
 
 
 @dataclass(frozen=True)
+class PluginOption:
+    """One option a plugin takes (a field of its ``config_class``): what ``--set NAME=VALUE`` or
+    ``peft.options.NAME`` sets. ``type`` is the field's annotation as text; ``default`` is None
+    when ``required``."""
+    name: str
+    type: str
+    default: object
+    required: bool = False
+
+    def as_dict(self):
+        return {"name": self.name, "type": self.type, "default": self.default, "required": self.required}
+
+
+def type_name(annotation):
+    """A field annotation as users read it: ``int``, ``Optional[int]``, ``Union[str, list]``."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def plugin_options(obj):
+    """The options of a plugin object, from the fields of its ``config_class`` (a dataclass);
+    empty for a plugin without one (``config_class`` None or absent, as for metrics)."""
+    config_class = getattr(obj, "config_class", None)
+    if config_class is None or not dataclasses.is_dataclass(config_class):
+        return ()
+    options = []
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            options.append(PluginOption(f.name, type_name(f.type), f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            options.append(PluginOption(f.name, type_name(f.type), f.default_factory()))
+        else:
+            options.append(PluginOption(f.name, type_name(f.type), None, required=True))
+    return tuple(options)
+
+
+@dataclass(frozen=True)
 class PluginEntry:
     name: str
     kind: str
@@ -60,6 +99,10 @@ class PluginEntry:
 
     def as_dict(self):
         return {k: getattr(self, k) for k in ("name", "kind", "package", "version", "description")}
+
+    def options(self):
+        """The ``PluginOption``s this plugin takes, in its config class's order."""
+        return plugin_options(self.obj)
 
 
 @dataclass(frozen=True)
