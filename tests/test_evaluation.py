@@ -258,3 +258,15 @@ def test_the_java_tokenizer_prints_nothing_into_the_terminal(capfd):
     captured = capfd.readouterr()
     assert "PTBTokenizer" not in captured.err and "tokens at" not in captured.err
     assert captured.out == ""
+
+
+def test_a_clip_that_cannot_be_loaded_points_to_no_clipscore(tmp_path):
+    annotations = tmp_path / "val.json"
+    annotations.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                       "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "pred.json").write_text(json.dumps({"a": "a dog"}))
+    result = run("evaluate", "--pred", tmp_path / "pred.json", "--annotations", annotations, "--images", tmp_path,
+                 "--clip-model", tmp_path / "missing-clip.pt")
+    assert result.exit_code == 1
+    assert "--no-clipscore" in result.output.splitlines()[-1]

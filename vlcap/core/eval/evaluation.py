@@ -188,7 +188,10 @@ def evaluate_files(pred_path, annotations_path, image_dir=None, clipscore=True, 
             raise VlcapError("CLIPScore needs the images: pass --images DIR (or --no-clipscore)")
         image_paths = image_paths_for(caption_set, image_dir)
         check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
-        clip = load_clip(clip_model)
+        try:
+            clip = load_clip(clip_model)
+        except VlcapError as exc:
+            raise VlcapError(f"{exc}; or score CIDEr alone with --no-clipscore") from None
     result = Evaluation(len(references), predictions, cider(predictions, references))
     if clip is not None:
         result.clipscore = clip_scores(predictions, image_paths, clip, batch_size=batch_size, console=console)
