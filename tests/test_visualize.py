@@ -1,4 +1,4 @@
-"""Cross-attention maps (core/attention.py) and `vlcap visualize` as a user runs them."""
+"""Cross-attention maps (core/model/attention.py) and `vlcap visualize` as a user runs them."""
 import json
 import re
 
