@@ -92,7 +92,7 @@ DECODING_FLAGS = {"num_beams": "num_beams"}  # into the decoding strategy's opti
 SHORTCUT_STRATEGIES = {"num_beams": "beam"}
 # The config keys a resumed run takes from the command line (resume_config applies them: where
 # it runs and a new length); `train --resume` refuses every other option.
-RESUMABLE_KEYS = {"train.device", "train.epochs", "train.max_steps"}
+RESUMABLE_KEYS = {f"train.{key}" for key in config_lib.RESUMABLE_TRAIN_KEYS}
 
 
 def config_overrides(flags, table):
@@ -103,11 +103,7 @@ def config_overrides(flags, table):
     for name, value in flags.items():
         key = table[name]
         if value is not None:
-            *parents, leaf = key.split(".")
-            node = overrides
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+            config_lib.set_key(overrides, key, value)
     return overrides
 
 

@@ -4,7 +4,8 @@ from vlcap.apps import reports
 from vlcap.core.model.captioner import build_captioner, build_encoder
 from vlcap.core.model.peft import MAX_TRAINABLE, check_budget, count_parameters, seeded
 from vlcap.core.train.feature_cache import write_feature_cache
-from vlcap.core.train.resume import LENGTH_KEYS, resume_config
+from vlcap.core.config import LENGTH_KEYS
+from vlcap.core.train.resume import resume_config
 from vlcap.core.train.trainer import train
 
 

@@ -126,6 +126,11 @@ def read_yaml(text):
     return yaml.load(text, Loader=YamlLoader)
 
 
+# The train.* keys a resumed run may change: where it runs and how long it is (the trainer
+# re-plans the learning-rate schedule over a new length; see ``resume.restore_training``).
+RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps")
+LENGTH_KEYS = ("epochs", "max_steps")
+
 PRESETS = {
     "full": {},
     # Offline in minutes on a laptop CPU: timm's 64-wide test ViT and a random 2-layer GPT-2
@@ -175,6 +180,15 @@ def merge(base, override):
     return out
 
 
+def set_key(tree, key, value):
+    """Put ``value`` at the dotted ``key`` of the nested dict ``tree`` (``"train.lr"`` ->
+    ``tree["train"]["lr"]``), making the intermediate dicts."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
 def parse_set(assignments):
     """``["train.lr=1e-3", "peft.options.r=4"]`` -> nested dict, values parsed as YAML scalars."""
     out = {}
@@ -182,11 +196,7 @@ def parse_set(assignments):
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise VlcapError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = read_yaml(raw) if raw else None
+        set_key(out, key, read_yaml(raw) if raw else None)
     return out
 
 

@@ -1,4 +1,6 @@
 """The one progress bar every long phase shows (training, captioning, scoring, embedding, caching)."""
+import contextlib
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -14,3 +16,17 @@ def progress_bar(label=None, console=None, *, stats=False, transient=False, disa
         columns.append(TextColumn("{task.fields[stats]}"))
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     return Progress(*columns, console=console or Console(stderr=True), transient=transient, disable=disable)
+
+
+@contextlib.contextmanager
+def progress_task(progress, description, total):
+    """A task on the rich ``progress`` for the block (removed after it); yields ``advance(n)``.
+    With ``progress`` None nothing is shown. (``stats`` is set, so a ``stats=True`` bar can show it.)"""
+    if progress is None:
+        yield lambda n: None
+        return
+    task = progress.add_task(description, total=total, stats="")
+    try:
+        yield lambda n: progress.advance(task, n)
+    finally:
+        progress.remove_task(task)

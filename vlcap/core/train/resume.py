@@ -135,22 +135,16 @@ def stopped(signal_name, step, total_steps, run_dir):
                       f"{state_path(run_dir)}; continue with: vlcap train --resume {run_dir}")
 
 
-# The train.* keys a resumed run may change: where it runs and how long it is (the trainer
-# re-plans the learning-rate schedule over a new length; see ``restore_training``).
-RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps")
-LENGTH_KEYS = ("epochs", "max_steps")
-
-
 def resume_config(run_dir, train_overrides=None):
     """The run's own resolved ``config.yaml`` with ``train_overrides`` (train key -> value, only
-    ``RESUMABLE_TRAIN_KEYS``) applied; the trainer writes the result back to ``config.yaml``, so
+    ``config.RESUMABLE_TRAIN_KEYS``) applied; the trainer writes the result back to ``config.yaml``, so
     a later plain resume keeps a new length."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise VlcapError(f"{run_dir}: no config.yaml here; pass the --out directory of a vlcap train run")
     cfg = config_lib.from_dict(RunConfig, config_lib.load_yaml(path), where=str(path))
     overrides = dict(train_overrides or {})
-    refused = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
+    refused = sorted(set(overrides) - set(config_lib.RESUMABLE_TRAIN_KEYS))
     if refused:
         raise VlcapError(f"{run_dir}: a resumed run cannot change train.{', train.'.join(refused)}")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))

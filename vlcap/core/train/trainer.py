@@ -18,7 +18,6 @@ loop. Each concern the loop touches lives in one place:
   ``resume.restore_training``, ``resume.stop_requests``
 - progress display: ``TrainingDisplay``
 """
-import contextlib
 import dataclasses
 import functools
 import json
@@ -44,7 +43,7 @@ from vlcap.core.model.checkpoint import init_trainable, save_checkpoint
 from vlcap.core.data import check_images_exist, iterate_images, load_captions
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.errors import VlcapError, few
-from vlcap.core.progress import progress_bar
+from vlcap.core.progress import progress_bar, progress_task
 from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
 from vlcap.core.train.datasets import CachedCaptionDataset, CaptionDataset, collate_captions
 from vlcap.core.train.feature_cache import training_cache
@@ -64,7 +63,6 @@ class TrainResult:
     history: list = field(default_factory=list)
     unreadable: list = field(default_factory=list)  # one message per image file that could not be read
     best: Optional[dict] = None  # the history record best_checkpoint was saved at
-
 
 
 def train(cfg, run_dir, registry, console=None, resume=False, new_length=False):
@@ -212,19 +210,22 @@ class Schedule:
 
     @classmethod
     def plan(cls, batches_per_epoch, train_cfg):
-        steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
+        steps_per_epoch = steps_in(batches_per_epoch, train_cfg.grad_accum)
         total_steps = train_cfg.epochs * steps_per_epoch
         if train_cfg.max_steps is not None:
             total_steps = min(total_steps, train_cfg.max_steps)
         return cls(train_cfg.grad_accum, batches_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
 
+    @property
+    def steps_per_epoch(self):
+        return steps_in(self.batches_per_epoch, self.grad_accum)
+
     def final_epoch(self, epoch, batches, step):
         """How many epochs the history holds when a run at ``step`` (``batches`` into 0-based
         ``epoch``) ends: ``epochs`` from the start, more after an epoch cut short by max_steps and
         extended (the cut epoch stays closed; the extension starts the next one)."""
-        steps_per_epoch = math.ceil(self.batches_per_epoch / self.grad_accum)
         taken_this_epoch = sum(self.steps_after(i) for i in range(batches))
-        return epoch + math.ceil(max(self.total_steps - step + taken_this_epoch, 0) / steps_per_epoch)
+        return epoch + math.ceil(max(self.total_steps - step + taken_this_epoch, 0) / self.steps_per_epoch)
 
     def steps_after(self, batch):
         """Whether the optimizer steps after micro-batch ``batch`` (0-based, within its epoch)."""
@@ -234,6 +235,11 @@ class Schedule:
         """What a micro-batch back-propagates: its loss with its process's DDP weight, as one
         ``grad_accum``-th of the step, so the accumulated gradient is the mean over the step."""
         return loss * weight / self.grad_accum
+
+
+def steps_in(batches, grad_accum):
+    """Optimizer steps in an epoch of ``batches`` micro-batches (its last step may take fewer)."""
+    return math.ceil(batches / grad_accum)
 
 
 # --- AMP and the loss scaler -----------------------------------------------------------------
@@ -310,20 +316,6 @@ class NumericalGuard:
 
 
 # --- Validation and best-checkpoint selection ------------------------------------------------
-
-@contextlib.contextmanager
-def progress_task(progress, description, total):
-    """A task on the rich ``progress`` for the block (removed after it); yields ``advance(n)``.
-    With ``progress`` None nothing is shown."""
-    if progress is None:
-        yield lambda n: None
-        return
-    task = progress.add_task(description, total=total, stats="")
-    try:
-        yield lambda n: progress.advance(task, n)
-    finally:
-        progress.remove_task(task)
-
 
 @torch.no_grad()
 def validation_loss(captioner, loader, device, dtype, unreadable):
