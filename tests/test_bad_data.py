@@ -71,7 +71,7 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch, size):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(VlcapError, match="bomb.png: refused as a possible decompression bomb"):
         load_image(tmp_path / "bomb.png")
-    dataset = ImageDataset([tmp_path / "bomb.png"], transform=lambda im: im, skip_unreadable=True)
+    dataset = ImageDataset([tmp_path / "bomb.png"], transform=lambda im: im)
     assert "decompression bomb" in dataset[0].message
 
 

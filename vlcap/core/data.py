@@ -35,11 +35,6 @@ class CaptionSet:
             references.setdefault(Path(self.images[image_id]).stem, []).append(text)
         return references
 
-    def uncaptioned(self):
-        """File names of the listed images that have no caption."""
-        captioned = {image_id for image_id, _ in self.captions}
-        return sorted(name for image_id, name in self.images.items() if image_id not in captioned)
-
 
 def read_json(path, what, expected, hint=""):
     """The JSON value in ``path``, or one ``VlcapError`` line naming the file: not found (``what``
@@ -154,13 +149,13 @@ def check_images_exist(caption_set, image_dir, json_path):
 
 
 class ImageDataset(Dataset):
-    """One item per image file: ``(pixels, index)``. An unreadable image raises a ``VlcapError``,
-    or with ``skip_unreadable`` gives ``Unreadable`` (batch with ``collate_images``)."""
+    """One item per image file: ``(pixels, index)``, or ``Unreadable`` when the image cannot be
+    read (returned, not raised: a DataLoader worker would wrap it in a traceback; batch with
+    ``collate_images``, and ``iterate_images`` applies the caller's policy)."""
 
-    def __init__(self, paths, transform, skip_unreadable=False):
+    def __init__(self, paths, transform):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
-        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.paths)
@@ -169,8 +164,6 @@ class ImageDataset(Dataset):
         try:
             return self.transform(load_image(self.paths[index])), index
         except VlcapError as exc:
-            if not self.skip_unreadable:
-                raise
             return Unreadable(self.paths[index], str(exc))
 
 
@@ -180,7 +173,7 @@ def split_unreadable(batch):
 
 
 def collate_images(batch):
-    """``(pixels or None, indices, Unreadable items)`` for an ``ImageDataset(skip_unreadable=True)``."""
+    """``(pixels or None, indices, Unreadable items)`` for an ``ImageDataset``."""
     batch, unreadable = split_unreadable(batch)
     if not batch:
         return None, [], unreadable
@@ -211,7 +204,7 @@ def iterate_images(paths, transform, batch_size, device, *, unreadable=SKIP, num
         raise VlcapError(f"batch size must be >= 1, got {batch_size}")
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-    loader = DataLoader(ImageDataset(paths, transform, skip_unreadable=True), batch_size=batch_size,
+    loader = DataLoader(ImageDataset(paths, transform), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=collate_images,
                         worker_init_fn=worker_init_fn)
     for pixels, indices, bad in loader:
