@@ -70,8 +70,8 @@ def hub_reachable(timeout=3.0):
 @contextlib.contextmanager
 def hub_offline_unless_reachable():
     """Inside, the hub client works offline (its cache only) when the hub cannot be reached: a
-    machine without network then fails in a second, or loads cached weights, instead of spending
-    a minute in the client's retries."""
+    machine without network then fails at once, or loads cached weights, instead of waiting
+    through the client's retries."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE or hub_reachable():
         yield
