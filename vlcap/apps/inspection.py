@@ -19,8 +19,9 @@ def inspect_checkpoint(path):
     (a one-line ``VlcapError`` when it is missing or not a vlcap checkpoint)."""
     metadata = read_metadata(path)
     shapes = metadata.pop("shapes")
+    pretrained = set(metadata.get("trained_pretrained", ()))  # trained pretrained decoder parameters
     groups = {}
     for name, shape in shapes.items():
-        group = parameter_group(name)
+        group = parameter_group(name, name in pretrained)
         groups[group] = groups.get(group, 0) + math.prod(shape)
     return CheckpointSummary(str(path), metadata, shapes, groups)
