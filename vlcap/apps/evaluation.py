@@ -29,6 +29,12 @@ def metric_choice(metrics=None, no_clipscore=False):
     return names
 
 
+def how_to_leave_out(name, metrics):
+    """The flag that scores without metric ``name``: ``--no-clipscore`` for CLIPScore from the
+    default pair, else dropping its ``--metric``."""
+    return "--no-clipscore" if name == "clipscore" and not metrics else f"drop --metric {name}"
+
+
 def per_image_rows(evaluation, rank_by):
     """The CSV columns and one row per image, best first by ``rank_by`` (its ``higher_is_better``)."""
     names = [rank_by, *(n for n in evaluation.scores if n != rank_by)]
@@ -50,7 +56,8 @@ def evaluate_predictions(pred_path, annotations_path, registry, image_dir=None, 
     if rank_by is not None and rank_by not in names:  # before any scoring
         raise VlcapError(f"--rank-by {rank_by}: not scored here (scoring: {', '.join(names) or 'nothing'}); "
                          f"add --metric {rank_by}")
-    evaluation = evaluate_files(pred_path, annotations_path, registry, names, options, image_dir)
+    evaluation = evaluate_files(pred_path, annotations_path, registry, names, options, image_dir,
+                                leave_out=lambda name: how_to_leave_out(name, metrics))
     rank_by = rank_by or next((n for n in RANK_PREFERENCE if n in names), names[0])
     columns, rows = per_image_rows(evaluation, rank_by)
     if per_image_path:

@@ -172,11 +172,13 @@ class Evaluation:
     metrics: dict  # metric name -> the metric plugin
 
 
-def evaluate_files(pred_path, annotations_path, registry, metrics, options=None, image_dir=None):
+def evaluate_files(pred_path, annotations_path, registry, metrics, options=None, image_dir=None,
+                   leave_out=lambda name: f"leave {name} out"):
     """Validate the prediction file against the annotations (naming the file at fault), then score
     it with each metric plugin named in ``metrics`` (``options``: metric name -> its options).
     Everything that can fail fast (inputs, options, images, each metric's ``check``: java, a CLIP
-    model) is checked before anything is scored."""
+    model) is checked before anything is scored. ``leave_out(name)``: how the caller's user
+    scores without that metric, for the error lines."""
     predictions = load_predictions(pred_path)
     caption_set = load_captions(annotations_path)
     references = caption_set.references()
@@ -187,14 +189,14 @@ def evaluate_files(pred_path, annotations_path, registry, metrics, options=None,
     if needing:
         if image_dir is None:
             raise VlcapError(f"{', '.join(chosen[n].title or n for n in needing)} needs the images: pass --images DIR "
-                             f"(or leave {' and '.join(needing)} out)")
+                             f"(or {', '.join(map(leave_out, needing))})")
         image_paths = image_paths_for(caption_set, image_dir)
         check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
     for name, metric in chosen.items():
         try:
             metric.check(configs[name])
         except VlcapError as exc:
-            raise VlcapError(f"{exc}; or score without {name} (leave it out)") from None
+            raise VlcapError(f"{exc}; or score without {name}: {leave_out(name)}") from None
     scores = {name: run_metric(metric, configs[name], predictions, references, image_paths)
               for name, metric in chosen.items()}
     return Evaluation(len(references), predictions, scores, chosen)
