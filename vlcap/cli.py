@@ -85,8 +85,8 @@ def plugin_commands(group):
     commands = {}
     for entry in entries:
         if entry.name in group.commands:
-            warnings.warn(f"command '{entry.name}' of package '{entry.package}' has the name of a vlcap command; "
-                          "skipped it", VlcapWarning, stacklevel=2)
+            err_console.print(f"warning: command '{entry.name}' of package '{entry.package}' has the name of a vlcap "
+                              "command; skipped it", style="yellow", markup=False, highlight=False, soft_wrap=True)
         else:
             commands[entry.name] = entry.obj
     return commands
