@@ -42,7 +42,8 @@ def option_default(option):
 def plugin_options_table(entries):
     """``vlcap list-plugins --options``: one row per option of each plugin (name, type,
     default); a plugin without options gets one row saying so."""
-    table = _table("vlcap plugin options (set with --set NAME=VALUE or peft.options.NAME)",
+    table = _table("vlcap plugin options (decoding: --set NAME=VALUE; peft: --set peft.options.NAME=VALUE; "
+                   "metric: evaluate --set METRIC.NAME=VALUE)",
                    ("plugin", "kind", "option", "type", "default"))
     for column in table.columns:
         column.overflow = "fold"  # an option's name is what users type: never cut to an ellipsis

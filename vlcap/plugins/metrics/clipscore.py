@@ -1,3 +1,4 @@
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +36,7 @@ class ClipScoreMetric(Metric):
                                                                      "truncated": result.truncated})
 
     def _load(self, model):
-        if model not in self._clips:  # loaded once per process and model, on first use: the model is large
-            self._clips[model] = load_clip(model)
-        return self._clips[model]
+        key = model or os.environ.get(CLIP_MODEL_ENV)  # what load_clip(None) would load
+        if key not in self._clips:  # loaded once per process and model, on first use: the model is large
+            self._clips[key] = load_clip(model)
+        return self._clips[key]
