@@ -171,6 +171,13 @@ class Evaluation:
     scores: dict  # metric name -> MetricScores, in the order the metrics were asked for
     metrics: dict  # metric name -> the metric plugin
 
+    def __getattr__(self, name):
+        # evaluation.cider, evaluation.clipscore: a scored metric's MetricScores by its name.
+        scores = self.__dict__.get("scores", {})
+        if name in scores:
+            return scores[name]
+        raise AttributeError(f"no metric '{name}' was scored (scored: {', '.join(scores) or 'none'})")
+
 
 def evaluate_files(pred_path, annotations_path, registry, metrics, options=None, image_dir=None,
                    leave_out=lambda name: f"leave {name} out"):
