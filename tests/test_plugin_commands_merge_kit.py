@@ -1,10 +1,6 @@
 """Plugin commands (``register_commands``), merged inference (``caption --merge``) and the kit's
 options (``--vlcap-plugin-option``, the ``vlcap_packages`` ini setting)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,8 +9,6 @@ from conftest import install_package, vlcap_cli
 
 from vlcap.core import plugins as plugins_lib
 from vlcap.core.errors import VlcapError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 COMMANDS = '''
 import click
@@ -119,21 +113,32 @@ def test_kit_checks_run_with_the_options_given():
         check_peft_method("lora", "budget", options={"rank": 4})
 
 
-def pytest_run(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env)
+KIT_TESTS = """
+from vlcap.api import check_decoding_strategy, check_peft_method
+
+def test_peft(vlcap_peft_method, vlcap_peft_check):
+    check_peft_method(vlcap_peft_method, vlcap_peft_check)
+
+def test_decoding(vlcap_decoding_strategy, vlcap_decoding_check):
+    check_decoding_strategy(vlcap_decoding_strategy, vlcap_decoding_check)
+"""
 
 
-def test_pytest_plugin_option_reaches_the_checks():
-    result = pytest_run(ROOT / "tests/test_conformance.py", "--vlcap-plugin", "lora", "-k", "budget",
-                        "--vlcap-plugin-option", "r=4096", "--vlcap-plugin-option", "lora.targets=[q, v, mlp]")
-    assert result.returncode == 1, result.stdout
-    assert "over the 35,000,000 budget" in result.stdout
+def test_pytest_plugin_option_reaches_the_checks(pytester):
+    pytester.makepyfile(test_kit=KIT_TESTS)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--vlcap-plugin", "lora", "-k", "budget",
+                                          "--vlcap-plugin-option", "r=4096",
+                                          "--vlcap-plugin-option", "lora.targets=[q, v, mlp]")
+    result.assert_outcomes(failed=1)
+    assert "over the 35,000,000 budget" in result.stdout.str()
+    bad = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--vlcap-plugin", "lora",
+                                       "--vlcap-plugin-option", "adapter.r=2")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR and "'adapter' is not a selected plugin" in bad.stderr.str()
+    from vlcap.testing.kit import CONFIGURED_OPTIONS
+    assert "lora" not in CONFIGURED_OPTIONS  # the options ended with the session that set them
 
 
-def test_vlcap_packages_ini_makes_a_bare_pytest_check_only_the_packages_plugins(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
+def test_vlcap_packages_ini_makes_a_bare_pytest_check_only_the_packages_plugins(pytester, site):
     install_package(site, "vlcap-toy", "vlcap_toy", '''
 import vlcap
 from vlcap.api import PeftMethod
@@ -147,17 +152,16 @@ class Toy(PeftMethod):
 def register_peft_methods(register):
     register(Toy())
 ''')
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "pyproject.toml").write_text('[tool.pytest.ini_options]\nvlcap_packages = ["vlcap-toy"]\n')
-    (project / "test_kit.py").write_text(
-        "from vlcap.api import check_decoding_strategy, check_peft_method\n\n"
-        "def test_peft(vlcap_peft_method, vlcap_peft_check):\n    check_peft_method(vlcap_peft_method, vlcap_peft_check)\n\n"
-        "def test_decoding(vlcap_decoding_strategy, vlcap_decoding_check):\n    pass\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    result = pytest_run("--collect-only", cwd=project, env=env)
-    peft = [line for line in result.stdout.splitlines() if "::test_peft[" in line]
-    assert len(peft) == 8 and all("[toy-" in line for line in peft), result.stdout + result.stderr
-    decoding = [line for line in result.stdout.splitlines() if "::test_decoding[" in line]
+    plugins_lib.registry.cache_clear()
+    try:
+        pytester.makepyprojecttoml('[tool.pytest.ini_options]\nvlcap_packages = ["vlcap-toy"]\n')
+        pytester.makepyfile(test_kit=KIT_TESTS)
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--collect-only", "-q")
+    finally:
+        plugins_lib.registry.cache_clear()
+    lines = result.stdout.lines
+    peft = [line for line in lines if "::test_peft[" in line]
+    assert len(peft) == 8 and all("[toy-" in line for line in peft), result.stdout.str()
+    decoding = [line for line in lines if "::test_decoding[" in line]
     assert decoding and all("[NOTSET-" in line for line in decoding)  # the package has no strategy: none run
-    assert "lora" not in result.stdout
+    assert "lora" not in result.stdout.str()

@@ -73,14 +73,26 @@ def pytest_configure(config):
     if missing:
         raise pytest.UsageError(f"vlcap_packages names {', '.join(missing)}, which provide(s) no installed vlcap "
                                 f"plugin; pip install it (installed plugin packages: {', '.join(sorted(known))})")
-    set_options(assignments, names or [e.name for e in registry().entries() if e.kind in KIT_KINDS
+    set_options(config, assignments, names or [e.name for e in registry().entries() if e.kind in KIT_KINDS
                                        and (not packages or canonical(e.package) in packages)])
 
 
-def set_options(assignments, selected):
-    """``--vlcap-plugin-option`` values into the kit's per-plugin options."""
+_SAVED = "_vlcap_saved_options"
+
+
+def pytest_unconfigure(config):
+    saved = getattr(config, _SAVED, None)
+    if saved is not None:  # this session's options end with it (a session run inside another one)
+        from vlcap.testing.kit import CONFIGURED_OPTIONS
+        CONFIGURED_OPTIONS.clear()
+        CONFIGURED_OPTIONS.update(saved)
+
+
+def set_options(config, assignments, selected):
+    """``--vlcap-plugin-option`` values into the kit's per-plugin options (until the session ends)."""
     from vlcap.core.config import read_yaml
     from vlcap.testing.kit import CONFIGURED_OPTIONS
+    setattr(config, _SAVED, {name: dict(options) for name, options in CONFIGURED_OPTIONS.items()})
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key:
