@@ -387,9 +387,10 @@ def evaluate(pred_path, annotations_path, image_dir, metrics, assignments, no_cl
     options = config_lib.parse_set(assignments)
     if "clipscore" in metric_choice(metrics, no_clipscore):
         options = config_lib.merge(options, config_overrides(flags, EVALUATE_FLAGS))
-    result = evaluate_predictions(pred_path, annotations_path, registry(), image_dir, metrics=metrics,
-                                  options=options, no_clipscore=no_clipscore, rank_by=rank_by,
-                                  per_image_path=per_image_path)
+    with err_console.status("scoring"):  # a spinner on a terminal; nothing when stderr is not one
+        result = evaluate_predictions(pred_path, annotations_path, registry(), image_dir, metrics=metrics,
+                                      options=options, no_clipscore=no_clipscore, rank_by=rank_by,
+                                      per_image_path=per_image_path)
     for note in reports.evaluation_notes(result):
         err_console.print(note)
     if as_json:
