@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from vlcap.core.errors import few
+
 
 def _table(title, columns, right=(), **options):
     """A table with ``columns``, those in ``right`` right-justified."""
@@ -112,7 +114,7 @@ def trained_pretrained_rows(metadata):
     names = metadata.get("trained_pretrained")
     if not names:
         return []
-    return [("trained pretrained", f"{len(names)} tensor(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")]
+    return [("trained pretrained", f"{len(names)} tensor(s): {few(names, 3)}")]
 
 
 def encoder_features(metadata):
