@@ -273,7 +273,7 @@ def test_declaring_what_is_not_a_pretrained_decoder_parameter_is_one_line(third_
 @pytest.mark.parametrize("check", ["valid_output", "cached_equals_recompute", "documented_interface"])
 def test_contrastive_search_passes_the_kit(third_party, check):
     from vlcap.api import check_decoding_strategy
-    check_decoding_strategy("contrastive", check, registry=third_party)
+    check_decoding_strategy("contrastive", check, registry=third_party, options={"top_k": 3})
 
 
 def test_contrastive_search_with_alpha_0_is_greedy_and_alpha_changes_captions(third_party):
