@@ -180,3 +180,23 @@ def truncation_warning(result):
 def checkpoint_json(summary):
     """``vlcap inspect --json``: a ``CheckpointSummary``'s metadata and its tensors' shapes."""
     return {**summary.metadata, "tensors": {k: list(v) for k, v in sorted(summary.shapes.items())}}
+
+
+def comparison_table(comparison):
+    """``vlcap caption --hf-model`` with several settings or ``--report``: one row per setting
+    (prompt, generation options, CIDEr and CLIPScore when scored, its prediction file), the
+    best score of each column in bold."""
+    scored = comparison.clip_model is not None
+    title = f"{comparison.model}: {len(comparison.results)} setting(s) on {comparison.images:,} images"
+    if scored:
+        title += f" (CLIPScore with CLIP {comparison.clip_model})"
+    scores = ("CIDEr", "CLIPScore") if scored else ()
+    table = _table(title, ("setting", "prompt", "generation", *scores, "captions", "predictions"),
+                   right=(*scores, "captions"))
+    best = {name: max((getattr(r, name) for r in comparison.results), default=None) for name in ("cider", "clipscore")}
+    for r in comparison.results:
+        cells = [f"{'[bold]' if getattr(r, name) == best[name] else ''}{getattr(r, name):.4f}"
+                 for name in ("cider", "clipscore")] if scored else []
+        table.add_row(r.setting.name, Text(r.setting.prompt), Text(r.setting.generation), *cells, str(r.captions),
+                      Text(str(r.predictions)))
+    return table
