@@ -87,7 +87,7 @@ def test_a_batch_gives_the_captions_each_image_gets_alone(tiny_llava, photos):
     from vlcap.apps.hf_captioning import caption_with_hf
     from vlcap.core.data import find_images
     hf, paths = hf_model(tiny_llava), find_images(photos)
-    for options in ({"max_new_tokens": 6}, {"num_beams": 2, "max_new_tokens": 5}):
+    for options in ({"max_new_tokens": 5}, {"num_beams": 2, "max_new_tokens": 4}):
         batched = caption_with_hf(hf, paths, "Describe the image.", options, batch_size=3).predictions
         alone = caption_with_hf(hf, paths, "Describe the image.", options, batch_size=1).predictions
         assert batched == alone and sorted(batched) == [p.stem for p in paths]
@@ -183,7 +183,7 @@ def test_the_comparison_scores_every_setting_with_vlcap_s_evaluation(tmp_path, t
         predictions = out / f"setting-{setting['setting']}.json"
         assert setting["predictions"] == row["predictions"] == str(predictions)
         assert f"{setting['cider']:.4f}" in result.output and f"{setting['clipscore']:.4f}" in result.output
-    for setting in report["settings"][::3]:  # `vlcap evaluate`'s scores (java is slow to start: two of them)
+    for setting in report["settings"][-1:]:  # `vlcap evaluate`'s scores (java is slow to start: one of them)
         expected = evaluate_files(setting["predictions"], val, photos, clip_model=str(tiny_clip))
         assert setting["cider"] == pytest.approx(expected.cider.score)
         assert setting["clipscore"] == pytest.approx(expected.clipscore.score)
@@ -299,12 +299,12 @@ def test_prompt_without_hf_model_is_one_line(tmp_path, photos):
 def test_a_model_that_cannot_be_fetched_says_how_to_use_a_local_copy(tmp_path, photos, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with no network, without waiting
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # nothing cached
-    result = caption(photos, "--hf-model", "llava-hf/llava-1.5-7b-hf", "--prompt", "Describe.",
-                     "--out", tmp_path / "p.json")
+    name = "vlcap-tests/llava-never-cached"  # a hub id no cache holds
+    result = caption(photos, "--hf-model", name, "--prompt", "Describe.", "--out", tmp_path / "p.json")
     assert result.exit_code != 0
     line, = result.output.strip().splitlines()
-    assert "could not load 'llava-hf/llava-1.5-7b-hf'" in line and "--hf-model DIR" in line
+    assert f"could not load '{name}'" in line and f"hf download {name} --local-dir DIR" in line
+    assert "--hf-model DIR" in line and not (tmp_path / "p.json").exists()
 
 
 def test_without_transformers_the_extra_to_install_is_named(tmp_path, photos, monkeypatch):

@@ -432,7 +432,8 @@ def decoding_options(command):
                               "checkpoint's default; refused beside another --decoding)."),
             click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length)."),
             click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-                         help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable).")]):
+                         help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable); "
+                              "with --hf-model a GenerationConfig key, e.g. --set max_new_tokens=30.")]):
         command = option(command)
     return command
 

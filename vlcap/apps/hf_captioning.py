@@ -117,10 +117,15 @@ def load_hf_model(name, device, *, quantize=None, attention=None):
     if getattr(processor, "chat_template", None) is None or not hasattr(processor, "tokenizer"):
         raise VlcapError(f"{name}: its processor has no chat template (chat_template.jinja) to put the prompt and the "
                          "image in; use a chat model's processor, e.g. llava-hf/llava-1.5-7b-hf")
-    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-    model = from_pretrained(transformers.AutoModelForImageTextToText, name, dtype=dtype,
+    # Straight onto the GPU where accelerate can place it (a 7B model never sits in CPU memory);
+    # quantized weights can only be placed that way.
+    placed = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    if quantization is not None and not placed:
+        raise VlcapError(f"--quantize {quantize} needs the accelerate package: {HF_EXTRA}")
+    placement = {"device_map": {"": device}} if placed else {}
+    model = from_pretrained(transformers.AutoModelForImageTextToText, name, dtype=dtype, quantization_config=quantization,
                             attn_implementation=attention, **placement)
-    if quantization is None:
+    if not placed:
         model.to(device)
     processor.tokenizer.padding_side = "left"
     return HfModel(str(name), model.eval(), processor, device, dtype)
@@ -224,12 +229,14 @@ def image_batches(paths, batch_size, device):
 
 
 def caption_with_hf(hf, paths, prompt, options=None, *, first_sentence=False, batch_size=8, console=None,
-                    label="captioning"):
+                    label="captioning", seed=0):
     """Caption the image files ``paths`` with ``prompt`` and the generation ``options`` (checked
     ones, ``--set`` key -> value). Unreadable images get a warning line each and are left out
-    (returned in ``bad_images``), as ``caption`` does."""
+    (returned in ``bad_images``), as ``caption`` does. Sampling (``do_sample``) starts from
+    ``seed``, so a command run twice gives the same captions."""
     if batch_size < 1:
         raise VlcapError(f"--batch-size: must be >= 1, got {batch_size}")
+    torch.manual_seed(seed)
     options = dict(options or {})
     text, config = chat_prompt(hf, prompt), generation_config(hf, options)
     predictions, bad = {}, []
