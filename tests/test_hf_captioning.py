@@ -290,6 +290,29 @@ def test_bad_options_are_one_line_before_anything_is_written(tmp_path, tiny_llav
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("grid, args, message", [
+    ("num_beams: [1, 2]\n", [], "give 'prompt:' as a string or a list of strings"),
+    ("prompt: Describe.\nnum_beams: []\n", [], "num_beams: an empty list gives no setting"),
+    ("prompt: Describe.\nbeams: [1, 2]\n", [], "grid.yaml: beams: not a generation option"),
+    ("prompt: Describe.\n", ["--prompt", "Other."], "--grid holds the prompts and generation options"),
+])
+def test_a_bad_grid_is_one_line(tmp_path, tiny_llava, photos, monkeypatch, grid, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grid.yaml").write_text(grid)
+    result = caption(photos, "--hf-model", tiny_llava, "--grid", "grid.yaml", *args, "--out-dir", "out")
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_weights_are_fp32_on_cpu_and_half_precision_on_a_gpu_as_it_supports(tiny_llava, monkeypatch):
+    from vlcap.apps import hf_captioning
+    assert hf_model(tiny_llava).model.dtype == torch.float32
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(hf_captioning, "native_bf16", lambda device, native=native: native)
+        assert hf_captioning.model_dtype(torch.device("cuda")) == dtype
+        assert hf_captioning.model_dtype(torch.device("cpu")) == torch.float32
+
+
 def test_prompt_without_hf_model_is_one_line(tmp_path, photos):
     result = caption(photos, "--checkpoint", tmp_path / "best.safetensors", "--prompt", "x", "--out", tmp_path / "p")
     assert result.exit_code != 0 and "--prompt: these go with --hf-model" in result.output

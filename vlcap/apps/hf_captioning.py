@@ -137,25 +137,26 @@ def generation_keys():
     return sorted(k for k in transformers.GenerationConfig().to_dict() if not k.startswith("_") and k not in NOT_OPTIONS)
 
 
-def check_generation_options(options):
+def check_generation_options(options, where="--set"):
     """``options`` (``--set`` key -> value) checked as ``GenerationConfig`` keys and values, in
     one line naming the key: unknown keys (with the nearest known one), more than one caption
     per image, and whatever ``GenerationConfig.validate(strict=True)`` refuses (e.g. a
-    temperature without sampling, which would be ignored)."""
+    temperature without sampling, which would be ignored). ``where``: what the line names first
+    (``--set``, or a grid file)."""
     transformers = import_transformers()
     keys = generation_keys()
     unknown = [key for key in options if key not in keys]
     if unknown:
         near = [m for key in unknown for m in difflib.get_close_matches(key, keys, n=1)]
         hint = f"; did you mean {few(near)}?" if near else ""
-        raise VlcapError(f"--set {few(unknown)}: not a generation option (transformers' GenerationConfig keys, e.g. "
+        raise VlcapError(f"{where} {few(unknown)}: not a generation option (transformers' GenerationConfig keys, e.g. "
                          f"num_beams, max_new_tokens, do_sample, temperature, length_penalty){hint}")
     if options.get("num_return_sequences", 1) != 1:
-        raise VlcapError("--set num_return_sequences: a caption is one answer per image; leave it at 1")
+        raise VlcapError(f"{where} num_return_sequences: a caption is one answer per image; leave it at 1")
     try:
         transformers.GenerationConfig(**options).validate(strict=True)
     except (ValueError, TypeError) as exc:
-        raise VlcapError(f"--set {options_text(options)}: {first_line(exc)}") from None
+        raise VlcapError(f"{where} {options_text(options)}: {first_line(exc)}") from None
 
 
 def options_text(options):

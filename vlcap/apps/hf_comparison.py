@@ -88,7 +88,7 @@ def settings_grid(prompts=(), assignments=(), grid_file=None):
                 for n, (prompt, *values) in enumerate(itertools.product(prompts, *axes.values()), 1)]
     for setting in settings:
         check_prompt(setting.prompt)
-        check_generation_options(setting.options)
+        check_generation_options(setting.options, where=f"{grid_file}:" if grid_file is not None else "--set")
     return settings
 
 
