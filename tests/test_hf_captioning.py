@@ -257,6 +257,24 @@ def test_visualize_draws_one_panel_per_answer_word_on_the_grid(tmp_path, tiny_ll
             assert png.format == "PNG"
 
 
+def test_rank_by_clipscore_teacher_forces_the_scored_captions(tmp_path, tiny_llava, photos, tiny_clip):
+    val = annotated(tmp_path, photos)
+    captions = ["a man riding a bicycle", "two dogs in the snow", "a green hill", "sheep", "a skier"]
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps({f"img{i}": c for i, c in enumerate(captions)}))
+    out = tmp_path / "ranked"
+    result = vlcap_cli("visualize", "--rank-by", "clipscore", "--pred", pred, "--annotations", val, "--images", photos,
+                       "--clip-model", tiny_clip, "--hf-model", tiny_llava, "--prompt", "Describe.", "--out-dir", out,
+                       "--save-npz", width=250)
+    assert result.exit_code == 0, result.output
+    for npz in sorted(out.glob("*.npz")):
+        saved = np.load(npz)
+        caption = str(saved["caption"])
+        assert caption in captions and list(saved["words"]) == caption.split()
+        assert saved["word_maps"].shape == (len(caption.split()), GRID, GRID)
+    assert sorted(p.name.split("_")[0] for p in out.glob("*.png")) == ["best-1", "worst-1"]
+
+
 @pytest.mark.parametrize("text", ["a man riding a bicycle.", "two sheep grazing", "umbrella"])
 def test_answer_tokens_merge_into_the_answer_s_words(tiny_llava, text):
     from vlcap.apps.hf_attention import group_answer_words
