@@ -469,7 +469,8 @@ def decoding_request(strategy, assignments, num_beams):
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
             batch_size, device, skip_bad_images, hf_model, **hf):
-    """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
+    """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON, with a
+    trained checkpoint or a pretrained transformers model (--hf-model; several --prompt/--set: compare them)."""
     # hf: hf_options' and comparison_options' values, for --hf-model
     device = checked_device(device)
     model_source(checkpoint, hf_model)
@@ -502,14 +503,8 @@ def caption_hf(images_dir, model, out, assignments, batch_size, device, *, promp
     Returns (unreadable image messages, where the captions went)."""
     from vlcap.apps import hf_comparison
     settings = hf_comparison.settings_grid(prompts, assignments, grid_file)
-    if (annotations_path or image_dir or clip_model) and not report:
-        raise VlcapError("--annotations, --images and --clip-model are for --report; add --report")
-    if report and not annotations_path:
-        raise VlcapError("--report scores against reference captions: pass --annotations val.json")
+    hf_comparison.check_outputs(settings, out, out_dir, report, annotations_path, image_dir, clip_model)
     if len(settings) == 1 and not report:
-        if out_dir or not out:
-            raise VlcapError("one setting writes one prediction file: pass --out pred.json (--out-dir is for "
-                             "several settings or --report)")
         from vlcap.apps.hf_captioning import caption_folder_with_hf
         setting, = settings
         result = caption_folder_with_hf(images_dir, model, out, setting.prompt, setting.options, device=device,
@@ -517,9 +512,6 @@ def caption_hf(images_dir, model, out, assignments, batch_size, device, *, promp
                                         console=err_console)
         console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
         return result.bad_images, out
-    if out or not out_dir:
-        raise VlcapError(f"{len(settings)} setting(s){' with --report' if report else ''} write one file each: pass "
-                         "--out-dir DIR instead of --out")
     comparison = hf_comparison.compare_settings(
         images_dir, model, out_dir, settings, device=device, quantize=quantize, first_sentence=first_sentence,
         batch_size=batch_size, annotations_path=annotations_path, image_dir=image_dir, clip_model=clip_model,

@@ -92,6 +92,23 @@ def settings_grid(prompts=(), assignments=(), grid_file=None):
     return settings
 
 
+def check_outputs(settings, out=None, out_dir=None, report=False, annotations_path=None, image_dir=None,
+                  clip_model=None):
+    """Where the captions go: one setting without ``report`` into ``out`` (a prediction file),
+    anything else into ``out_dir``; the scoring inputs only with ``report``. One line otherwise."""
+    if (annotations_path or image_dir or clip_model) and not report:
+        raise VlcapError("--annotations, --images and --clip-model are for --report; add --report")
+    if report and not annotations_path:
+        raise VlcapError("--report scores against reference captions: pass --annotations val.json")
+    if len(settings) == 1 and not report:
+        if out_dir or not out:
+            raise VlcapError("one setting writes one prediction file: pass --out pred.json (--out-dir is for "
+                             "several settings or --report)")
+    elif out or not out_dir:
+        raise VlcapError(f"{len(settings)} setting(s){' with --report' if report else ''} write one file each: pass "
+                         "--out-dir DIR instead of --out")
+
+
 class Scorer:
     """CIDEr and CLIPScore of a setting's predictions against ``annotations_path``, with the
     images in ``image_dir``: everything that can fail (annotations, image files, java, CLIP) is
