@@ -541,7 +541,8 @@ def caption_hf(images_dir, model, out, assignments, batch_size, device, *, promp
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, hf_model, prompts, quantize,
               **options):
-    """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
+    """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR
+    (with --hf-model: the answer's attention to the image tokens)."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
     model_source(checkpoint, hf_model)
