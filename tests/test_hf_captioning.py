@@ -26,8 +26,9 @@ CORPUS = ["a man riding a bicycle down the street.", "two dogs playing in the sn
 GRID = 4  # 32-px images, 8-px patches: 16 image tokens on 4 x 4 (+ CLS, dropped by the "default" strategy)
 
 
-def build_tiny_llava(folder, seed=0):
-    """A random LLaVA-1.5-shaped model and its processor, saved as the hub's files are."""
+def build_tiny_llava(folder, seed=0, strategy="default"):
+    """A random LLaVA-1.5-shaped model and its processor, saved as the hub's files are
+    (``strategy="full"`` keeps the vision tower's CLS token among the image tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -38,7 +39,7 @@ def build_tiny_llava(folder, seed=0):
                                                      unk_token="<unk>", pad_token="<pad>")
     images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
                                             chat_template=LLAVA_TEMPLATE)
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=32, patch_size=8)
@@ -47,7 +48,8 @@ def build_tiny_llava(folder, seed=0):
                                     max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                                      image_seq_length=GRID * GRID)
+                                      image_seq_length=GRID * GRID + (strategy == "full"),
+                                      vision_feature_select_strategy=strategy)
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # a random model barely reads what it attends to: make the image change the answer
@@ -237,6 +239,22 @@ def test_maps_lie_on_the_image_grid_and_equal_the_attention_generation_used(tiny
             seen = torch.stack([step[layer][0, :, -1, images] for step in out.attentions[:len(tokens)]])
             seen = seen.mean(1) if head is None else seen[:, head]
             torch.testing.assert_close(weights, seen.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_kept_cls_token_is_left_out_of_the_grid(tmp_path, photos):
+    from vlcap.apps.hf_attention import draw_hf_target, image_token_grid
+    from vlcap.apps.hf_captioning import chat_prompt, generation_config
+    from vlcap.apps.visualize import Target
+    hf = hf_model(build_tiny_llava(tmp_path / "full", strategy="full"), attention="eager")
+    assert image_token_grid(hf, GRID * GRID + 1).num_prefix_tokens == 1
+    drawn = draw_hf_target(hf, Target(photos / "img0.png", "img0"), tmp_path, chat_prompt(hf, "Describe."),
+                           generation_config(hf, {"max_new_tokens": 4}), {}, layer=1, head=None, pieces=False,
+                           save_npz=True)
+    saved = np.load(drawn.npz)
+    assert saved["token_weights"].shape[1] == GRID * GRID + 1 and int(saved["num_prefix_tokens"]) == 1
+    assert saved["token_maps"].shape[1:] == (GRID, GRID)
+    torch.testing.assert_close(torch.from_numpy(saved["token_maps"]).flatten(1),
+                               torch.from_numpy(saved["token_weights"][:, 1:]))
 
 
 def test_visualize_draws_one_panel_per_answer_word_on_the_grid(tmp_path, tiny_llava, photos):
