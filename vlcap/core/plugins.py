@@ -21,6 +21,7 @@ import importlib
 import os
 import re
 import sys
+import typing
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -30,6 +31,7 @@ import pluggy
 import vlcap
 from vlcap.core import hookspecs
 from vlcap.core.errors import VlcapError, VlcapWarning
+from vlcap.core.validation import bounds_of, hints
 
 ENTRY_POINT_GROUP = "vlcap"
 BUILTIN_PACKAGE = "vlcap"
@@ -65,10 +67,14 @@ class PluginOption:
 
 
 def type_name(annotation):
-    """A field annotation as users read it: ``int``, ``Optional[int]``, ``Union[str, list]``."""
+    """A field annotation as users read it: ``int``, ``Optional[int]``, ``Union[str, list]``,
+    ``int >= 1, <= 256`` (the range of an ``Annotated`` type)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        bounds = bounds_of(annotation.__metadata__)
+        return ", ".join([type_name(typing.get_args(annotation)[0]), *bounds]).replace(", ", " ", 1)
     if isinstance(annotation, type):
         return annotation.__name__
-    return str(annotation).replace("typing.", "")
+    return re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", str(annotation).replace("typing.", ""))
 
 
 def plugin_options(obj):
@@ -78,13 +84,14 @@ def plugin_options(obj):
     if config_class is None or not dataclasses.is_dataclass(config_class):
         return ()
     options = []
+    types = hints(config_class)
     for f in dataclasses.fields(config_class):
         if f.default is not dataclasses.MISSING:
-            options.append(PluginOption(f.name, type_name(f.type), f.default))
+            options.append(PluginOption(f.name, type_name(types[f.name]), f.default))
         elif f.default_factory is not dataclasses.MISSING:
-            options.append(PluginOption(f.name, type_name(f.type), f.default_factory()))
+            options.append(PluginOption(f.name, type_name(types[f.name]), f.default_factory()))
         else:
-            options.append(PluginOption(f.name, type_name(f.type), None, required=True))
+            options.append(PluginOption(f.name, type_name(types[f.name]), None, required=True))
     return tuple(options)
 
 
