@@ -18,6 +18,7 @@ from rich.console import Console
 import vlcap
 from vlcap.apps import reports
 from vlcap.core import config as config_lib
+from vlcap.core.console import safe, say
 from vlcap.core.errors import VlcapError, VlcapWarning
 
 console = Console()
@@ -27,7 +28,7 @@ err_console = Console(stderr=True)
 def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """vlcap's own warnings as one line on stderr; anyone else's as Python prints them."""
     if issubclass(category, VlcapWarning):
-        err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        say(err_console, f"warning: {message}", "yellow")
     else:
         _default(message, category, filename, lineno, file, line)
 
@@ -41,7 +42,7 @@ class VlcapGroup(click.Group):
                 warnings.showwarning = show_warning
                 return super().invoke(ctx)
         except VlcapError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(safe(exc)) from None
 
 
 @click.group(cls=VlcapGroup)
@@ -241,8 +242,8 @@ def print_training(result):
     """The trainer's result in one line, printed by the main process only."""
     from vlcap.core.train.distributed import is_main_process
     if is_main_process():
-        console.print(f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
-                      f"(best) and {result.last_checkpoint} (last)")
+        say(console, f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
+                     f"(best) and {result.last_checkpoint} (last)")
 
 
 @main.command("cache-features")
@@ -265,7 +266,7 @@ def cache_features(image_dir, out, preset, config_file, assignments, dtype, batc
     from vlcap.apps.training import cache_encoder_features
     cache = cache_encoder_features(cfg, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
                                    console=err_console)
-    console.print(f"cached {len(cache.rows):,} images -> {cache.path}", markup=False, highlight=False)
+    say(console, f"cached {len(cache.rows):,} images -> {cache.path}")
 
 
 @main.command()
@@ -318,11 +319,11 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
                                 out_dir=out_dir, device=device, console=err_console, **options)
     if out:
-        err_console.print(f"{len(result.files)} predictions written to {out}", markup=False, highlight=False)
+        say(err_console, f"{len(result.files)} predictions written to {out}")
     if report:
         console.print(reports.classification_table(result))
     if plot_top5:
-        err_console.print(f"top-5 plots of {result.plotted} images written to {out_dir}", markup=False, highlight=False)
+        say(err_console, f"top-5 plots of {result.plotted} images written to {out_dir}")
 
 
 @main.command()
@@ -349,13 +350,13 @@ def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, b
                                   console=err_console)
     warning = reports.truncation_warning(result)
     if warning:
-        err_console.print(warning)
+        err_console.print(warning, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(reports.evaluation_json(result), indent=2))
         return
     console.print(reports.evaluation_tables(result, pred_path, annotations_path, top_k))
     if per_image_path:
-        console.print(f"per-image scores: {per_image_path}", markup=False, highlight=False)
+        say(console, f"per-image scores: {per_image_path}")
 
 
 def checkpoint_options(command):
@@ -417,8 +418,8 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
                             strategy=strategy, options=options, max_length=max_length,
                             batch_size=batch_size, device=device, console=err_console)
     for message in result.bad_images:
-        err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
+        say(err_console, f"  unreadable: {message}")
+    say(console, f"wrote {len(result.predictions)} captions to {out}")
     if result.bad_images and not skip_bad_images:
         raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "
                          "fix or remove them, or pass --skip-bad-images")
@@ -453,8 +454,7 @@ def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, dev
     for figure in drawn:
         panels = f"{figure.panels} panel{'s' * (figure.panels != 1)}"
         note = f" ({figure.note})" if figure.note else ""
-        console.print(f"{figure.png}: {panels}, \"{figure.caption}\"{note}", markup=False, highlight=False,
-                      soft_wrap=True)
+        say(console, f"{figure.png}: {panels}, \"{figure.caption}\"{note}")
 
 
 if __name__ == "__main__":

@@ -255,9 +255,15 @@ def resolve(preset="full", config_file=None, overrides=()):
     data = merge(to_dict(RunConfig()), PRESETS[preset])
     if config_file:
         data = merge(data, load_yaml(config_file))
+    with_file = data
     for override in overrides:
         data = merge(data, override)
-    return from_dict(RunConfig, data)
+    try:
+        return from_dict(RunConfig, data)
+    except VlcapError:
+        if config_file:  # a value the file itself got wrong is named with the file
+            from_dict(RunConfig, with_file, where=str(config_file))
+        raise
 
 
 def dump_yaml(cfg):

@@ -5,6 +5,7 @@ from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
 from vlcap.core.data import find_images, iterate_images
 from vlcap.core.infer.decoding import caption_images
+from vlcap.core.console import say
 from vlcap.core.errors import VlcapError
 from vlcap.core.outputs import write_predictions
 from vlcap.core.progress import progress_bar
@@ -49,8 +50,7 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
         for pixels, indices, unreadable in iterate_images(paths, loaded.captioner.encoder.transform(), batch_size,
                                                           device):
             for item in unreadable:
-                progress.console.print(f"warning: {item.message}; skipped", markup=False, highlight=False,
-                                       soft_wrap=True)
+                say(progress.console, f"warning: {item.message}; skipped")
                 bad.append(item.message)
             if pixels is not None:
                 with autocast(device, dtype):

@@ -20,6 +20,7 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from vlcap.core.console import say
 from vlcap.core.atomic import atomic_write
 from vlcap.core.data import IMAGE_SUFFIXES, RAISE, iterate_images
 from vlcap.core.errors import VlcapError, few
@@ -108,8 +109,8 @@ def check_disk_space(out, shape, dtype, console):
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if console is not None:
-        console.print(f"feature cache: {shape[0]:,} images x {shape[1]} tokens x {shape[2]} {dtype} = "
-                      f"{human_bytes(needed)} on disk ({human_bytes(free)} free at {out.parent})")
+        say(console, f"feature cache: {shape[0]:,} images x {shape[1]} tokens x {shape[2]} {dtype} = "
+            f"{human_bytes(needed)} on disk ({human_bytes(free)} free at {out.parent})")
     if needed > free:
         raise VlcapError(f"{out}: the feature cache needs {human_bytes(needed)} but only {human_bytes(free)} "
                          f"is free on that disk; choose another --out")

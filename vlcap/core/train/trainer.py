@@ -42,6 +42,7 @@ from vlcap.core.model.captioner import CaptionLoss, build_captioner, tokenizer_f
 from vlcap.core.model.checkpoint import init_trainable, save_checkpoint
 from vlcap.core.data import check_images_exist, iterate_images, load_captions
 from vlcap.core.infer.decoding import caption_images
+from vlcap.core.console import say
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.progress import progress_bar, progress_task
 from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
@@ -435,8 +436,8 @@ class TrainingDisplay:
                              stats=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.1f} img/s")
 
     def print_record(self, record):
-        self.progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in record.items()))
+        say(self.progress.console, "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in record.items()))
 
 
 # --- The trainer -----------------------------------------------------------------------------
@@ -507,10 +508,10 @@ class Trainer:
     def warn_about_captions(self):
         dataset = self.train_loader.dataset
         if dataset.truncated:
-            self.console.print(f"[yellow]{dataset.truncated} training caption(s) longer than "
-                               f"{self.cfg.data.max_caption_tokens} tokens were truncated[/]")
+            say(self.console, f"{dataset.truncated} training caption(s) longer than "
+                f"{self.cfg.data.max_caption_tokens} tokens were truncated", "yellow")
         if dataset.empty:
-            self.console.print(f"[yellow]{dataset.empty} empty training caption(s) were left out[/]")
+            say(self.console, f"{dataset.empty} empty training caption(s) were left out", "yellow")
 
     def build_optimizer(self):
         self.named_trainable = [(n, p) for n, p in self.captioner.named_parameters() if p.requires_grad]
@@ -658,14 +659,14 @@ class Trainer:
         if not self.resumed and self.cfg.train.init_from:
             resumed = f" (starting from {self.cfg.train.init_from})"
         cache = f" (from feature cache {self.cache.path})" if self.cache else ""
-        self.console.print(f"[bold]vlcap train[/] {self.cfg.peft.method} on {self.device}{processes}: "
-                           f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
-                           f"captions, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}{cache}")
+        say(self.console, f"vlcap train {self.cfg.peft.method} on {self.device}{processes}: "
+            f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
+            f"captions, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}{cache}")
 
     def report_skipped(self):
         unreadable, skipped = sorted(self.state.unreadable), self.state.skipped_batches
         if unreadable:
-            self.console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}[/]")
+            say(self.console, f"{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}", "yellow")
         if skipped:
-            self.console.print(f"[yellow]{skipped} batch(es) were skipped by every process: a process had no "
-                               "readable image in its share of them[/]")
+            say(self.console, f"{skipped} batch(es) were skipped by every process: a process had no "
+                "readable image in its share of them", "yellow")
