@@ -525,7 +525,7 @@ class Trainer:
         rate of its step on this run's schedule (re-planned over a new length)."""
         state = resume_lib.restore_training(saved, self.captioner, self.optimizer, self.scheduler, self.amp.scaler,
                                             self.state_file)
-        if state.step >= self.schedule.total_steps:
+        if state.step >= self.schedule.total_steps and not state.batches:  # its last epoch ended and was saved
             raise resume_lib.already_trained(self.run_dir, state.step, self.schedule.total_steps, self.cfg.train,
                                              new_length)
         return state
@@ -533,9 +533,12 @@ class Trainer:
     def run(self):
         self.announce()
         with self.display, resume_lib.stop_requests() as self.stop_signals:
-            while self.state.step < self.schedule.total_steps:  # every epoch advances; a new one takes a step
+            # Every epoch advances; a new one takes a step. An epoch whose steps are all taken but
+            # which has not ended (stopped or killed during its validation or saving) only ends.
+            while self.state.step < self.schedule.total_steps or self.state.batches:
                 epoch = self.state.epoch
-                self.train_epoch(epoch)
+                if self.state.step < self.schedule.total_steps:
+                    self.train_epoch(epoch)
                 self.end_epoch(epoch)
         distributed.cleanup(self.ctx)
         self.report_skipped()
