@@ -201,8 +201,9 @@ def train_flag(*decls, **attrs):
 @train_flag("--cache-features", is_flag=True, default=None,
             help="Build the feature cache first (at --feature-cache, default OUT/feature_cache) unless it exists.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the stopped run in this directory with its own config.yaml; only --device, and "
-                   "--epochs/--max-steps to extend a stopped or finished run, may be given too.")
+              help="Continue the stopped run in this directory with its own config.yaml; only --device, --lr "
+                   "(a new peak learning rate, e.g. after a NaN stop), and --epochs/--max-steps to extend a "
+                   "stopped or finished run, may be given too.")
 @train_flag("--init-from", type=click.Path(dir_okay=False),
             help="Start a new run from this checkpoint's trainable weights (same PEFT method and shapes); "
                  "optimizer and schedule start fresh.")

@@ -150,9 +150,10 @@ def read_yaml(text):
     return yaml.load(text, Loader=YamlLoader)
 
 
-# The train.* keys a resumed run may change: where it runs and how long it is (the trainer
-# re-plans the learning-rate schedule over a new length; see ``resume.restore_training``).
-RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps")
+# The train.* keys a resumed run may change: where it runs, how long it is and its peak learning
+# rate (the trainer re-plans the learning-rate schedule over a new length or rate; see
+# ``resume.restore_training``; the numerical guard's advice after a NaN is a lower rate).
+RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps", "lr")
 LENGTH_KEYS = ("epochs", "max_steps")
 
 PRESETS = {

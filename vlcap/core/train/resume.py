@@ -9,7 +9,6 @@ previous state intact, and read back with ``torch.load(weights_only=True)``: pla
 and tensors only, no pickled code. The trainable-only safetensors files stay the exchange format.
 """
 import contextlib
-import dataclasses
 import random
 import signal
 import threading
@@ -147,7 +146,8 @@ def resume_config(run_dir, train_overrides=None):
     refused = sorted(set(overrides) - set(config_lib.RESUMABLE_TRAIN_KEYS))
     if refused:
         raise VlcapError(f"{run_dir}: a resumed run cannot change train.{', train.'.join(refused)}")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+    return config_lib.from_dict(RunConfig, config_lib.merge(config_lib.to_dict(cfg), {"train": overrides}),
+                                where=f"{path} with the command line's values")
 
 
 def already_trained(run_dir, step, total_steps, train_cfg, length_changed):

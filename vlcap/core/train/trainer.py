@@ -291,22 +291,29 @@ class NumericalGuard:
     """Stops the run at the first NaN/inf loss or gradient norm, naming the step and batch, and
     keeps non-finite weights from overwriting the last good resume state or checkpoint."""
 
-    def __init__(self, state_file, ctx, amp):
-        self.state_file, self.ctx, self.amp = state_file, ctx, amp
+    def __init__(self, state_file, ctx, amp, lr):
+        self.state_file, self.ctx, self.amp, self.lr = state_file, ctx, amp, lr
 
     def last_good(self):
-        return f"the last good state is {self.state_file}" if self.state_file.exists() else "no state was saved yet"
+        """Where the last good state is and what to do: a command that works (a resumed run may
+        lower its learning rate), or starting again lower when nothing was saved yet."""
+        lower = f"{self.lr / 10:g}"
+        if not self.state_file.exists():
+            return f"no state was saved yet; start again with a lower train.lr (e.g. --lr {lower})"
+        run_dir = self.state_file.parent.parent
+        return (f"the last good state is {self.state_file}; continue with a lower learning rate: "
+                f"vlcap train --resume {run_dir} --lr {lower}")
 
     def check_loss(self, loss, where):
         # Under DDP a non-finite loss stops every process at the gradient-norm check instead (the
         # gradients are all-reduced): one process stopping alone would strand the others.
         if not self.ctx.enabled and not torch.isfinite(loss):
-            raise NonFinite(f"loss became {loss.item()} at {where}; {self.last_good()}; "
-                            "lower train.lr or set train.amp=off")
+            raise NonFinite(f"loss became {loss.item()} at {where}; {self.last_good()}"
+                            f"{'' if self.amp.dtype is None else ' (or start again with train.amp=off)'}")
 
     def check_gradient_norm(self, norm, where):
         if not self.amp.skips_overflowing_steps and not torch.isfinite(norm):  # fp16's scaler skips such steps
-            raise NonFinite(f"gradient norm became {float(norm)} at {where}; {self.last_good()}; lower train.lr")
+            raise NonFinite(f"gradient norm became {float(norm)} at {where}; {self.last_good()}")
 
     def check_weights(self, named_parameters, step):
         """Before a checkpoint is written."""
@@ -462,7 +469,7 @@ class Trainer:
         # Rank 0 alone logs, shows progress and writes the run directory.
         self.console = console if self.ctx.is_main else Console(quiet=True)
         self.amp = MixedPrecision(cfg.train.amp, self.device)
-        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp)
+        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp, cfg.train.lr)
         self.build_model_and_data(cfg, initialise=saved is None)
         self.selection = Selection(*selection_key(self.cfg, registry, self.val is not None))
         self.warn_about_captions()
