@@ -196,6 +196,8 @@ def train_flag(*decls, **attrs):
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set peft.options.r=16 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Build the model (shapes only), print parameter counts, exit.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out (its resume state and checkpoints) instead of refusing.")
 @train_flag("--feature-cache", type=click.Path(file_okay=False),
             help="Train from this cache of the encoder's tokens (see `vlcap cache-features`).")
 @train_flag("--cache-features", is_flag=True, default=None,
@@ -208,7 +210,7 @@ def train_flag(*decls, **attrs):
             help="Start a new run from this checkpoint's trainable weights (same PEFT method and shapes); "
                  "optimizer and schedule start fresh.")
 @click.pass_context
-def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **flags):
+def train(ctx, config_file, preset, out, assignments, dry_run, overwrite, resume_dir, **flags):
     """Train a captioner: only the cross-attention, projection and PEFT parameters learn."""
     checked_device(flags["device"])
     from vlcap.apps import training
@@ -226,7 +228,7 @@ def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **fla
     if not out:
         raise VlcapError("no run directory: pass --out DIR")
     from vlcap.core.train import trainer
-    print_training(trainer.train(cfg, out, registry(), console=err_console))
+    print_training(trainer.train(cfg, out, registry(), console=err_console, overwrite=overwrite))
 
 
 def refuse_options_on_resume(ctx, resume_dir):

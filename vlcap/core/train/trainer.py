@@ -66,11 +66,16 @@ class TrainResult:
     best: Optional[dict] = None  # the history record best_checkpoint was saved at
 
 
-def train(cfg, run_dir, registry, console=None, resume=False, new_length=False):
-    """Train ``cfg`` into ``run_dir``. With ``resume``, continue from ``run_dir``'s resume state
-    (``cfg`` must be that run's config, see ``resume.resume_config``); ``new_length``: ``cfg``
-    gives the run a new train.epochs / train.max_steps, which must be longer than what it trained."""
-    return Trainer(cfg, run_dir, registry, console, resume, new_length).run()
+def train(cfg, run_dir, registry, console=None, resume=False, new_length=False, overwrite=False):
+    """Train ``cfg`` into ``run_dir``, which the run holds (``resume.run_lock``) until it ends.
+    With ``resume``, continue from ``run_dir``'s resume state (``cfg`` must be that run's config,
+    see ``resume.resume_config``); ``new_length``: ``cfg`` gives the run a new train.epochs /
+    train.max_steps, which must be longer than what it trained. A new run into a directory that
+    holds another run's resume state is refused unless ``overwrite``."""
+    with resume_lib.run_lock(run_dir):
+        if not resume:
+            resume_lib.refuse_replacing(run_dir, overwrite)
+        return Trainer(cfg, run_dir, registry, console, resume, new_length).run()
 
 
 # --- Model and data -------------------------------------------------------------------------
@@ -462,8 +467,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = resume_lib.state_path(self.run_dir)
         saved = resume_lib.load_state(self.run_dir) if resume else None
-        if not resume:  # a new run here makes an old resume state meaningless (and misleading)
-            self.state_file.unlink(missing_ok=True)
+        cfg = config_lib.absolute_paths(cfg)  # config.yaml and the checkpoints work from any directory
         seed_everything(cfg.train.seed)
         self.ctx, self.device = distributed.init(resolve_device(cfg.train.device))
         # Rank 0 alone logs, shows progress and writes the run directory.
