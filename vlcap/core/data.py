@@ -50,9 +50,18 @@ def read_json(path, what, expected, hint=""):
     if not text.strip():
         raise VlcapError(f"{path}: the {what} is empty; expected {expected}")
     try:
-        return json.loads(text)
+        data = json.loads(text)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is not text
     except json.JSONDecodeError as exc:
         raise VlcapError(f"{path}: not valid JSON ({exc}); expected {expected}") from None
+    except UnicodeEncodeError:
+        raise VlcapError(f"{path}: holds a string that is not valid Unicode (a lone surrogate escape such as "
+                         f"\\ud800); expected {expected}") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise VlcapError(f"{path}: not usable JSON ({exc}); expected {expected}") from None
+    except RecursionError:
+        raise VlcapError(f"{path}: nested too deeply to be JSON vlcap reads; expected {expected}") from None
+    return data
 
 
 def load_captions(json_path):
@@ -61,7 +70,7 @@ def load_captions(json_path):
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise VlcapError(f"{path}: expected {{\"images\": [...], \"annotations\": [...]}} (COCO-style captions)")
     try:
-        image_entries = [(entry_id(item, "id"), entry_text(item, "file_name")) for item in data["images"]]
+        image_entries = [(entry_id(item, "id"), entry_file_name(item)) for item in data["images"]]
         captions = [(entry_id(a, "image_id"), entry_text(a, "caption")) for a in data["annotations"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise VlcapError(f"{path}: malformed entry ({type(exc).__name__}: {exc}); images need an integer id + "
@@ -87,15 +96,26 @@ def load_captions(json_path):
 def entry_id(entry, key):
     value = entry[key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key} {value!r} is not an integer")
+        raise TypeError(f"{key} {repr(value)[:40]} is not an integer")
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{key} {str(value)[:20]}... is not a 64-bit integer")
     return value
 
 
 def entry_text(entry, key):
     value = entry[key]
     if not isinstance(value, str):
-        raise TypeError(f"{key} {value!r} is not a string")
+        raise TypeError(f"{key} {repr(value)[:40]} is not a string")
     return value
+
+
+def entry_file_name(entry):
+    """An image's ``file_name``: a path inside the images folder (no ``..``, not absolute)."""
+    name = entry_text(entry, "file_name")
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name:
+        raise ValueError(f"file_name {name[:60]!r} leaves the images folder; give a name inside it")
+    return name
 
 
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grey PNG/TIFF ("I" in older Pillow)
