@@ -52,3 +52,33 @@ def test_resume_works_from_any_working_directory(tmp_path, small_synthetic, monk
     result = vlcap_cli("train", "--resume", work / "run", "--max-steps", 2)
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output
+
+
+def broken_val_copy(tmp_path, data, broken):
+    """``data``'s validation images copied, the first ``broken`` of them cut to 100 bytes."""
+    folder = tmp_path / "val_images"
+    folder.mkdir()
+    for i, source in enumerate(sorted((data / "images_val").iterdir())):
+        raw = source.read_bytes()
+        (folder / source.name).write_bytes(raw[:100] if i < broken else raw)
+    return folder
+
+
+def test_unreadable_validation_images_are_found_before_training(tmp_path, small_synthetic, registry):
+    from vlcap.core.data import load_captions
+    from vlcap.core.errors import VlcapWarning
+    from vlcap.core.train.trainer import check_validation_images
+    count = len(list((small_synthetic / "images_val").iterdir()))
+    folder = broken_val_copy(tmp_path, small_synthetic, count)
+    cfg = resolve("tiny", overrides=[{"data": {**data_overrides(small_synthetic)["data"], "val_images": str(folder)}},
+                                     {"train": {"max_steps": 1, "batch_size": 4, "metrics": []}}])
+    run = tmp_path / "run"
+    with pytest.raises(VlcapError, match=f"none of its {count} validation image\\(s\\) .* can be read"):
+        train(cfg, run, registry)
+    assert not state_path(run).exists() and not (run / "last.safetensors").exists()  # before any step
+
+    (tmp_path / "some").mkdir()
+    some = broken_val_copy(tmp_path / "some", small_synthetic, 2)
+    captions = load_captions(small_synthetic / "val.json")
+    with pytest.warns(VlcapWarning, match=f"2 of {count} validation image\\(s\\) cannot be read"):
+        check_validation_images(captions, some, small_synthetic / "val.json")

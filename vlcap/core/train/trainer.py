@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -40,10 +41,10 @@ from vlcap.core.train import resume as resume_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.model.captioner import CaptionLoss, build_captioner, tokenizer_for
 from vlcap.core.model.checkpoint import init_trainable, save_checkpoint
-from vlcap.core.data import check_images_exist, iterate_images, load_captions
+from vlcap.core.data import check_images_exist, iterate_images, load_captions, unreadable_images
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.console import say
-from vlcap.core.errors import VlcapError, few
+from vlcap.core.errors import VlcapError, VlcapWarning, few
 from vlcap.core.progress import progress_bar, progress_task
 from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
 from vlcap.core.train.datasets import CachedCaptionDataset, CaptionDataset, collate_captions
@@ -168,11 +169,25 @@ def training_loader(train_set, loader_args, ctx, train_cfg):
                       **{k: v for k, v in loader_args.items() if k != "batch_size"})
 
 
+def check_validation_images(captions, image_dir, json_path):
+    """Before training, not after the first epoch: validation with no readable image is one line;
+    some unreadable ones are a warning naming them (validation skips them, as training does)."""
+    names = sorted(set(captions.images.values()))
+    bad = unreadable_images([Path(image_dir) / name for name in names])
+    if bad and len(bad) == len(names):
+        raise VlcapError(f"{json_path}: none of its {len(names)} validation image(s) in {image_dir} can be read "
+                         f"({next(iter(bad.values()))}); fix them or leave out --val-json")
+    if bad:
+        warnings.warn(f"{len(bad)} of {len(names)} validation image(s) cannot be read and are left out of "
+                      f"validation: {few(sorted(p.name for p in bad), 3)}", VlcapWarning, stacklevel=2)
+
+
 def validation_data(cfg, transform, tokenizer, device, loader_args):
     """The validation set. Images listed without captions cannot be scored: the validation loss
     has nothing of theirs, and metrics caption only images with references."""
     val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images, transform, tokenizer,
                                             cfg.data.max_caption_tokens)
+    check_validation_images(val_captions, cfg.data.val_images, cfg.data.val_json)
     references = val_captions.references()
     names = sorted(n for n in set(val_captions.images.values()) if Path(n).stem in references)
     image_paths = [Path(cfg.data.val_images) / name for name in names[:cfg.train.max_val_images]]
