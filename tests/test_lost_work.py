@@ -82,3 +82,18 @@ def test_unreadable_validation_images_are_found_before_training(tmp_path, small_
     captions = load_captions(small_synthetic / "val.json")
     with pytest.warns(VlcapWarning, match=f"2 of {count} validation image\\(s\\) cannot be read"):
         check_validation_images(captions, some, small_synthetic / "val.json")
+
+
+def test_an_image_whose_name_is_not_utf8_is_captioned_under_an_escaped_key(tmp_path, run_dir, small_synthetic):
+    import json
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted((small_synthetic / "images_val").iterdir())[0].read_bytes()
+    (images / "dog.png").write_bytes(source)
+    with open(os.path.join(os.fsencode(images), b"caf\xe9.png"), "wb") as f:  # Latin-1 bytes: not UTF-8
+        f.write(source)
+    out = tmp_path / "pred.json"
+    result = vlcap_cli("caption", images, "--checkpoint", run_dir / "best.safetensors", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "the file name caf\\xe9.png is not valid UTF-8; its outputs are keyed 'caf\\\\xe9'" in result.output
+    assert sorted(json.loads(out.read_text(encoding="utf-8"))) == ["caf\\xe9", "dog"]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vlcap.core.errors import VlcapError, few
+from vlcap.core.errors import VlcapError, VlcapWarning, few
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -249,6 +249,20 @@ def iterate_images(paths, transform, batch_size, device, *, unreadable=SKIP, num
         yield ImageBatch(None if pixels is None else pixels.to(device, non_blocking=True), indices, bad)
 
 
+def text_name(name):
+    """A file name as text every output can hold: itself, or, where it is not valid UTF-8 (Python
+    keeps such bytes as lone surrogates, which no UTF-8 file or terminal takes), its bytes with
+    the invalid ones written as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte (from a JSON \\ud800 escape)
+            return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def find_images(folder, unique_stems=False):
     """The image files in ``folder`` (jpg/jpeg/png/webp, any case), sorted by name. With
     ``unique_stems`` (outputs keyed by file stem, as the course's captions are), two files with one
@@ -259,7 +273,11 @@ def find_images(folder, unique_stems=False):
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise VlcapError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-    shared = sorted(stem for stem, n in Counter(p.stem for p in paths).items() if n > 1)
+    for path in paths:
+        if text_name(path.name) != path.name:
+            warnings.warn(f"{folder}: the file name {text_name(path.name)} is not valid UTF-8; its outputs are "
+                          f"keyed {text_name(path.stem)!r}", VlcapWarning, stacklevel=2)
+    shared = sorted(stem for stem, n in Counter(text_name(p.stem) for p in paths).items() if n > 1)
     if unique_stems and shared:
         raise VlcapError(f"{folder}: several images share the file stem(s) {few(shared)}; outputs are "
                          "keyed by stem, so rename or remove the duplicates")

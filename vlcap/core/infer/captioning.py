@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
-from vlcap.core.data import find_images, iterate_images
+from vlcap.core.data import find_images, iterate_images, text_name
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.console import say
 from vlcap.core.errors import VlcapError
@@ -56,7 +56,7 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
                 with autocast(device, dtype):
                     captions = caption_images(loaded.captioner, pixels, loaded.tokenizer,
                                               decoding, options, max_length)
-                predictions.update(zip((paths[i].stem for i in indices), captions))
+                predictions.update(zip((text_name(paths[i].stem) for i in indices), captions))
             progress.advance(task, len(indices) + len(unreadable))
     return Captions(predictions, bad)
 
