@@ -26,6 +26,7 @@ from vlcap.core.model.course_weights import decoder_fingerprint
 from vlcap.core.model.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, VlcapWarning, few
+from vlcap.core.plugins import plugin_call
 from vlcap.core.model.peft import check_budget, config_dict, count_parameters
 from vlcap.core.model.tokenizer import Tokenizer
 
@@ -55,7 +56,8 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     kept in the metadata for ``vlcap inspect``. Returns the number of parameters saved."""
     trainable = count_parameters(captioner).trainable
     check_budget(trainable, what=f"{path}: the model")
-    state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
+    with plugin_call(method, "export"):
+        state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
     saved_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(export_config)))
     entry = registry.entry("peft", method.name)
     count = sum(t.numel() for t in state.values())

@@ -45,6 +45,7 @@ from vlcap.core.data import check_images_exist, iterate_images, load_captions, u
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.console import say
 from vlcap.core.errors import VlcapError, VlcapWarning, few
+from vlcap.core.plugins import plugin_call
 from vlcap.core.progress import progress_bar, progress_task
 from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
 from vlcap.core.train.datasets import CachedCaptionDataset, CaptionDataset, collate_captions
@@ -387,8 +388,12 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, 
     if not predictions:
         raise VlcapError(f"no validation image could be read: {few(sorted(unreadable), 2)}")
     references = {stem: val.references[stem] for stem in predictions}
-    return {name: float(registry.get("metric", name).compute(predictions, references, val.paths))
-            for name in cfg.train.metrics}
+    scores = {}
+    for name in cfg.train.metrics:
+        metric = registry.get("metric", name)
+        with plugin_call(metric, "compute"):
+            scores[name] = float(metric.compute(predictions, references, val.paths))
+    return scores
 
 
 def selection_key(cfg, registry, has_val):
