@@ -259,7 +259,7 @@ def print_training(result):
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Config override, as for train.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Precision the tokens are stored in.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per encoder pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def cache_features(image_dir, out, preset, config_file, assignments, dtype, batch_size, device, **flags):
     """Run the frozen encoder over every image in a folder once; `train --feature-cache` reads the tokens."""
@@ -311,7 +311,7 @@ def demo(out, steps, methods):
 @click.option("--plot-top5", type=int, metavar="N", help="Save top-5 bar charts for N sampled images into --out-dir.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Folder for the --plot-top5 PNGs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which images --plot-top5 samples.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images per CLIP pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per CLIP pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Classify the readable images instead of failing on unreadable ones.")
 def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, **options):
@@ -408,7 +408,7 @@ def decoding_request(strategy, assignments, num_beams):
 @checkpoint_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions JSON {file stem: caption}.")
 @decoding_options
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per decoding batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per decoding batch.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
+from vlcap.core.validation import Positive, check
 from vlcap.core.data import find_images, iterate_images, text_name
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.console import say
@@ -32,6 +33,8 @@ def resolve_decoding(decoding_cfg, registry, strategy=None, options=None, max_le
     name, options = decoding_choice(decoding_cfg, strategy, options)
     decoding = registry.get("decoding", name)
     plugin_config(decoding, options, "decoding.options")
+    if max_length is not None:
+        check(Positive, max_length, "--max-length")
     return decoding, options, max_length or decoding_cfg.max_length
 
 
