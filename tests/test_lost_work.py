@@ -23,7 +23,8 @@ def test_a_run_directory_in_use_is_refused_naming_the_pid(tmp_path, small_synthe
         with pytest.raises(VlcapError, match=f"{run}: in use by another vlcap train \\(PID {os.getpid()}\\)"):
             train(one_step(small_synthetic), run, registry)
     assert not state_path(run).exists()
-    assert train(one_step(small_synthetic), run, registry).steps == 1  # free again once the holder ended
+    with run_lock(run):  # free again once the holder ended (the kernel drops a dead holder's lock too)
+        pass
 
 
 def test_a_new_run_never_deletes_another_runs_resume_state(tmp_path, small_synthetic, registry):

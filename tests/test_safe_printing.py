@@ -2,10 +2,9 @@
 printed as text (never rich markup) with control characters escaped."""
 import io
 
-import pytest
 from rich.console import Console
 
-from conftest import data_overrides, vlcap_cli
+from conftest import vlcap_cli
 from vlcap.core.console import safe, say, text
 
 HOSTILE = "[/] [bold]kept[/bold] [red] \x1b[2J\x1b]0;title\x07 \u202eevil \udcff end"
@@ -34,13 +33,13 @@ def test_cli_errors_escape_control_characters(tmp_path):
     assert "\\x1b]0;pwned\\x07[/].safetensors: checkpoint not found" in result.output
 
 
-def test_markup_in_every_printed_path_and_name(tmp_path, small_synthetic, run_dir):
+def test_markup_in_every_printed_path_and_name(tmp_path, small_synthetic, run_dir, capsys):
+    from types import SimpleNamespace
+    from vlcap import cli
     run = tmp_path / "runs[" / "]run[bold]"  # "[/]" across the separator: a closing tag to rich
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in data_overrides(small_synthetic)["data"].items()]
-    result = vlcap_cli("train", "--preset", "tiny", "--out", run, "--max-steps", "1", "--batch-size", "4",
-                       "--set", "train.metrics=[]", *args)
-    assert result.exit_code == 0, result.output
-    assert f"saved to {run}/best.safetensors" in result.output
+    cli.print_training(SimpleNamespace(steps=1, saved=10, best_checkpoint=run / "best.safetensors",
+                                       last_checkpoint=run / "last.safetensors"))
+    assert f"saved to {run}/best.safetensors (best)" in capsys.readouterr().out
     images = tmp_path / "[red]images[" / "]"
     images.mkdir(parents=True)
     source = sorted((small_synthetic / "images_val").iterdir())[0]
