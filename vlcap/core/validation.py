@@ -20,7 +20,7 @@ import typing
 from typing import Annotated, Literal, Union
 
 import annotated_types
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from vlcap.core.errors import VlcapError
@@ -78,10 +78,15 @@ def check(annotation, value, key):
     if target is not None and (isinstance(value, dict) or isinstance(value, target) or annotation is target):
         return build_at(target, value, key)
     value = plain(value)
+    validator = adapter(annotation)
+    if validator is None:  # a type pydantic cannot check: the plugin's own checks apply
+        return value
     try:
-        result = adapter(annotation).validate_python(value)
+        result = validator.validate_python(value)
     except ValidationError:
         raise VlcapError(f"{key} = {shown(value)}: expected {describe(annotation)}") from None
+    except PydanticUserError:  # an annotation naming a type that does not resolve: not checkable
+        return value
     except RecursionError:
         raise VlcapError(f"{key}: nested too deeply") from None
     if too_big(result):
@@ -110,15 +115,35 @@ def too_big(value, depth=0):
     return False
 
 
-@functools.lru_cache(maxsize=None)
 def adapter(annotation):
-    return TypeAdapter(annotation, config=STRICT)
+    """pydantic's strict validator of ``annotation``, or None for a type it cannot check (a
+    plugin's own class)."""
+    try:
+        return cached_adapter(annotation)
+    except TypeError:  # an unhashable annotation
+        return make_adapter(annotation)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_adapter(annotation):
+    return make_adapter(annotation)
+
+
+def make_adapter(annotation):
+    try:
+        return TypeAdapter(annotation, config=STRICT)
+    except PydanticUserError:  # includes PydanticSchemaGenerationError
+        return None
 
 
 @functools.lru_cache(maxsize=None)
 def hints(cls):
-    """``cls``'s field annotations with their ``Annotated`` metadata (string annotations resolved)."""
-    return typing.get_type_hints(cls, include_extras=True)
+    """``cls``'s field annotations with their ``Annotated`` metadata (string annotations resolved
+    where they can be; as written otherwise)."""
+    try:
+        return typing.get_type_hints(cls, include_extras=True)
+    except Exception:  # a forward reference that does not resolve
+        return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
 def has_default(f):
