@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlcap.core.data import RAISE, iterate_images, load_captions, read_json
 from vlcap.core.errors import VlcapError, few
-from vlcap.core.eval.metrics import metric_config, run_metric
+from vlcap.core.eval.metrics import check_metric_runs, metric_config, run_metric
 from vlcap.core.progress import progress_bar
 
 JAVA_HINT = "install a Java runtime, e.g. apt-get install default-jre-headless"
@@ -201,7 +201,7 @@ def evaluate_files(pred_path, annotations_path, registry, metrics, options=None,
         check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
     for name, metric in chosen.items():
         try:
-            metric.check(configs[name])
+            check_metric_runs(metric, configs[name])
         except VlcapError as exc:
             raise VlcapError(f"{exc}; or score without {name}: {leave_out(name)}") from None
     scores = {name: run_metric(metric, configs[name], predictions, references, image_paths)

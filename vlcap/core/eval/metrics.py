@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from vlcap.core.config import plugin_config
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.plugins import plugin_call
 
 
 @dataclass
@@ -49,6 +50,13 @@ class Metric:
                          f"config) returning MetricScores{legacy}; see docs/plugins.md")
 
 
+def check_metric_runs(metric, config):
+    """``metric.check(config)``: a ``VlcapError`` says why it cannot run here; anything else it
+    raises is one line naming the plugin."""
+    with plugin_call(metric, "check"):
+        metric.check(config)
+
+
 def metric_config(metric, options, where="metric options"):
     """A metric's options dict -> its ``config_class`` instance (None if it takes none)."""
     return plugin_config(metric, options, where)
@@ -57,7 +65,8 @@ def metric_config(metric, options, where="metric options"):
 def run_metric(metric, config, predictions, references, image_paths=None):
     """``metric.score`` on the set, its result checked: a ``MetricScores`` with a number for the
     corpus and one for every predicted image (else one line naming the metric)."""
-    result = metric.score(predictions, references, image_paths or {}, config)
+    with plugin_call(metric, "score"):
+        result = metric.score(predictions, references, image_paths or {}, config)
     label = f"metric '{metric.name}'"
     if not isinstance(result, MetricScores):
         raise VlcapError(f"{label} returned {type(result).__name__}, not MetricScores(score, per_image); "

@@ -13,6 +13,7 @@ import torch
 
 from vlcap.core.config import plugin_config
 from vlcap.core.model.kv_cache import DecoderCache
+from vlcap.core.plugins import plugin_call
 from vlcap.core.runtime import evaluating
 
 
@@ -173,8 +174,9 @@ def generate_tokens(captioner, pixels, tokenizer, strategy, options=None, max_le
         memory = captioner.encode(pixels)
         model = next_token_model(captioner.decoder, memory, cached)
         model = wrap(model) if wrap is not None else model
-        return strategy.generate(model, config, start_id=tokenizer.eot_id,
-                                 end_id=tokenizer.eot_id, max_length=max_length)
+        with plugin_call(strategy, "generate"):
+            return strategy.generate(model, config, start_id=tokenizer.eot_id,
+                                     end_id=tokenizer.eot_id, max_length=max_length)
 
 
 def caption_images(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):

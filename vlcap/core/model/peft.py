@@ -25,6 +25,7 @@ from torch import nn
 
 from vlcap.core.config import plugin_config
 from vlcap.core.errors import VlcapError
+from vlcap.core.plugins import plugin_call
 from vlcap.core.model.gpt2 import CROSS_ATTENTION_FORMS, CrossAttention
 
 MAX_TRAINABLE = 35_000_000
@@ -88,7 +89,8 @@ def apply_peft(captioner, method, options):
     config."""
     config = plugin_config(method, options, "peft.options")
     pretrained = {id(p): name for name, p in captioner.named_parameters() if is_pretrained(p)}
-    method.apply(captioner, config)
+    with plugin_call(method, "apply"):
+        method.apply(captioner, config)
     check_pretrained_kept(captioner, method, pretrained)
     check_cross_attention_forms(captioner, method)
     trained = declared_pretrained(captioner, method, config)
@@ -116,7 +118,9 @@ def declared_pretrained(captioner, method, config):
     and ``encoder_features`` run it without autograd)."""
     names = {id(p): name for name, p in captioner.named_parameters()}
     trained = set()
-    for p in method.pretrained_to_train(captioner, config) or ():
+    with plugin_call(method, "pretrained_to_train"):
+        declared = list(method.pretrained_to_train(captioner, config) or ())
+    for p in declared:
         name = names.get(id(p))
         if not isinstance(p, nn.Parameter) or name is None:
             raise VlcapError(f"PEFT method '{method.name}': pretrained_to_train gave a {type(p).__name__} that is "
@@ -135,7 +139,7 @@ def merge_peft(captioner, method):
     captioner is frozen and marked ``merged`` (saving it is refused: its base weights changed)."""
     check_mergeable(method)
     captioner.eval()
-    with torch.no_grad():
+    with torch.no_grad(), plugin_call(method, "merge"):
         method.merge(captioner)
     captioner.requires_grad_(False)
     captioner.merged = True
