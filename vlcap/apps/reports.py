@@ -156,8 +156,8 @@ def evaluation_tables(result, pred_path, annotations_path, top_k):
     title = f"{pred_path} against {annotations_path} ({evaluation.images:,} images)"
     table = _table(title, ("metric", "score", "how"), right=("score",))
     for name, scores in evaluation.scores.items():
-        table.add_row(Text(metric_title(evaluation, name)), f"{scores.score:.4f}",
-                      Text(evaluation.metrics[name].description))
+        table.add_row(text(metric_title(evaluation, name)), f"{scores.score:.4f}",
+                      text(evaluation.metrics[name].description))
     tables = [table]
     if top_k:
         by = metric_title(evaluation, result.rank_by)
