@@ -227,3 +227,57 @@ def resolve(preset="full", config_file=None, overrides=()):
 
 def dump_yaml(cfg):
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --- The ViT image classifier (`vlcap train-classifier`) -------------------------------------
+
+CLASSIFIER_METHODS = ("full", "linear", "lora")  # what trains: every weight, the head only, LoRA on q/v + head
+CLASSIFIER_OPTIMIZERS = ("adamw", "sam")
+
+
+@dataclass(frozen=True)
+class ClassifierModelConfig:
+    encoder: str = "vit_base_patch16_224"
+    pretrained: bool = True
+    method: str = "full"
+    lora_rank: int = 8  # LoRA on every block's attention q and v (method lora)
+    lora_alpha: int = 16
+    init_seed: int = 0  # seeds the new head (and LoRA, and a non-pretrained ViT) wherever it is built
+
+
+@dataclass(frozen=True)
+class ClassifierDataConfig:
+    train_dir: Optional[str] = None
+    val_dir: Optional[str] = None
+    # A `filename,label` CSV (as the course's val_gt.csv) for images not named {class}_{n}.ext;
+    # it covers the images of both folders.
+    labels: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """The keys ``trainer.Schedule``, ``build_optimizer``, ``build_scheduler`` and
+    ``MixedPrecision`` read, as in ``TrainConfig``, plus the optimizer choice."""
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 1.0
+    amp: str = "auto"
+    seed: int = 0
+    save_every: int = 200
+    num_workers: int = 2
+    device: str = "auto"
+    optimizer: str = "adamw"  # adamw | sam (SAM around AdamW)
+    sam_rho: float = 0.05  # SAM's neighbourhood radius
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)

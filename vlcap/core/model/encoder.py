@@ -15,17 +15,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, name, pretrained=True):
         super().__init__()
         self.name = name
-        try:
-            with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
-                self.vit = timm.create_model(name, pretrained=pretrained, num_classes=0)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise VlcapError(f"unknown timm encoder '{name}'; see timm.list_models('vit_*')") from None
-            raise
-        except OSError as exc:  # hub download failed (offline, proxy, ...)
-            raise VlcapError(f"could not fetch pretrained weights for encoder '{name}' "
-                             f"({type(exc).__name__}); connect once so timm caches them, or use "
-                             "--preset tiny offline") from exc
+        self.vit = create_vit(name, pretrained, num_classes=0)
         if not hasattr(self.vit, "num_prefix_tokens") or not hasattr(self.vit, "patch_embed"):
             raise VlcapError(f"encoder '{name}' is not a ViT (no patch tokens); choose a timm ViT")
         self.embed_dim = self.vit.num_features
@@ -53,6 +43,23 @@ class ImageEncoder(nn.Module):
     @property
     def num_tokens(self):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+
+def create_vit(name, pretrained=True, offline_hint="use --preset tiny offline", **kwargs):
+    """``timm.create_model(name, pretrained, **kwargs)`` with its failures as one line each: an
+    unknown name, and pretrained weights that cannot be fetched (without network the hub client
+    works from its cache only, so it fails at once instead of retrying); ``offline_hint`` ends that
+    error with what to do instead."""
+    try:
+        with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise VlcapError(f"unknown timm encoder '{name}'; see timm.list_models('vit_*')") from None
+        raise
+    except OSError as exc:  # hub download failed (offline, proxy, ...)
+        raise VlcapError(f"could not fetch pretrained weights for encoder '{name}' "
+                         f"({type(exc).__name__}); connect once so timm caches them, or {offline_hint}") from exc
 
 
 def hub_reachable(timeout=3.0):

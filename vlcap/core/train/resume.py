@@ -129,10 +129,11 @@ def restore_training(saved, captioner, optimizer, scheduler, scaler, path):
     return state
 
 
-def stopped(signal_name, step, total_steps, run_dir):
-    """The error a run stopped by a signal ends with: where it stopped and how to continue."""
+def stopped(signal_name, step, total_steps, run_dir, command="vlcap train"):
+    """The error a run stopped by a signal ends with: where it stopped and how to continue
+    (``command``: the one that trains it)."""
     return VlcapError(f"stopped by {signal_name} at step {step} of {total_steps}; state saved to "
-                      f"{state_path(run_dir)}; continue with: vlcap train --resume {run_dir}")
+                      f"{state_path(run_dir)}; continue with: {command} --resume {run_dir}")
 
 
 def resume_config(run_dir, train_overrides=None):
@@ -150,12 +151,12 @@ def resume_config(run_dir, train_overrides=None):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
 
 
-def already_trained(run_dir, step, total_steps, train_cfg, length_changed):
+def already_trained(run_dir, step, total_steps, train_cfg, length_changed, command="vlcap train"):
     """The error for resuming a run with nothing left to train: a finished run given no new
     length, or a new length that is not longer than the steps already taken."""
     if not length_changed:
         return VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to "
-                          f"resume; to train longer: vlcap train --resume {run_dir} --epochs N or --max-steps N")
+                          f"resume; to train longer: {command} --resume {run_dir} --epochs N or --max-steps N")
     return VlcapError(f"{run_dir}: already at step {step} of {total_steps} (train.epochs={train_cfg.epochs}, "
                       f"train.max_steps={train_cfg.max_steps}); pass a longer --epochs and/or --max-steps")
 
