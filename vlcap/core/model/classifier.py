@@ -15,7 +15,6 @@ import loralib
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
-from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 import vlcap
@@ -23,7 +22,7 @@ from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.config import CLASSIFIER_METHODS, ClassifierConfig
 from vlcap.core.errors import VlcapError, few
-from vlcap.core.model.encoder import create_vit
+from vlcap.core.model.encoder import create_vit, vit_transform
 from vlcap.core.model.peft import seeded, swap_linear
 
 FORMAT = "vlcap.classifier.v1"
@@ -49,8 +48,7 @@ class ViTClassifier(nn.Module):
         return self.vit(pixels)
 
     def transform(self):
-        """Eval-time preprocessing from the ViT's own timm data config (size, mean, std)."""
-        return create_transform(**resolve_data_config({}, model=self.vit), is_training=False)
+        return vit_transform(self.vit)
 
 
 def choose_trainable(vit, model_cfg):

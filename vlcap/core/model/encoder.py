@@ -30,19 +30,27 @@ class ImageEncoder(nn.Module):
         return super().train(False)  # frozen: dropout and friends stay off, always
 
     def transform(self):
-        """Eval-time preprocessing from the encoder's own timm data config (size, mean, std)."""
-        return create_transform(**resolve_data_config({}, model=self.vit), is_training=False)
+        return vit_transform(self.vit)
 
     def unnormalize(self, pixels):
-        """Preprocessed ``(3, H, W)`` pixels back to an ``(H, W, 3)`` RGB array in [0, 1]: the
-        image exactly as the encoder sees it (resized and cropped), which the patch grid covers."""
-        data = resolve_data_config({}, model=self.vit)
-        mean, std = (torch.tensor(data[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
-        return (pixels.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        return unnormalize(self.vit, pixels)
 
     @property
     def num_tokens(self):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+
+def vit_transform(vit):
+    """Eval-time preprocessing from the timm model's own data config (size, mean, std)."""
+    return create_transform(**resolve_data_config({}, model=vit), is_training=False)
+
+
+def unnormalize(vit, pixels):
+    """Preprocessed ``(3, H, W)`` pixels back to an ``(H, W, 3)`` RGB array in [0, 1]: the
+    image exactly as the ViT sees it (resized and cropped), which its patch grid covers."""
+    data = resolve_data_config({}, model=vit)
+    mean, std = (torch.tensor(data[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
+    return (pixels.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def create_vit(name, pretrained=True, offline_hint="use --preset tiny offline", **kwargs):
