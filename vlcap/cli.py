@@ -351,7 +351,7 @@ def classify_with_classifier(images_dir, checkpoint, out, report, device, *, gro
 
 CLASSIFIER_FLAGS = {
     "val": "data.val_dir", "labels": "data.labels", "encoder": "model.encoder", "pretrained": "model.pretrained",
-    "method": "model.method", "optimizer": "train.optimizer", "epochs": "train.epochs",
+    "img_size": "model.img_size", "method": "model.method", "optimizer": "train.optimizer", "epochs": "train.epochs",
     "max_steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr", "device": "train.device",
 }
 
@@ -363,6 +363,7 @@ CLASSIFIER_FLAGS = {
               help="'filename,label' CSV for images not named {class}_{n}.ext (covers both folders).")
 @click.option("--encoder", help="timm ViT name. [default: vit_base_patch16_224]")
 @click.option("--pretrained/--no-pretrained", default=None, help="Start from timm's pretrained weights. [default: on]")
+@click.option("--img-size", type=int, help="Input size in pixels (position embeddings resampled). [default: the model's]")
 @click.option("--method", type=click.Choice(config_lib.CLASSIFIER_METHODS),
               help="What trains: every weight, the new head only (linear probe), or LoRA on q/v + head. [default: full]")
 @click.option("--optimizer", type=click.Choice(config_lib.CLASSIFIER_OPTIMIZERS),

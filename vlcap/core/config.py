@@ -239,6 +239,9 @@ CLASSIFIER_OPTIMIZERS = ("adamw", "sam")
 class ClassifierModelConfig:
     encoder: str = "vit_base_patch16_224"
     pretrained: bool = True
+    # The ViT's input size (None: its own); timm resamples pretrained position embeddings to it
+    # (e.g. 224 -> 112 makes a 4x shorter token sequence for small images).
+    img_size: Optional[int] = None
     method: str = "full"
     lora_rank: int = 8  # LoRA on every block's attention q and v (method lora)
     lora_alpha: int = 16

@@ -37,8 +37,9 @@ class ViTClassifier(nn.Module):
             raise VlcapError(f"a classifier needs at least two classes, got {len(classes)}: {few(classes)}")
         self.classes = list(classes)
         with seeded(model_cfg.init_seed):
+            size = {} if model_cfg.img_size is None else {"img_size": model_cfg.img_size}
             self.vit = create_vit(model_cfg.encoder, model_cfg.pretrained, num_classes=len(classes),
-                                  offline_hint="pass --no-pretrained to start from random weights")
+                                  offline_hint="pass --no-pretrained to start from random weights", **size)
             if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
                 raise VlcapError(f"encoder '{model_cfg.encoder}' is not a ViT (no blocks/patch embedding); "
                                  "choose a timm ViT")

@@ -40,15 +40,23 @@ class ImageEncoder(nn.Module):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
 
+def data_config(vit):
+    """The timm model's data config (mean, std, interpolation, crop), at the image size the model
+    was built for: one built with another ``img_size`` than its pretrained config keeps the
+    pretrained config's size there."""
+    size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+    return resolve_data_config({"input_size": (3, *size)} if size else {}, model=vit)
+
+
 def vit_transform(vit):
     """Eval-time preprocessing from the timm model's own data config (size, mean, std)."""
-    return create_transform(**resolve_data_config({}, model=vit), is_training=False)
+    return create_transform(**data_config(vit), is_training=False)
 
 
 def unnormalize(vit, pixels):
     """Preprocessed ``(3, H, W)`` pixels back to an ``(H, W, 3)`` RGB array in [0, 1]: the
     image exactly as the ViT sees it (resized and cropped), which its patch grid covers."""
-    data = resolve_data_config({}, model=vit)
+    data = data_config(vit)
     mean, std = (torch.tensor(data[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
     return (pixels.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 

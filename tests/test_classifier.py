@@ -1,0 +1,155 @@
+"""vlcap train-classifier and classify --classifier: a timm test ViT fine-tuned on labelled
+folders (synthetic colours, and the course's real 32x32 images when ../shared is there)."""
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import SHARED, needs_shared, vlcap_cli
+from vlcap.core.train.classifier import ClassifierTrainer
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 40, 210)}
+
+
+def write_folder(folder, per_class, seed):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        for n in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{n}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    return write_folder(root / "train", 8, 0), write_folder(root / "val", 3, 1)
+
+
+def train_args(train, val, out, *extra):
+    return ["train-classifier", train, "--val", val, "--encoder", "test_vit", "--no-pretrained", "--img-size", 64,
+            "--out", out,
+            "--batch-size", 8, "--lr", 2e-3, "--device", "cpu", "--set", "train.num_workers=0",
+            "--set", "train.warmup_steps=2", *extra]
+
+
+def history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, optimizer", [("full", "adamw"), ("lora", "sam")])
+def test_training_lowers_the_loss_and_keeps_the_most_accurate_epoch(tmp_path, colours, method, optimizer):
+    out = tmp_path / "run"
+    result = vlcap_cli(*train_args(*colours, out, "--epochs", 3, "--method", method, "--optimizer", optimizer))
+    assert result.exit_code == 0, result.output
+    records = history(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert all(0 <= r["val_accuracy"] <= 1 for r in records)
+    best = max(records, key=lambda r: r["val_accuracy"])  # the first of equals
+    with safe_open(str(out / "best.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+    assert json.loads(metadata["training"]) == best and json.loads(metadata["classes"]) == ["blue", "green", "red"]
+    assert f"validation accuracy {100 * best['val_accuracy']:.2f}%" in result.output
+    if method == "lora":  # trainable only: the LoRA factors of every block's q/v and the new head
+        assert keys == {f"vit.blocks.{i}.attn.qkv.lora_{m}" for i in range(6) for m in "AB"} | {"vit.head.weight",
+                                                                                                 "vit.head.bias"}
+
+
+def test_a_stopped_run_resumes_bit_identically(tmp_path, colours, monkeypatch):
+    # SAM + LoRA: the optimizer state inside SAM and the LoRA factors must all come back.
+    args = ["--epochs", 2, "--method", "lora", "--optimizer", "sam"]
+    reference = tmp_path / "reference"
+    assert vlcap_cli(*train_args(*colours, reference, *args)).exit_code == 0
+
+    show_step = ClassifierTrainer.show_step
+
+    def stop_after_step_2(self, epoch):  # a SIGTERM in the middle of the first epoch (3 steps)
+        show_step(self, epoch)
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ClassifierTrainer, "show_step", stop_after_step_2)
+    out = tmp_path / "stopped"
+    stopped = vlcap_cli(*train_args(*colours, out, *args))
+    assert stopped.exit_code == 1 and f"continue with: vlcap train-classifier --resume {out}" in stopped.output
+    monkeypatch.setattr(ClassifierTrainer, "show_step", show_step)
+
+    refused = vlcap_cli("train-classifier", "--resume", out, "--lr", 1)
+    assert refused.exit_code == 1 and "drop --lr" in refused.output
+    resumed = vlcap_cli("train-classifier", "--resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    final, expected = load_file(out / "last.safetensors"), load_file(reference / "last.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    assert history(out) == history(reference)
+
+
+def test_classify_writes_filename_label_rows_and_reports_accuracy(tmp_path, colours):
+    out = tmp_path / "run"
+    assert vlcap_cli(*train_args(*colours, out, "--epochs", 1, "--method", "linear")).exit_code == 0
+    pred = tmp_path / "pred.csv"
+    result = vlcap_cli("classify", colours[1], "--classifier", out / "best.safetensors", "--out", pred, "--report",
+                       "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(pred.open()))
+    assert rows[0] == ["filename", "label"] and [r[0] for r in rows[1:]] == sorted(p.name for p in colours[1].iterdir())
+    assert {r[1] for r in rows[1:]} <= set(COLOURS)
+    correct = sum(r[0].startswith(r[1] + "_") for r in rows[1:])
+    assert f"({correct}/9)" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--labels", "id2label.json"], "--labels belong to zero-shot CLIP classification"),
+    ([], "nothing to do: pass --out pred.csv"),
+])
+def test_classify_with_a_classifier_refuses_zero_shot_options(tmp_path, colours, args, message):
+    result = vlcap_cli("classify", colours[1], "--classifier", tmp_path / "best.safetensors", *args)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_images_without_a_class_in_their_name_are_one_line(tmp_path, colours):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.new("RGB", (8, 8)).save(bad / "photo.png")
+    Image.new("RGB", (8, 8)).save(bad / "cat_1.png")
+    result = vlcap_cli(*train_args(bad, colours[1], tmp_path / "run"))
+    assert result.exit_code == 1 and "cannot read the class of photo.png" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def link_classes(source, folder, classes, numbers):
+    """Symlinks to the course's {class}_{n}.png images (the real files stay in ../shared)."""
+    folder.mkdir()
+    for c in classes:
+        for n in numbers:
+            (folder / f"{c}_{n}.png").symlink_to(source / f"{c}_{n}.png")
+    return folder
+
+
+@needs_shared
+def test_classify_writes_the_course_csv_for_its_2500_real_images(tmp_path):
+    images = SHARED / "data/hw3_p1_val/images"
+    first = sorted(int(p.stem.split("_")[1]) for p in images.glob("0_*.png"))
+    train = link_classes(images, tmp_path / "train", range(5), first[:6])
+    val = link_classes(images, tmp_path / "val", range(5), first[6:8])
+    out = tmp_path / "run"
+    trained = vlcap_cli(*train_args(train, val, out, "--epochs", 2, "--method", "full"))
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(safe_open(str(out / "best.safetensors"), "pt").metadata()["classes"]) == list("01234")
+    pred = tmp_path / "pred.csv"
+    result = vlcap_cli("classify", images, "--classifier", out / "best.safetensors", "--out", pred,
+                       "--batch-size", 250, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with open(SHARED / "data/hw3_p1_val/val_gt.csv") as f:
+        expected_files = sorted(row["filename"] for row in csv.DictReader(f))
+    rows = list(csv.reader(pred.open()))
+    assert rows[0] == ["filename", "label"] and len(rows) == 2501
+    assert [r[0] for r in rows[1:]] == expected_files and {r[1] for r in rows[1:]} <= set("01234")
