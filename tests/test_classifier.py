@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +155,22 @@ def test_classify_writes_the_course_csv_for_its_2500_real_images(tmp_path):
     rows = list(csv.reader(pred.open()))
     assert rows[0] == ["filename", "label"] and len(rows) == 2501
     assert [r[0] for r in rows[1:]] == expected_files and {r[1] for r in rows[1:]} <= set("01234")
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, colours):
+    """DDP with SAM: both passes of a step all-reduce, so the ascent uses the global gradient."""
+    args = ["--max-steps", 3, "--method", "lora", "--optimizer", "sam"]
+    single = tmp_path / "one"
+    assert vlcap_cli(*train_args(*colours, single, *args)).exit_code == 0
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlcap",
+               *map(str, train_args(*colours, out, *args))]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 processes" in done.stderr and done.stdout.count("trained 3 steps") == 1
+    assert history(out)[0]["train_loss"] == pytest.approx(history(single)[0]["train_loss"], rel=1e-5)
+    one, two = load_file(single / "last.safetensors"), load_file(out / "last.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
