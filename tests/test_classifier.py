@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import SHARED, needs_shared, vlcap_cli
+from vlcap.core.errors import VlcapError
 from vlcap.core.train.classifier import ClassifierTrainer
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 40, 210)}
@@ -125,6 +126,23 @@ def test_images_without_a_class_in_their_name_are_one_line(tmp_path, colours):
     result = vlcap_cli(*train_args(bad, colours[1], tmp_path / "run"))
     assert result.exit_code == 1 and "cannot read the class of photo.png" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_labels_file_names_the_classes_and_numeric_classes_sort_as_numbers(tmp_path):
+    from vlcap.core.config import ClassifierDataConfig
+    from vlcap.core.train.classifier import labelled_items
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder, names in ((train, ["a.png", "b.png", "c.png"]), (val, ["d.png"])):
+        folder.mkdir()
+        for name in names:
+            Image.new("RGB", (8, 8)).save(folder / name)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,label\na.png,10\nb.png,2\nc.png,1\nd.png,2\n")
+    items = labelled_items(ClassifierDataConfig(str(train), str(val), str(labels)))
+    assert items.classes == ["1", "2", "10"] and [c for _, c in items.train] == ["10", "2", "1"]
+    labels.write_text("filename,label\na.png,10\nb.png,2\nc.png,1\nd.png,7\n")
+    with pytest.raises(VlcapError, match="class\\(es\\) 7 have no training image"):
+        labelled_items(ClassifierDataConfig(str(train), str(val), str(labels)))
 
 
 def link_classes(source, folder, classes, numbers):

@@ -120,11 +120,13 @@ def test_cli_writes_the_grid_and_one_attention_figure_per_image_with_raw_arrays(
 @pytest.mark.parametrize("args, message", [
     (["--layer", "6"], "--layer 6: out of range for a 6-layer ViT"),
     (["--checkpoint", "missing.safetensors"], "pass either --encoder NAME"),
+    (["--query", "mean", "--encoder", "resnet10t"], "'resnet10t' is not a ViT"),
 ])
 def test_cli_mistakes_are_one_line_and_write_nothing(tmp_path, args, message):
     images = write_images(tmp_path / "images", 1)
     out = tmp_path / "maps"
-    result = vlcap_cli("vit-maps", images, "--encoder", "test_vit", "--no-pretrained", "--out-dir", out, *args)
+    encoder = [] if "--encoder" in args else ["--encoder", "test_vit"]
+    result = vlcap_cli("vit-maps", images, *encoder, "--no-pretrained", "--out-dir", out, *args)
     assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
 

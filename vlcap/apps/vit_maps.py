@@ -177,6 +177,7 @@ def draw_vit_maps(images, out_dir, *, encoder=None, checkpoint=None, pretrained=
         load_image(target.path)
     device = resolve_device(device)
     vit, name = load_vit(encoder, checkpoint, pretrained)
+    vit_inspect.check_vit(vit, name)
     vit.to(device).eval()
     vit_inspect.check_layer(vit, layer)
     if targets and query == "cls" and getattr(vit, "cls_token", None) is None:

@@ -16,6 +16,14 @@ from vlcap.core.errors import VlcapError
 QUERIES = ("cls", "mean")  # the [class] token as query, or the mean over the patch queries
 
 
+def check_vit(vit, name):
+    """``vit`` must be a timm ViT: a patch embedding and a stack of transformer blocks."""
+    if not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
+        raise VlcapError(f"'{name}' is not a ViT (no patch embedding or transformer blocks); choose a timm ViT, "
+                         "e.g. vit_base_patch16_224")
+    return vit
+
+
 def patch_grid_shape(vit):
     """``(rows, cols)`` of the model's patch grid (from its patch embedding)."""
     return tuple(int(n) for n in vit.patch_embed.grid_size)
