@@ -192,3 +192,19 @@ def test_two_gloo_processes_match_one_process(tmp_path, colours):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_fully_fine_tuned_checkpoint_loads_without_fetching_the_pretrained_weights(tmp_path):
+    import dataclasses
+    from vlcap.core.config import ClassifierConfig, ClassifierModelConfig
+    from vlcap.core.model.classifier import ViTClassifier, load_classifier, save_classifier
+    model_cfg = ClassifierModelConfig("test_vit", pretrained=False, img_size=32, method="full")
+    model = ViTClassifier(model_cfg, ["a", "b"])
+    # As trained from timm's pretrained weights: every weight is in the file, so none is fetched.
+    cfg = ClassifierConfig(model=dataclasses.replace(model_cfg, pretrained=True, init_seed=7))
+    save_classifier(tmp_path / "best.safetensors", model, cfg)
+    loaded = load_classifier(tmp_path / "best.safetensors")
+    assert loaded.model.classes == ["a", "b"] and loaded.config.model.pretrained
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(pixels), model.eval()(pixels))

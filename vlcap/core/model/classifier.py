@@ -7,6 +7,7 @@ the parameters with ``requires_grad`` as safetensors, and in its metadata the re
 the class names, so ``load_classifier`` rebuilds the model (the frozen part from the same timm
 weights, or for a non-pretrained ViT the same seeded initialisation) and fills them in.
 """
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ FORMAT = "vlcap.classifier.v1"
 
 
 class ViTClassifier(nn.Module):
-    def __init__(self, model_cfg, classes):
+    """``offline_hint``: what to do when the pretrained weights cannot be fetched."""
+
+    def __init__(self, model_cfg, classes, offline_hint="pass --no-pretrained to start from random weights"):
         super().__init__()
         if model_cfg.method not in CLASSIFIER_METHODS:
             raise VlcapError(f"model.method={model_cfg.method!r}: choose one of {', '.join(CLASSIFIER_METHODS)}")
@@ -39,7 +42,7 @@ class ViTClassifier(nn.Module):
         with seeded(model_cfg.init_seed):
             size = {} if model_cfg.img_size is None else {"img_size": model_cfg.img_size}
             self.vit = create_vit(model_cfg.encoder, model_cfg.pretrained, num_classes=len(classes),
-                                  offline_hint="pass --no-pretrained to start from random weights", **size)
+                                  offline_hint=offline_hint, **size)
             if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
                 raise VlcapError(f"encoder '{model_cfg.encoder}' is not a ViT (no blocks/patch embedding); "
                                  "choose a timm ViT")
@@ -133,7 +136,11 @@ def load_classifier(path, device="cpu"):
     checking every name and shape against the rebuilt model."""
     metadata, shapes = read_classifier_metadata(path)
     cfg = metadata["config"]
-    model = ViTClassifier(cfg.model, metadata["classes"])
+    model_cfg = cfg.model
+    if model_cfg.method == "full":  # the file holds every weight: nothing to fetch
+        model_cfg = dataclasses.replace(model_cfg, pretrained=False)
+    model = ViTClassifier(model_cfg, metadata["classes"],
+                          offline_hint=f"copy timm's cache from the machine that trained {path}")
     params = trainable_state(model)
     expected = {name: tuple(p.shape) for name, p in params.items()}
     if expected != shapes:
