@@ -92,6 +92,12 @@ def test_a_model_without_class_token_says_so_and_offers_the_mean_over_patch_quer
     assert torch.allclose(mean[0].reshape(4, -1), weights[0].mean(dim=1), atol=1e-6)
 
 
+def test_attention_that_is_not_timms_plain_attention_is_refused_in_one_line():
+    vit = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28).eval()  # rotary positions
+    with pytest.raises(VlcapError, match="is not timm's multi-head Attention"):
+        vit_inspect.attention_weights(vit, torch.randn(1, 3, 28, 28), -1)
+
+
 def write_images(folder, count=2):
     folder.mkdir()
     rng = np.random.default_rng(0)

@@ -108,8 +108,8 @@ def classify_with_classifier(images_dir, checkpoint, *, out=None, report=False, 
     truth = true_classes([p.name for p in paths], ground_truth) if report else None
     device = resolve_device(device)
     loaded = load_classifier(checkpoint, device=device)
-    files, labels, bad = predict(loaded.model, paths, batch_size, device, autocast_dtype(loaded.config.train.amp, device),
-                                 console)
+    dtype = autocast_dtype(loaded.config.train.amp, device)
+    files, labels, bad = predict(loaded.model, paths, batch_size, device, dtype, console)
     if bad and not skip_bad_images:
         raise VlcapError(f"{len(bad)} unreadable image(s) in {images_dir}: {few(bad)}; fix or remove them, or pass "
                          "--skip-bad-images to classify the rest")

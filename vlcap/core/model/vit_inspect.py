@@ -10,6 +10,7 @@ layers, exactly as its unfused path does. This works for every model built on ti
 attention differs (rotary embeddings, separate q/k/v, windows).
 """
 import torch
+from timm.layers import Attention as TimmAttention
 
 from vlcap.core.errors import VlcapError
 
@@ -67,9 +68,10 @@ def check_layer(vit, layer):
 
 
 def check_attention_module(attn, layer):
-    """The block's attention must be timm's plain multi-head attention with a fused ``qkv``."""
-    needed = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
-    if not all(hasattr(attn, name) for name in needed) or getattr(attn, "rope", None) is not None:
+    """The block's attention must be timm's own multi-head ``Attention`` (fused ``qkv``), with
+    its forward as timm wrote it: anything else (rotary, windows, a subclass) would make the
+    recomputed weights differ from the ones the model uses."""
+    if not isinstance(attn, TimmAttention) or type(attn).forward is not TimmAttention.forward:
         raise VlcapError(f"block {layer}'s attention ({type(attn).__module__}.{type(attn).__qualname__}) is not "
                          "timm's multi-head Attention with a fused qkv layer; its weights cannot be recomputed")
 
@@ -82,7 +84,11 @@ def attention_weights(vit, pixels, layer=-1):
     attn = vit.blocks[index].attn
     check_attention_module(attn, index)
     captured = []
-    handle = attn.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+
+    def capture(module, args, kwargs):  # the block's normed tokens, however the block passes them
+        captured.append(args[0] if args else kwargs["x"])
+
+    handle = attn.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         vit.forward_features(pixels)
     finally:
