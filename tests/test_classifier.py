@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import SHARED, needs_shared, vlcap_cli
+from test_inspect import report_rows
 from vlcap.core.errors import VlcapError
 from vlcap.core.train.classifier import ClassifierTrainer
 
@@ -62,6 +63,11 @@ def test_training_lowers_the_loss_and_keeps_the_most_accurate_epoch(tmp_path, co
         keys = set(f.keys())
     assert json.loads(metadata["training"]) == best and json.loads(metadata["classes"]) == ["blue", "green", "red"]
     assert f"validation accuracy {100 * best['val_accuracy']:.2f}%" in result.output
+    shown = vlcap_cli("inspect", out / "best.safetensors")
+    rows = report_rows(shown.output)
+    assert rows["optimizer"] == optimizer and rows["classes"] == "3: blue, green, red"
+    assert rows["saved at"] == f"epoch {best['epoch']}, step {best['step']}"
+    assert rows["val_accuracy"] == f"{best['val_accuracy']:.4f}"
     if method == "lora":  # trainable only: the LoRA factors of every block's q/v and the new head
         assert keys == {f"vit.blocks.{i}.attn.qkv.lora_{m}" for i in range(6) for m in "AB"} | {"vit.head.weight",
                                                                                                  "vit.head.bias"}

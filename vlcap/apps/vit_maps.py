@@ -28,7 +28,7 @@ from vlcap.core.model.captioner import build_encoder
 from vlcap.core.model.checkpoint import FORMAT as CAPTIONER_FORMAT
 from vlcap.core.model.checkpoint import read_metadata
 from vlcap.core.model.classifier import FORMAT as CLASSIFIER_FORMAT
-from vlcap.core.model.classifier import load_classifier
+from vlcap.core.model.classifier import checkpoint_format, load_classifier
 from vlcap.core.model.encoder import create_vit, unnormalize, vit_transform
 from vlcap.core.model.peft import seeded
 from vlcap.core.runtime import resolve_device
@@ -44,19 +44,6 @@ class VitMaps:
     attention_pngs: list
     npz: list
     note: str = ""  # one line about what could not be drawn
-
-
-def checkpoint_format(path):
-    """The ``format`` a vlcap safetensors checkpoint declares (header only)."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise VlcapError(f"{path}: checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise VlcapError(f"{path}: not a safetensors file ({exc}); pass a vlcap checkpoint") from None
 
 
 def load_vit(encoder=None, checkpoint=None, pretrained=True):

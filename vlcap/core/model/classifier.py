@@ -106,6 +106,19 @@ class LoadedClassifier:
     metadata: dict
 
 
+def checkpoint_format(path):
+    """The ``format`` a vlcap safetensors file declares in its header (None if it declares none),
+    so a command taking either kind of checkpoint can tell a classifier from a captioner."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlcapError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VlcapError(f"{path}: not a safetensors file ({exc}); pass a vlcap checkpoint") from None
+
+
 def read_classifier_metadata(path):
     """``(metadata, shapes)`` of a classifier checkpoint; one line for anything else."""
     path = Path(path)
@@ -126,6 +139,7 @@ def read_classifier_metadata(path):
         if not isinstance(metadata["classes"], list) or not all(isinstance(c, str) for c in metadata["classes"]):
             raise ValueError("classes is not a list of names")
         metadata["training"] = json.loads(metadata.get("training", "null"))
+        metadata["parameters"] = int(metadata["parameters"])
     except (KeyError, ValueError, TypeError) as exc:
         raise VlcapError(f"{path}: damaged classifier metadata ({type(exc).__name__}: {exc})") from None
     return metadata, shapes
