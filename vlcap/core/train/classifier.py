@@ -191,6 +191,9 @@ def check_config(cfg):
     if train.optimizer == "sam" and train.grad_accum != 1:
         raise VlcapError("SAM takes its second gradient on the same batch, so it needs train.grad_accum=1; "
                          "lower --batch-size instead")
+    if train.optimizer == "sam" and not (isinstance(train.sam_rho, (int, float)) and train.sam_rho > 0):
+        raise VlcapError(f"train.sam_rho={train.sam_rho!r}: SAM's neighbourhood radius must be a number > 0, "
+                         "e.g. --set train.sam_rho=0.05")
 
 
 class ClassifierTrainer(TrainingLoop):
@@ -198,12 +201,12 @@ class ClassifierTrainer(TrainingLoop):
 
     def build(self, cfg, initialise):
         check_config(cfg)
-        self.items = labelled_items(cfg.data)
-        self.model = ViTClassifier(cfg.model, self.items.classes).to(self.device)
-        self.cfg = cfg
         self.sam = cfg.train.optimizer == "sam"
         if self.sam and self.amp.skips_overflowing_steps:
             raise VlcapError("SAM cannot run under fp16's loss scaling; set train.amp to bf16 or off")
+        self.items = labelled_items(cfg.data)
+        self.model = ViTClassifier(cfg.model, self.items.classes).to(self.device)
+        self.cfg = cfg
         self.trainable_count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.train_loader, self.val = self.loaders(cfg.train)
         self.selection = Selection("val_accuracy", True) if self.val is not None else Selection("train_loss", False)
