@@ -92,8 +92,10 @@ def test_a_stopped_run_resumes_bit_identically(tmp_path, colours, monkeypatch):
     assert stopped.exit_code == 1 and f"continue with: vlcap train-classifier --resume {out}" in stopped.output
     monkeypatch.setattr(ClassifierTrainer, "show_step", show_step)
 
-    refused = vlcap_cli("train-classifier", "--resume", out, "--lr", 1)
-    assert refused.exit_code == 1 and "drop --lr" in refused.output
+    refused = vlcap_cli("train-classifier", "--resume", out, "--method", "full")
+    assert refused.exit_code == 1 and "drop --method" in refused.output
+    replaced = vlcap_cli(*train_args(*colours, out, *args))  # a new run into it would delete its state
+    assert replaced.exit_code == 1 and "pass --overwrite to replace it" in replaced.output
     resumed = vlcap_cli("train-classifier", "--resume", out)
     assert resumed.exit_code == 0, resumed.output
     final, expected = load_file(out / "last.safetensors"), load_file(reference / "last.safetensors")

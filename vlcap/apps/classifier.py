@@ -33,14 +33,15 @@ def classifier_config(config_file=None, overrides=()):
     return config_lib.from_dict(ClassifierConfig, data)
 
 
-def train(cfg, out, console=None):
+def train(cfg, out, console=None, overwrite=False):
     if not out:
         raise VlcapError("no run directory: pass --out RUN")
-    return train_classifier(cfg, out, console=console)
+    return train_classifier(cfg, out, console=console, overwrite=overwrite)
 
 
 def resume(run_dir, train_overrides=None, console=None):
-    """Continue the run in ``run_dir`` (``--epochs``/``--max-steps``: a new, longer length)."""
+    """Continue the run in ``run_dir`` (``--epochs``/``--max-steps``: a new, longer length;
+    ``--lr``: a new peak learning rate, e.g. after a NaN stop)."""
     overrides = dict(train_overrides or {})
     new_length = any(key in overrides for key in config_lib.LENGTH_KEYS)
     return train_classifier(classifier_resume_config(run_dir, overrides), run_dir, console=console, resume=True,

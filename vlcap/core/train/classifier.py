@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlcap.core import config as config_lib
 from vlcap.core.config import CLASSIFIER_OPTIMIZERS, ClassifierConfig
+from vlcap.core.console import say
 from vlcap.core.data import Unreadable, find_images, load_image, split_unreadable
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.model.classifier import ViTClassifier, save_classifier
@@ -270,15 +271,15 @@ class ClassifierTrainer(TrainingLoop):
         processes = f" x {self.ctx.world_size} processes" if self.ctx.enabled else ""
         resumed = f" (resumed at step {self.state.step})" if self.resumed else ""
         val = f", {len(self.items.val):,} validation images" if self.items.val is not None else ""
-        self.console.print(f"[bold]{COMMAND}[/] {self.cfg.model.encoder} ({self.cfg.model.method}, "
-                           f"{self.cfg.train.optimizer}) on {self.device}{processes}: {self.trainable_count:,} trainable "
-                           f"parameters, {len(self.items.classes)} classes, {len(self.items.train):,} training images"
-                           f"{val}, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}", highlight=False)
+        say(self.console, f"{COMMAND} {self.cfg.model.encoder} ({self.cfg.model.method}, {self.cfg.train.optimizer}) "
+            f"on {self.device}{processes}: {self.trainable_count:,} trainable parameters, {len(self.items.classes)} "
+            f"classes, {len(self.items.train):,} training images{val}, {self.schedule.total_steps} steps{resumed} "
+            f"-> {self.run_dir}")
 
     def report_skipped(self):
         unreadable = sorted(self.state.unreadable)
         if unreadable:
-            self.console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}[/]")
+            say(self.console, f"{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}", "yellow")
 
     def result(self):
         state = self.state
@@ -287,10 +288,15 @@ class ClassifierTrainer(TrainingLoop):
                                 self.trainable_count, state.step, state.history, sorted(state.unreadable), best)
 
 
-def train_classifier(cfg, run_dir, console=None, resume=False, new_length=False):
-    """Train ``cfg`` into ``run_dir`` (with ``resume``: continue it; ``cfg`` is then the run's own
-    config, see ``classifier_resume_config``). Returns a ``ClassifierResult``."""
-    return ClassifierTrainer(cfg, run_dir, console, resume, new_length).run()
+def train_classifier(cfg, run_dir, console=None, resume=False, new_length=False, overwrite=False):
+    """Train ``cfg`` into ``run_dir``, held (``resume.run_lock``) until the run ends (with
+    ``resume``: continue it; ``cfg`` is then the run's own config, see
+    ``classifier_resume_config``). A new run into a directory holding another run's resume state
+    is refused unless ``overwrite``. Returns a ``ClassifierResult``."""
+    with resume_lib.run_lock(run_dir, COMMAND):
+        if not resume:
+            resume_lib.refuse_replacing(run_dir, overwrite, COMMAND)
+        return ClassifierTrainer(cfg, run_dir, console, resume, new_length).run()
 
 
 def classifier_resume_config(run_dir, train_overrides=None):
