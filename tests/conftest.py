@@ -10,6 +10,8 @@ from vlcap.apps.synthetic import make_synthetic_set
 from vlcap.cli import main
 from vlcap.testing.builders import tiny_config  # noqa: F401 (the test files import it from here)
 
+pytest_plugins = ["pytester"]  # in-process pytest runs (the kit's pytest plugin)
+
 SHARED = Path(os.environ.get("VLCAP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
 PEFT_METHODS = ("lora", "adapter", "prefix")

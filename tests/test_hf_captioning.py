@@ -170,6 +170,7 @@ def annotated(tmp_path, photos):
 
 def test_the_comparison_scores_every_setting_with_vlcap_s_evaluation(tmp_path, tiny_llava, photos, tiny_clip):
     from vlcap.core.eval.evaluation import evaluate_files
+    from vlcap.core.plugins import registry as load_registry
     val, out = annotated(tmp_path, photos), tmp_path / "compare"
     result = caption(photos, "--hf-model", tiny_llava, "--prompt", "What are these?", "--prompt", "Describe it.",
                      "--set", "num_beams=1", "--set", "num_beams=2", "--set", "max_new_tokens=6",
@@ -186,7 +187,8 @@ def test_the_comparison_scores_every_setting_with_vlcap_s_evaluation(tmp_path, t
         assert setting["predictions"] == row["predictions"] == str(predictions)
         assert f"{setting['cider']:.4f}" in result.output and f"{setting['clipscore']:.4f}" in result.output
     for setting in report["settings"][-1:]:  # `vlcap evaluate`'s scores (java is slow to start: one of them)
-        expected = evaluate_files(setting["predictions"], val, photos, clip_model=str(tiny_clip))
+        expected = evaluate_files(setting["predictions"], val, load_registry(), ["cider", "clipscore"],
+                                  {"clipscore": {"model": str(tiny_clip)}}, photos)
         assert setting["cider"] == pytest.approx(expected.cider.score)
         assert setting["clipscore"] == pytest.approx(expected.clipscore.score)
     assert json.loads((out / "settings.json").read_text())["settings"] == report["settings"]

@@ -163,7 +163,7 @@ class BrokenDecoding(DecodingStrategy):
 
 class BrokenMetric(Metric):
     name = "broken_metric"
-    def compute(self, predictions, references, image_paths):
+    def score(self, predictions, references, image_paths, config):
         raise RuntimeError("scorer crashed\\nwith a second line")
 
 @vlcap.hookimpl
@@ -187,7 +187,7 @@ def register_metric(register):  # a typo: not a vlcap hook
 def test_plugin_failures_at_run_time_name_the_plugin_and_its_package(site):
     from vlcap.core.errors import VlcapWarning
     from vlcap.core.model.captioner import build_captioner
-    from vlcap.core.plugins import plugin_call
+    from vlcap.core.eval.metrics import run_metric
     from vlcap.testing.builders import generate, tiny_captioner, tiny_config
     install_package(site, "vlcap-broken", "vlcap_broken", FAILING_PLUGINS)
     with pytest.warns(VlcapWarning, match="plugin 'vlcap_broken' of package 'vlcap-broken' implements 'register_metric', "
@@ -201,8 +201,7 @@ def test_plugin_failures_at_run_time_name_the_plugin_and_its_package(site):
                                          "in generate: ZeroDivisionError"):
         generate(captioner, tokenizer, registry.get("decoding", "broken_decoding"), {}, cached=True, images=1)
     metric = registry.get("metric", "broken_metric")
-    with pytest.raises(VlcapError, match="^metric 'broken_metric' of package 'vlcap-broken' 0.3 failed in compute: "
+    with pytest.raises(VlcapError, match="^metric 'broken_metric' of package 'vlcap-broken' 0.3 failed in score: "
                                          "RuntimeError: scorer crashed;") as error:
-        with plugin_call(metric, "compute"):  # as the trainer's validation calls every metric
-            metric.compute({}, {}, [])
+        run_metric(metric, None, {}, {})  # as the trainer's validation and `vlcap evaluate` call every metric
     assert "\n" not in str(error.value)

@@ -22,14 +22,19 @@ def test_plugin_table_keeps_brackets_in_names():
 
 
 def test_evaluation_tables_keep_brackets_in_stems_and_captions():
-    cider = SimpleNamespace(score=0.5)
-    evaluation = SimpleNamespace(cider=cider, clipscore=None, images=1, clip_model=None)
-    result = SimpleNamespace(evaluation=evaluation, rows=[{"stem": "img[1]", "cider": 0.5, "caption": "a [red] car"}])
+    from vlcap.core.eval.metrics import MetricScores
+    metric = SimpleNamespace(title="CIDEr[x]", description="scores [bold]captions", higher_is_better=True)
+    evaluation = SimpleNamespace(scores={"cider": MetricScores(0.5, {"img[1]": 0.5})}, metrics={"cider": metric},
+                                 images=1)
+    result = SimpleNamespace(evaluation=evaluation, rank_by="cider", columns=("stem", "caption", "cider"),
+                             rows=[{"stem": "img[1]", "cider": 0.5, "caption": "a [red] car"}])
     text = rendered(reports.evaluation_tables(result, "pred.json", "val.json", top_k=1))
-    assert "img[1]" in text and "a [red] car" in text
+    for shown in ("img[1]", "a [red] car", "CIDEr[x]", "scores [bold]captions"):
+        assert shown in text
 
 
-def test_truncation_warning_escapes_the_stems():
-    clip = SimpleNamespace(truncated=["long[b]"], score=0.1)
-    result = SimpleNamespace(evaluation=SimpleNamespace(clipscore=clip))
-    assert "long[b]" in rendered(reports.truncation_warning(result))
+def test_metric_notes_escape_the_stems():
+    from vlcap.core.eval.metrics import MetricScores
+    scores = MetricScores(0.1, {}, notes=["1 caption(s) longer than CLIP's 77 tokens were truncated: long[b]"])
+    result = SimpleNamespace(evaluation=SimpleNamespace(scores={"clipscore": scores}))
+    assert all("long[b]" in rendered(note) for note in reports.evaluation_notes(result))

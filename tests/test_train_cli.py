@@ -145,16 +145,17 @@ def test_demo_runs_end_to_end(tmp_path):
 
 METRIC_PLUGIN = """
 import vlcap
-from vlcap.core.eval.metrics import Metric
+from vlcap.api import Metric, MetricScores
 
 class Length(Metric):
     name = "words"
     description = "mean caption length in words (test metric)"
     higher_is_better = True
 
-    def compute(self, predictions, references, image_paths):
+    def score(self, predictions, references, image_paths, config):
         assert set(predictions) == set(references) <= set(image_paths)
-        return sum(len(c.split()) for c in predictions.values()) / len(predictions)
+        words = {stem: len(caption.split()) for stem, caption in predictions.items()}
+        return MetricScores(sum(words.values()) / len(words), words)
 
 @vlcap.hookimpl
 def register_metrics(register):

@@ -8,28 +8,33 @@ what each name is for, with examples.
 PEFT methods: subclass ``PeftMethod``; change the captioner through its hook points with
 ``swap_linear`` (replace a Linear, keeping its pretrained Parameters) and ``select_layers``
 (the ``layers`` option); ``project_image_tokens`` before hooking or wrapping a cross-attention's
-``k``/``v``; ``trainable_state`` is what ``export`` saves by default.
+``k``/``v``; ``pretrained_to_train`` declares pretrained parameters it trains (``is_pretrained``
+tells them); ``trainable_state`` is what ``export`` saves by default.
 
-Decoding strategies: subclass ``DecodingStrategy``; ``generate`` gets a ``NextToken`` model.
-The loop and mechanics every strategy shares: ``decode_token_by_token``, ``sample``,
-``make_generator``, ``ban_repeated_ngrams``, ``length_normalised``, ``cut_at_end``.
+Decoding strategies: subclass ``DecodingStrategy``; ``generate`` gets a ``NextToken`` model
+(``NextToken`` documents it: ``logits(ids, hidden=False)``, ``expand``, ``reorder``). The loop
+and mechanics every strategy shares: ``decode_token_by_token``, ``sample``, ``make_generator``,
+``ban_repeated_ngrams``, ``length_normalised``, ``cut_at_end``.
 
-Metrics: subclass ``Metric``; the course's scorers are here to build on (``cider``,
-``clip_scores``, ``load_clip``, ``check_java``).
+Metrics: subclass ``Metric``; ``score`` returns ``MetricScores``. The course's scorers are here
+to build on (``cider``, ``clip_scores``, ``load_clip``, ``check_java``).
 
-Tests: the conformance kit (``check_peft_method``, ``check_decoding_strategy``, ``PEFT_CHECKS``,
-``DECODING_CHECKS``; they need pytest and are imported on first use) and its tiny builders
-(``tiny_config``, ``tiny_captioner``, ``pixels_for``, ``token_ids``, ``perturb_trainable``,
-``make_synthetic_set``).
+Commands: the ``register_commands(cli)`` hook gets a click group (nothing to import here).
+
+Tests: the conformance kit (``check_peft_method``, ``check_decoding_strategy``, ``check_metric``,
+``PEFT_CHECKS``, ``DECODING_CHECKS``, ``METRIC_CHECKS``, ``InterfaceOnlyNextToken``; they need
+pytest and are imported on first use) and its tiny builders (``tiny_config``, ``tiny_captioner``,
+``pixels_for``, ``token_ids``, ``perturb_trainable``, ``make_synthetic_set``).
 """
 from vlcap.apps.synthetic import make_synthetic_set
 from vlcap.core.errors import VlcapError, VlcapWarning
 from vlcap.core.eval.clip import CLIP_MODEL_ENV, Clip, load_clip
 from vlcap.core.eval.evaluation import check_java, cider, clip_scores
-from vlcap.core.eval.metrics import Metric
+from vlcap.core.eval.metrics import Metric, MetricScores
 from vlcap.core.hookspecs import hookimpl
-from vlcap.core.infer.decoding import (DecodingStrategy, ban_repeated_ngrams, cut_at_end, decode_token_by_token,
-                                       generate_tokens, length_normalised, make_generator, sample)
+from vlcap.core.infer.decoding import (DecodingStrategy, NextToken, ban_repeated_ngrams, cut_at_end,
+                                       decode_token_by_token, generate_tokens, length_normalised, make_generator,
+                                       sample)
 from vlcap.core.model.gpt2 import merge_heads, split_heads
 from vlcap.core.model.peft import (PeftMethod, is_pretrained, project_image_tokens, select_layers, swap_linear,
                                    trainable_state)
@@ -38,7 +43,8 @@ from vlcap.core.plugins import registry
 from vlcap.core.validation import Ge, Gt, Interval, Le, Lt
 from vlcap.testing.builders import perturb_trainable, pixels_for, tiny_captioner, tiny_config, token_ids
 
-_KIT = ("check_peft_method", "check_decoding_strategy", "PEFT_CHECKS", "DECODING_CHECKS")
+_KIT = ("check_peft_method", "check_decoding_strategy", "check_metric", "PEFT_CHECKS", "DECODING_CHECKS",
+        "METRIC_CHECKS", "InterfaceOnlyNextToken")
 
 __all__ = [
     # hooks and errors
@@ -49,10 +55,10 @@ __all__ = [
     "PeftMethod", "swap_linear", "project_image_tokens", "select_layers", "trainable_state", "is_pretrained",
     "split_heads", "merge_heads",
     # decoding strategies
-    "DecodingStrategy", "decode_token_by_token", "sample", "make_generator", "ban_repeated_ngrams",
+    "DecodingStrategy", "NextToken", "decode_token_by_token", "sample", "make_generator", "ban_repeated_ngrams",
     "length_normalised", "cut_at_end", "generate_tokens",
     # metrics
-    "Metric", "cider", "clip_scores", "load_clip", "check_java", "Clip", "CLIP_MODEL_ENV",
+    "Metric", "MetricScores", "cider", "clip_scores", "load_clip", "check_java", "Clip", "CLIP_MODEL_ENV",
     # tokens
     "Tokenizer", "IGNORE_INDEX",
     # tests
@@ -64,5 +70,8 @@ def __getattr__(name):
     # The kit's checks use pytest, which a plugin at run time does not need: imported on first use.
     if name in _KIT:
         import vlcap.testing
+        if name == "InterfaceOnlyNextToken":
+            from vlcap.testing.proxy import InterfaceOnlyNextToken
+            return InterfaceOnlyNextToken
         return getattr(vlcap.testing, name)
     raise AttributeError(f"module 'vlcap.api' has no attribute {name!r}")

@@ -34,7 +34,15 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _def
 
 
 class VlcapGroup(click.Group):
-    """Turns a ``VlcapError`` (a problem the user can fix) into one line on stderr, no traceback."""
+    """Turns a ``VlcapError`` (a problem the user can fix) into one line on stderr, no traceback,
+    and adds the commands plugins register (``register_commands``) after vlcap's own."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *plugin_commands(self)})
+
+    def get_command(self, ctx, name):
+        own = super().get_command(ctx, name)
+        return own if own is not None else plugin_commands(self).get(name)
 
     def invoke(self, ctx):
         try:
@@ -64,6 +72,25 @@ def registry():
     ctx = click.get_current_context(silent=True)
     params = ctx.find_root().params if ctx else {}
     return load(strict=params.get("strict_plugins", False), trace=params.get("trace_plugins", False))
+
+
+def plugin_commands(group):
+    """The commands plugins registered, by name; loaded only when a name is not one of vlcap's own
+    (or for --help). One that would shadow a built-in command is skipped with a warning; a
+    registry that fails to load (--strict-plugins) leaves only vlcap's own commands."""
+    try:
+        entries = registry().entries("command")
+    except VlcapError as exc:
+        err_console.print(f"warning: plugin commands not loaded: {exc}", style="yellow", markup=False)
+        return {}
+    commands = {}
+    for entry in entries:
+        if entry.name in group.commands:
+            err_console.print(f"warning: command '{entry.name}' of package '{entry.package}' has the name of a vlcap "
+                              "command; skipped it", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        else:
+            commands[entry.name] = entry.obj
+    return commands
 
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... or auto (cuda if available)."
@@ -148,7 +175,7 @@ def config_flag(table, *decls, **attrs):
               help="Show each plugin's options (what --set NAME=VALUE or peft.options.NAME sets) with their "
                    "types and defaults.")
 def list_plugins(as_json, hooks, options):
-    """List the installed PEFT methods, decoding strategies and metrics."""
+    """List the installed PEFT methods, decoding strategies, metrics and plugin commands."""
     if hooks and options:
         raise VlcapError("--hooks and --options are two views of the plugins; pass one of them")
     reg = registry()
@@ -337,6 +364,11 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
         say(err_console, f"top-5 plots of {result.plotted} images written to {out_dir}")
 
 
+# Evaluate's flags that set an option of the CLIPScore metric (kept from before metrics were
+# plugins); they apply when CLIPScore is scored.
+EVALUATE_FLAGS = {"clip_model": "clipscore.model", "batch_size": "clipscore.batch_size"}
+
+
 def classify_with_classifier(images_dir, checkpoint, out, report, device, *, ground_truth, batch_size,
                              skip_bad_images, seed, **zero_shot):
     from vlcap.apps import classifier
@@ -450,25 +482,36 @@ def vit_maps(images, out_dir, device, **options):
 @click.option("--annotations", "annotations_path", required=True, type=click.Path(dir_okay=False),
               help="The reference captions (COCO-style JSON, e.g. val.json).")
 @click.option("--images", "image_dir", type=click.Path(file_okay=False), help="The images, for CLIPScore.")
-@click.option("--no-clipscore", is_flag=True, help="CIDEr only (no images or CLIP model needed).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Score with this metric plugin (repeatable; see `vlcap list-plugins`). "
+                   "Default: cider and clipscore.")
+@click.option("--set", "assignments", multiple=True, metavar="METRIC.KEY=VALUE",
+              help="A metric option, e.g. --set clipscore.model=ViT-L/14 (repeatable; `vlcap list-plugins "
+                   "--options` lists them).")
+@click.option("--no-clipscore", is_flag=True, help="Leave CLIPScore out (CIDEr alone: no images or CLIP model needed).")
 @click.option("--clip-model", help="OpenAI CLIP name (ViT-B/32, ViT-L/14, ...) or a local OpenAI-format "
-              "checkpoint; default $VLCAP_CLIP_MODEL, else ViT-B/32 as the course.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="CLIP batch size.")
+              "checkpoint; default $VLCAP_CLIP_MODEL, else ViT-B/32 as the course (--set clipscore.model=...).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="CLIP batch size (--set clipscore.batch_size=...).")
 @click.option("--per-image", "per_image_path", type=click.Path(dir_okay=False),
-              help="Write per-image scores to this CSV (best CLIPScore first).")
+              help="Write every metric's per-image scores to this CSV (best first by --rank-by).")
+@click.option("--rank-by", metavar="NAME", help="The metric that ranks images (default: clipscore if scored, "
+              "else the first --metric).")
 @click.option("--top-k", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Show the K best and K worst images by CLIPScore (by CIDEr with --no-clipscore).")
+              help="Show the K best and K worst images by the --rank-by metric.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, batch_size, per_image_path, top_k,
-             as_json):
-    """Score captions with CIDEr and CLIPScore exactly as the course's evaluator does."""
-    from vlcap.apps.evaluation import evaluate_predictions
-    result = evaluate_predictions(pred_path, annotations_path, image_dir, clipscore=not no_clipscore,
-                                  clip_model=clip_model, batch_size=batch_size, per_image_path=per_image_path,
-                                  console=err_console)
-    warning = reports.truncation_warning(result)
-    if warning:
-        err_console.print(warning, soft_wrap=True)
+def evaluate(pred_path, annotations_path, image_dir, metrics, assignments, no_clipscore, per_image_path, rank_by,
+             top_k, as_json, **flags):
+    """Score captions with metric plugins; CIDEr and CLIPScore exactly as the course's evaluator does."""
+    from vlcap.apps.evaluation import evaluate_predictions, metric_choice
+    options = config_lib.parse_set(assignments)
+    if "clipscore" in metric_choice(metrics, no_clipscore):
+        options = config_lib.merge(options, config_overrides(flags, EVALUATE_FLAGS))
+    with err_console.status("scoring"):  # a spinner on a terminal; nothing when stderr is not one
+        result = evaluate_predictions(pred_path, annotations_path, registry(), image_dir, metrics=metrics,
+                                      options=options, no_clipscore=no_clipscore, rank_by=rank_by,
+                                      per_image_path=per_image_path)
+    for note in reports.evaluation_notes(result):
+        err_console.print(note, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(reports.evaluation_json(result), indent=2))
         return
@@ -586,15 +629,18 @@ def decoding_request(strategy, assignments, num_beams):
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per decoding batch (default 32; 8 with --hf-model).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
+@click.option("--merge", is_flag=True, help="Fold the PEFT method into the frozen weights once before decoding: "
+              "the same captions, faster (methods that can merge: LoRA, ...).")
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
-            batch_size, device, skip_bad_images, hf_model, **hf):
+            batch_size, device, skip_bad_images, merge, hf_model, **hf):
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON, with a
     trained checkpoint or a pretrained transformers model (--hf-model; several --prompt/--set: compare them)."""
     # hf: hf_options' and comparison_options' values, for --hf-model
     device = checked_device(device)
     model_source(checkpoint, hf_model)
     if hf_model:
-        refuse_given({"--decoder-weights": decoder_weights, "--decoding": strategy, "--max-length": max_length},
+        refuse_given({"--decoder-weights": decoder_weights, "--decoding": strategy, "--max-length": max_length,
+                      "--merge": merge or None},
                      "these are a checkpoint's; with --hf-model use --set (e.g. --set max_new_tokens=30)")
         settings = [*assignments, *([f"num_beams={num_beams}"] if num_beams is not None else [])]
         bad_images, written = caption_hf(images_dir, hf_model, out, settings, batch_size or 8, device, **hf)
@@ -605,7 +651,7 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
         from vlcap.core.infer.captioning import caption_folder
         strategy, options = decoding_request(strategy, assignments, num_beams)
         result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
-                                strategy=strategy, options=options, max_length=max_length,
+                                merge=merge, strategy=strategy, options=options, max_length=max_length,
                                 batch_size=batch_size or 32, device=device, console=err_console)
         bad_images, written = result.bad_images, out
         say(console, f"wrote {len(result.predictions)} captions to {out}")

@@ -22,6 +22,7 @@ from vlcap.core.infer.captioning import caption_paths
 from vlcap.core.model.peft import seeded
 from vlcap.apps.synthetic import make_synthetic_set
 from vlcap.core.model.tokenizer import IGNORE_INDEX
+from vlcap.core.eval.metrics import check_metric_runs, metric_config
 from vlcap.core.train.trainer import train
 
 
@@ -31,7 +32,8 @@ def usable_metrics(names, registry, console):
     usable = []
     for name in names:
         try:
-            registry.get("metric", name).check()
+            metric = registry.get("metric", name)
+            check_metric_runs(metric, metric_config(metric, None))
             usable.append(name)
         except VlcapError as exc:
             say(console, f"demo: skipping {name}: {exc}", "yellow")

@@ -25,9 +25,10 @@ def inspect_checkpoint(path):
         return inspect_classifier(path)
     metadata = read_metadata(path)
     shapes = metadata.pop("shapes")
+    pretrained = set(metadata.get("trained_pretrained", ()))  # trained pretrained decoder parameters
     groups = {}
     for name, shape in shapes.items():
-        group = parameter_group(name)
+        group = parameter_group(name, name in pretrained)
         groups[group] = groups.get(group, 0) + math.prod(shape)
     return CheckpointSummary(str(path), metadata, shapes, groups)
 

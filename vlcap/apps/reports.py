@@ -13,6 +13,8 @@ from rich.table import Table
 
 from vlcap.core.console import text
 
+from vlcap.core.errors import few
+
 
 def _table(title, columns, right=(), **options):
     """A table with ``columns``, those in ``right`` right-justified."""
@@ -42,7 +44,8 @@ def option_default(option):
 def plugin_options_table(entries):
     """``vlcap list-plugins --options``: one row per option of each plugin (name, type,
     default); a plugin without options gets one row saying so."""
-    table = _table("vlcap plugin options (set with --set NAME=VALUE or peft.options.NAME)",
+    table = _table("vlcap plugin options (decoding: --set NAME=VALUE; peft: --set peft.options.NAME=VALUE; "
+                   "metric: evaluate --set METRIC.NAME=VALUE)",
                    ("plugin", "kind", "option", "type", "default"))
     for column in table.columns:
         column.overflow = "fold"  # an option's name is what users type: never cut to an ellipsis
@@ -99,11 +102,21 @@ def checkpoint_report(summary):
             ("encoder features", encoder_features(meta)),
             ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
             ("tokenizer", meta["tokenizer"]), ("parameters", f"{meta['parameters']:,}"),
-            ("tensors", str(len(summary.shapes))), *saved_at_rows(meta.get("training"))]
+            ("tensors", str(len(summary.shapes))), *trained_pretrained_rows(meta),
+            *saved_at_rows(meta.get("training"))]
     table = Table(title=text(summary.path), show_header=False)
     for key, value in rows:
         table.add_row(text(key), text(value))
     return Group(table, *(text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
+
+
+def trained_pretrained_rows(metadata):
+    """The pretrained decoder tensors the method trained (its ``pretrained_to_train``), which
+    loading puts over the decoder weights' values; no row when there are none."""
+    names = metadata.get("trained_pretrained")
+    if not names:
+        return []
+    return [("trained pretrained", f"{len(names)} tensor(s): {few(names, 3)}")]
 
 
 def classifier_checkpoint_report(summary):
@@ -158,22 +171,20 @@ def classification_table(result):
 
 def evaluation_tables(result, pred_path, annotations_path, top_k):
     """``vlcap evaluate``: the scores of ``pred_path`` against ``annotations_path`` (a
-    ``ScoredPredictions``), then the ``top_k`` best and worst images by CLIPScore (by CIDEr
-    without it)."""
-    evaluation, clip = result.evaluation, result.evaluation.clipscore
+    ``ScoredPredictions``), one row per metric, then the ``top_k`` best and worst images by the
+    metric they are ranked by."""
+    evaluation = result.evaluation
     title = f"{pred_path} against {annotations_path} ({evaluation.images:,} images)"
     table = _table(title, ("metric", "score", "how"), right=("score",))
-    table.add_row("CIDEr", f"{evaluation.cider.score:.4f}",
-                  "CIDEr-D on PTB tokens; comparable only with the same references")
-    if clip:
-        table.add_row("CLIPScore", f"{clip.score:.4f}", f"2.5 * max(cos, 0) with CLIP {evaluation.clip_model}")
+    for name, scores in evaluation.scores.items():
+        table.add_row(text(metric_title(evaluation, name)), f"{scores.score:.4f}",
+                      text(evaluation.metrics[name].description))
     tables = [table]
     if top_k:
-        by = "CLIPScore" if clip else "CIDEr"
-        scores = ("clipscore", "cider") if clip else ("cider",)
-        rows = result.rows
-        for ranked_title, chosen in ((f"top {top_k} by {by}", rows[:top_k]),
-                                     (f"bottom {top_k} by {by}", rows[::-1][:top_k])):
+        by = metric_title(evaluation, result.rank_by)
+        scores = result.columns[2:]
+        for ranked_title, chosen in ((f"top {top_k} by {by}", result.rows[:top_k]),
+                                     (f"bottom {top_k} by {by}", result.rows[::-1][:top_k])):
             ranked = _table(ranked_title, ("image", *scores, "caption"), right=scores)
             for row in chosen:
                 ranked.add_row(text(row["stem"]), *(f"{row[k]:.4f}" for k in scores), text(row["caption"]))
@@ -181,21 +192,29 @@ def evaluation_tables(result, pred_path, annotations_path, top_k):
     return Group(*tables)
 
 
+def metric_title(evaluation, name):
+    return evaluation.metrics[name].title or name
+
+
 def evaluation_json(result):
-    """``vlcap evaluate --json``: the scores of a ``ScoredPredictions``."""
-    evaluation, clip = result.evaluation, result.evaluation.clipscore
-    return {"images": evaluation.images, "cider": evaluation.cider.score,
-            "clipscore": clip.score if clip else None, "clip_model": evaluation.clip_model,
-            "truncated": clip.truncated if clip else []}
+    """``vlcap evaluate --json``: the number of images, each metric's corpus score under its name,
+    and each metric's ``details`` (e.g. ``clip_model``, ``truncated``) beside them; ``metrics``
+    holds the same per metric, with its notes."""
+    evaluation = result.evaluation
+    out = {"images": evaluation.images}
+    for name, scores in evaluation.scores.items():
+        out[name] = scores.score
+    for scores in evaluation.scores.values():
+        out.update({key: value for key, value in scores.details.items() if key not in out})
+    out["metrics"] = {name: {"score": scores.score, "higher_is_better": evaluation.metrics[name].higher_is_better,
+                             "details": scores.details, "notes": scores.notes}
+                      for name, scores in evaluation.scores.items()}
+    return out
 
 
-def truncation_warning(result):
-    """The captions CLIPScore had to cut to CLIP's context, as a ``Text`` line (None if none were)."""
-    clip = result.evaluation.clipscore
-    if clip is None or not clip.truncated:
-        return None
-    return text(f"{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
-                f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}", style="yellow")
+def evaluation_notes(result):
+    """The metrics' notes (e.g. captions CLIP had to truncate), one yellow ``Text`` line each."""
+    return [text(note, style="yellow") for scores in result.evaluation.scores.values() for note in scores.notes]
 
 
 def checkpoint_json(summary):

@@ -101,6 +101,8 @@ class TrainConfig:
     # Caption metrics reported on the validation set each epoch. CIDEr needs java; add clipscore
     # (OpenAI CLIP from $VLCAP_CLIP_MODEL, default ViT-B/32: a download) only where CLIP is at hand.
     metrics: list[str] = field(default_factory=lambda: ["cider"])
+    # Options of those metrics, by name: {clipscore: {model: ViT-L/14}} (`vlcap list-plugins --options`).
+    metric_options: dict = field(default_factory=dict)
     best_metric: str = "auto"  # auto: the first of `metrics`, else validation loss
     max_val_images: Optional[Positive] = None  # caption at most this many validation images for metrics
     compile: Union[bool, str] = False  # torch.compile the decoder: true (inductor) or a backend name

@@ -33,3 +33,10 @@ def register_decoding_strategies(register):
 def register_metrics(register):
     """Register caption metrics: call ``register(metric)`` with a ``vlcap.core.eval.metrics.Metric``.
     The trainer reports every registered metric on the validation set after each epoch."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add ``vlcap`` subcommands: ``cli`` is a click group; decorate functions with
+    ``@cli.command()`` (as simonw's llm does). A command named like one of vlcap's own is skipped
+    with a warning; a plugin command is listed by ``vlcap list-plugins`` as kind ``command``."""

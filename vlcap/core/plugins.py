@@ -1,4 +1,4 @@
-"""Plugin discovery: every PEFT method, decoding strategy and metric is a plugin module.
+"""Plugin discovery: every PEFT method, decoding strategy, metric and command is a plugin module.
 
 vlcap's own plugin modules (``BUILTIN_PLUGINS``) are registered directly, as simonw's ``llm``
 does with its default plugins, so a source checkout works without ``pip install`` (``PYTHONPATH=.
@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+import click
 import pluggy
 
 import vlcap
@@ -51,6 +52,7 @@ KINDS = {
     "peft": ("register_peft_methods", "PEFT method"),
     "decoding": ("register_decoding_strategies", "decoding strategy"),
     "metric": ("register_metrics", "metric"),
+    "command": ("register_commands", "command"),  # the hook gets a click group, not a register callback
 }
 
 
@@ -348,12 +350,20 @@ def registered_by(pm, module):
             name = getattr(obj, "name", None)
             if not isinstance(name, str) or not name:
                 raise PluginFailure(f"registered a {label} without a name")
-            description = getattr(obj, "description", "") or (obj.__doc__ or "").strip()
+            description = getattr(obj, "description", "") or getattr(obj, "help", "") or (obj.__doc__ or "")
+            description = description.strip()
             own[(kind, name)] = PluginEntry(name, kind, module.package, module.version,
                                             description.splitlines()[0] if description else "", obj)
             PROVIDERS[id(obj)] = (kind, module.package, module.version)
 
-        pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+        hook = pm.subset_hook_caller(hook_name, remove_plugins=others)
+        if kind == "command":
+            cli = click.Group("vlcap")  # collects the plugin's commands; the CLI adds them to its own
+            hook(cli=cli)
+            for command in cli.commands.values():
+                register(command)
+        else:
+            hook(register=register)
     return own
 
 

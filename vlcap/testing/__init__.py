@@ -1,4 +1,4 @@
-"""The conformance kit: what every PEFT method and decoding strategy plugin must satisfy.
+"""The conformance kit: what every PEFT method, decoding strategy and metric plugin must satisfy.
 
 vlcap's own plugins run it in vlcap's suite; a plugin package runs it against itself, either
 through the pytest plugin vlcap installs (``pytest --vlcap-plugin NAME``, see
@@ -11,10 +11,14 @@ through the pytest plugin vlcap installs (``pytest --vlcap-plugin NAME``, see
     def test_prompt_conforms(check):
         check_peft_method("prompt", check)
 
-Every check builds the ``tiny`` preset (random weights, offline) with the plugin's default
-options, except ``budget``, which builds the full-size model as shapes only. A check a plugin
-does not claim (``merge`` without ``can_merge``, ``zero_init`` without ``zero_init``) skips.
+Every check builds the ``tiny`` preset (random weights, offline) with the plugin's options
+(``options=``, else ``--vlcap-plugin-option``, else its defaults), except ``budget``, which builds
+the full-size model as shapes only. A check a plugin does not claim (``merge`` without
+``can_merge``, ``zero_init`` without ``zero_init``, ``perfect_caption`` for a reference-free
+metric) skips, as does a metric check where the metric's ``check`` says it cannot run.
 """
-from vlcap.testing.kit import (DECODING_CHECKS, PEFT_CHECKS, check_decoding_strategy, check_peft_method)
+from vlcap.testing.kit import (DECODING_CHECKS, METRIC_CHECKS, PEFT_CHECKS, check_decoding_strategy, check_metric,
+                               check_peft_method)
 
-__all__ = ["PEFT_CHECKS", "DECODING_CHECKS", "check_peft_method", "check_decoding_strategy"]
+__all__ = ["PEFT_CHECKS", "DECODING_CHECKS", "METRIC_CHECKS", "check_peft_method", "check_decoding_strategy",
+           "check_metric"]

@@ -2,6 +2,7 @@
 tests too (re-exported by ``vlcap.api``). Everything is the ``tiny`` preset: timm's test ViT and
 a random 2-layer GPT-2, offline, built in well under a second. Nothing here imports pytest."""
 import functools
+import json
 
 import torch
 
@@ -53,11 +54,20 @@ def perturb_trainable(captioner, std=0.3, seed=0):
     return captioner
 
 
-@functools.lru_cache(maxsize=None)
-def decoding_captioner(method, registry):
+def plugin_config_for(method, options=None):
+    """The tiny preset with PEFT method ``method`` and its ``options`` (the kit's checks' config)."""
+    return tiny_config(method, peft={"method": method, "options": dict(options or {})})
+
+
+def decoding_captioner(method, registry, options=None):
     """A perturbed tiny captioner (shared by the decoding checks, which never change it) whose end
     token is likely enough that captions end at varying lengths."""
-    cfg = tiny_config(method)
+    return _decoding_captioner(method, registry, json.dumps(options or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _decoding_captioner(method, registry, options):
+    cfg = plugin_config_for(method, json.loads(options))
     captioner = build_captioner(cfg, registry).captioner
     perturb_trainable(captioner)
     tokenizer = tokenizer_for(cfg)
@@ -66,8 +76,9 @@ def decoding_captioner(method, registry):
     return captioner.eval(), tokenizer
 
 
-def generate(captioner, tokenizer, strategy, options, cached, images=IMAGES):
-    """Token lists from ``strategy`` (seeded, so sampling strategies repeat)."""
+def generate(captioner, tokenizer, strategy, options, cached, images=IMAGES, wrap=None):
+    """Token lists from ``strategy`` (seeded, so sampling strategies repeat); ``wrap``: a callable
+    that wraps the ``NextToken`` model the strategy gets."""
     with seeded(0):
         return generate_tokens(captioner, pixels_for(captioner, images), tokenizer, strategy, options,
-                               MAX_LENGTH, cached)
+                               MAX_LENGTH, cached, wrap=wrap)

@@ -1,47 +1,86 @@
-"""The checks of the conformance kit (see ``vlcap.testing``)."""
+"""The checks of the conformance kit (see ``vlcap.testing``). Every check takes the plugin's
+name, the registry and the plugin's options (its ``config_class`` fields; ``{}``: the defaults)."""
+import hashlib
+import json
 import tempfile
+from collections import Counter
 
 import pytest
 import torch
 
 from vlcap.core import config as config_lib
+from vlcap.core.errors import VlcapError
 from vlcap.core.infer.decoding import next_token_model
 from vlcap.core.model.captioner import build_captioner, tokenizer_for
 from vlcap.core.model.checkpoint import load_checkpoint, save_checkpoint
-from vlcap.core.model.peft import PeftMethod, check_budget, count_parameters, is_pretrained
+from vlcap.core.model.peft import PeftMethod, check_budget, count_parameters, is_pretrained, merge_peft
 from vlcap.core.plugins import PluginEntry, Registry, registry as installed_registry
 from vlcap.core.train.trainer import prepare_model
-from vlcap.testing.builders import (FULL_SIZE_ENCODER, IMAGES, MAX_LENGTH, decoding_captioner, generate, perturb_trainable,
-                                    pixels_for, tiny_config, token_ids)
+from vlcap.testing.builders import (FULL_SIZE_ENCODER, IMAGES, MAX_LENGTH, decoding_captioner, generate,
+                                    perturb_trainable, pixels_for, plugin_config_for, token_ids)
+from vlcap.testing.proxy import InterfaceOnlyNextToken
+from vlcap.testing.metric_checks import METRIC_CHECKS
 
 # --- PEFT method checks -----------------------------------------------------------------
 
-def check_gradients(name, registry):
-    """Only the method's and the core's new parameters train; the pretrained ones stay frozen and
-    get no gradient; every trainable tensor gets a non-zero gradient from the loss. The trainable
-    parameters are perturbed first: at a zero init (LoRA's B, the cross-attention output) the
-    parameters behind it get exactly zero gradient, which would hide a tensor that is not wired in."""
-    captioner = build_captioner(tiny_config(name), registry).captioner
+def build(name, registry, options):
+    """The tiny preset with PEFT method ``name`` applied with ``options``: ``(captioner, cfg)``."""
+    cfg = plugin_config_for(name, options)
+    return build_captioner(cfg, registry).captioner, cfg
+
+
+def check_gradients(name, registry, options):
+    """Only the method's and the core's new parameters, and the pretrained ones it declares in
+    ``pretrained_to_train``, train; every other pretrained one stays frozen and gets no gradient;
+    every trainable tensor gets a non-zero gradient from the loss. The trainable parameters are
+    perturbed first: at a zero init (LoRA's B, the cross-attention output) the parameters behind
+    it get exactly zero gradient, which would hide a tensor that is not wired in."""
+    captioner, _ = build(name, registry, options)
     perturb_trainable(captioner, std=0.05)
     pixels = pixels_for(captioner, 2)
     ids = token_ids(2, 7, captioner.decoder.cfg.vocab_size)
     captioner.loss(pixels, ids, ids).backward()
+    declared = 0
     for pname, p in captioner.named_parameters():
-        if is_pretrained(p):
-            assert not p.requires_grad and p.grad is None, f"pretrained parameter {pname} trains"
-        else:
-            assert p.requires_grad, f"{pname} is new but frozen"
-            assert p.grad is not None, f"{pname} is trainable but does not reach the loss"
-            assert p.grad.abs().sum() > 0, f"{pname} is trainable but its gradient is zero"
+        if is_pretrained(p) and not p.requires_grad:
+            assert p.grad is None, f"frozen pretrained parameter {pname} got a gradient"
+            continue
+        declared += p.numel() if is_pretrained(p) else 0
+        assert p.grad is not None, f"{pname} is trainable but does not reach the loss"
+        assert p.grad.abs().sum() > 0, f"{pname} is trainable but its gradient is zero"
     counts = count_parameters(captioner)
-    assert counts.groups.get("peft", (0, 0))[0] > 0, f"PEFT method '{name}' added no trainable parameter"
-    assert counts.groups["encoder"][0] == counts.groups["decoder"][0] == 0
+    assert counts.groups.get("peft", (0, 0))[0] + declared > 0, \
+        f"PEFT method '{name}' added no trainable parameter and declared no pretrained one to train"
+    assert counts.groups["encoder"][0] == 0 and counts.groups["decoder"][0] == declared
 
 
-def check_save_load(name, registry):
+def value_digests(params):
+    return Counter(hashlib.sha1(p.detach().float().cpu().numpy().tobytes() + str(tuple(p.shape)).encode()).hexdigest()
+                   for p in params)
+
+
+def check_pretrained_kept(name, registry, options):
+    """``apply`` keeps every pretrained Parameter object (the core refuses a method that replaced
+    one, e.g. ``lin.bias = nn.Parameter(lin.bias.clone())``) and leaves the values of all it does
+    not declare in ``pretrained_to_train`` as loaded."""
+    try:
+        captioner, cfg = build(name, registry, options)
+    except VlcapError as exc:
+        pytest.fail(f"PEFT method '{name}' could not be applied: {exc}")
+    # The same config, seeds and pretrained values, with a method that changes nothing.
+    base = build_captioner(plugin_config_for(name), Registry([PluginEntry(name, "peft", "kit", "0", "", _NoMethod())]))
+    base = base.captioner
+    loaded = value_digests(p for p in base.parameters() if is_pretrained(p))
+    kept = value_digests(p for p in captioner.parameters() if is_pretrained(p) and not p.requires_grad)
+    changed = kept - loaded
+    assert not changed, f"PEFT method '{name}' changed the values of {sum(changed.values())} pretrained " \
+                        "parameter(s) it does not train (declare them in pretrained_to_train, or leave them)"
+
+
+def check_save_load(name, registry, options):
     """A saved checkpoint loads into a captioner with exactly the same logits."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = tiny_config(name)
+        cfg = plugin_config_for(name, options)
         tokenizer, captioner, method, cfg = prepare_model(cfg, registry, tmp)
         perturb_trainable(captioner, std=0.05).eval()
         path = f"{tmp}/checkpoint.safetensors"
@@ -54,13 +93,12 @@ def check_save_load(name, registry):
                 f"'{name}': logits of the loaded checkpoint differ from the saved model's"
 
 
-def check_merge(name, registry):
+def check_merge(name, registry, options):
     """Where the method claims ``can_merge``, merged logits and captions equal unmerged ones."""
     method = registry.get("peft", name)
     if not method.can_merge:
         pytest.skip(f"PEFT method '{name}' does not claim can_merge")
-    cfg = tiny_config(name)
-    captioner = build_captioner(cfg, registry).captioner
+    captioner, cfg = build(name, registry, options)
     perturb_trainable(captioner, std=0.05).eval()
     tokenizer = tokenizer_for(cfg)
     pixels, ids = pixels_for(captioner, 2), token_ids(2, 7, cfg.model.decoder.vocab_size)
@@ -69,24 +107,25 @@ def check_merge(name, registry):
         before = [p.clone() for p in captioner.parameters() if is_pretrained(p)]
         unmerged = captioner(pixels, ids)
         captions = generate(captioner, tokenizer, greedy, {}, cached=True, images=2)
-        method.merge(captioner)
-        changed = any(not torch.equal(a, p) for a, p in zip(before, (p for p in captioner.parameters() if is_pretrained(p))))
-        assert changed, f"'{name}'.merge left every pretrained weight unchanged"
+        merge_peft(captioner, method)
+        after = [p for p in captioner.parameters() if is_pretrained(p)]
+        assert any(not torch.equal(a, p) for a, p in zip(before, after)), \
+            f"'{name}'.merge left every pretrained weight unchanged"
         torch.testing.assert_close(captioner(pixels, ids), unmerged, rtol=1e-4, atol=1e-4)
     assert generate(captioner, tokenizer, greedy, {}, cached=True, images=2) == captions
 
 
-def check_beam1_is_greedy(name, registry):
+def check_beam1_is_greedy(name, registry, options):
     """Beam search with one beam is greedy decoding."""
-    captioner, tokenizer = decoding_captioner(name, registry)
+    captioner, tokenizer = decoding_captioner(name, registry, options)
     greedy = generate(captioner, tokenizer, registry.get("decoding", "greedy"), {}, cached=True)
     assert generate(captioner, tokenizer, registry.get("decoding", "beam"), {"num_beams": 1}, cached=True) == greedy
 
 
-def check_cached_decoding(name, registry):
-    """The decoding cache equals full recompute: next-token logits through expand and reorder,
-    and the captions of greedy and 3-beam search."""
-    captioner, tokenizer = decoding_captioner(name, registry)
+def check_cached_decoding(name, registry, options):
+    """The decoding cache equals full recompute: next-token logits and final hidden states
+    through expand and reorder, and the captions of greedy and 3-beam search."""
+    captioner, tokenizer = decoding_captioner(name, registry, options)
     decoder = captioner.decoder
     ids = token_ids(IMAGES * 2, 6, decoder.cfg.vocab_size)
     with torch.inference_mode():
@@ -101,22 +140,28 @@ def check_cached_decoding(name, registry):
         rows = ids[::2, :2].repeat_interleave(2, 0)[swap]
         for t in range(2, ids.size(1)):
             rows = torch.cat([rows, ids[:, t:t + 1]], 1)
+            (cached_logits, cached_states), (full_logits, full_states) = (cached.logits(rows, hidden=True),
+                                                                          full.logits(rows, hidden=True))
             # float32 sums in another order: logits of magnitude ~10 agree to ~1e-4 of that scale
-            torch.testing.assert_close(cached.logits(rows), full.logits(rows), rtol=1e-4, atol=1e-3)
-    for strategy, options in (("greedy", {}), ("beam", {"num_beams": 3})):
+            torch.testing.assert_close(cached_logits, full_logits, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(cached_states, full_states, rtol=1e-4, atol=1e-4)
+            assert cached_states.shape == (rows.size(0), decoder.cfg.n_embd)
+    for strategy, strategy_options in (("greedy", {}), ("beam", {"num_beams": 3})):
         strategy = registry.get("decoding", strategy)
-        assert generate(captioner, tokenizer, strategy, options, cached=True) == \
-            generate(captioner, tokenizer, strategy, options, cached=False), f"cached {strategy.name} differs"
+        assert generate(captioner, tokenizer, strategy, strategy_options, cached=True) == \
+            generate(captioner, tokenizer, strategy, strategy_options, cached=False), f"cached {strategy.name} differs"
 
 
-def check_budget_at_full_size(name, registry):
-    """With its default options, on GPT-2 small and the largest course encoder, the model stays
-    within the 35M trainable-parameter budget (built as shapes only, like ``train --dry-run``)."""
-    cfg = config_lib.resolve("full", overrides=[{"peft": {"method": name}, "model": {"encoder": FULL_SIZE_ENCODER}}])
+def check_budget_at_full_size(name, registry, options):
+    """With the options given (default: its defaults), on GPT-2 small and the largest course
+    encoder, the model stays within the 35M trainable-parameter budget (built as shapes only,
+    like ``train --dry-run``: ``apply`` runs on the meta device)."""
+    cfg = config_lib.resolve("full", overrides=[{"peft": {"method": name, "options": dict(options)},
+                                                 "model": {"encoder": FULL_SIZE_ENCODER}}])
     captioner = build_captioner(cfg, registry, meta=True).captioner
     counts = count_parameters(captioner)
-    assert counts.groups.get("peft", (0, 0))[0] > 0
-    check_budget(counts.trainable, what=f"'{name}' with its default options at full size")
+    assert counts.groups.get("peft", (0, 0))[0] + counts.groups["decoder"][0] > 0
+    check_budget(counts.trainable, what=f"'{name}' with options {options or 'default'} at full size")
 
 
 class _NoMethod(PeftMethod):
@@ -126,12 +171,13 @@ class _NoMethod(PeftMethod):
         pass
 
 
-def check_zero_init(name, registry):
+def check_zero_init(name, registry, options):
     """Where the method claims ``zero_init``, a freshly applied method leaves the output unchanged."""
     if not registry.get("peft", name).zero_init:
         pytest.skip(f"PEFT method '{name}' does not claim zero_init")
-    base = build_captioner(tiny_config("none"), Registry([PluginEntry("none", "peft", "kit", "0", "", _NoMethod())])).captioner
-    captioner = build_captioner(tiny_config(name), registry).captioner
+    none = plugin_config_for("none")
+    base = build_captioner(none, Registry([PluginEntry("none", "peft", "kit", "0", "", _NoMethod())])).captioner
+    captioner, _ = build(name, registry, options)
     with torch.no_grad():
         # Let the image matter (the cross-attention output starts at zero), the same in both.
         for p in base.decoder.h[0].cross_attn.c_proj.parameters():
@@ -143,6 +189,7 @@ def check_zero_init(name, registry):
 
 PEFT_CHECKS = {
     "gradients": check_gradients,
+    "pretrained_kept": check_pretrained_kept,
     "save_load": check_save_load,
     "merge": check_merge,
     "beam1_is_greedy": check_beam1_is_greedy,
@@ -157,11 +204,11 @@ PEFT_CHECKS = {
 DECODING_METHOD = "prefix"  # its prefix keys/values sit in the cache, the hardest case for one
 
 
-def check_valid_output(name, registry):
-    """With its default options the strategy returns, per image, a list of token ids of the
+def check_valid_output(name, registry, options):
+    """With the options given, the strategy returns, per image, a list of token ids of the
     vocabulary, at most ``max_length`` long, without the end token."""
     captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
-    out = generate(captioner, tokenizer, registry.get("decoding", name), {}, cached=True)
+    out = generate(captioner, tokenizer, registry.get("decoding", name), options, cached=True)
     assert isinstance(out, list) and len(out) == IMAGES, f"'{name}' must return one token list per image"
     for tokens in out:
         assert isinstance(tokens, list) and len(tokens) <= MAX_LENGTH
@@ -169,40 +216,69 @@ def check_valid_output(name, registry):
         assert tokenizer.eot_id not in tokens
 
 
-def check_strategy_cached_equals_recompute(name, registry):
+def check_strategy_cached_equals_recompute(name, registry, options):
     """The strategy gives the same captions through the cache as with full recompute."""
     captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
     strategy = registry.get("decoding", name)
-    assert generate(captioner, tokenizer, strategy, {}, cached=True) == \
-        generate(captioner, tokenizer, strategy, {}, cached=False)
+    assert generate(captioner, tokenizer, strategy, options, cached=True) == \
+        generate(captioner, tokenizer, strategy, options, cached=False)
+
+
+def check_documented_interface_only(name, registry, options):
+    """The strategy uses nothing of the model but the documented ``NextToken`` interface
+    (``logits(ids, hidden=...)``, ``expand``, ``reorder``, ``images``, ``device``), used as
+    documented: it runs against a proxy that exposes only that, checks every call, and gives the
+    same captions as the real model."""
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
+    strategy = registry.get("decoding", name)
+    expected = generate(captioner, tokenizer, strategy, options, cached=True)
+    proxy = generate(captioner, tokenizer, strategy, options, cached=True, wrap=InterfaceOnlyNextToken)
+    assert proxy == expected, f"'{name}' gives other captions through the documented interface alone"
 
 
 DECODING_CHECKS = {
     "valid_output": check_valid_output,
     "cached_equals_recompute": check_strategy_cached_equals_recompute,
+    "documented_interface": check_documented_interface_only,
 }
 
 
 _passed = set()
 
 
-def _run(checks, kind, name, check, registry):
+def _run(checks, kind, name, check, registry, options):
     if check not in checks:
         raise ValueError(f"unknown check '{check}'; the kit has {', '.join(checks)}")
-    key = (kind, name, check, id(registry))
+    options = dict(configured_options(name) if options is None else options)
+    key = (kind, name, check, id(registry), json.dumps(options, sort_keys=True, default=repr))
     if key in _passed:  # the same plugin code, the same check: once per process is enough
         return
     registry = registry or installed_registry()
     registry.get(kind, name)  # an unknown name fails here, listing the installed ones
-    checks[check](name, registry)
+    checks[check](name, registry, options)
     _passed.add(key)
 
 
-def check_peft_method(name, check, registry=None):
-    """Run one kit check (a key of ``PEFT_CHECKS``) against the installed PEFT method ``name``."""
-    _run(PEFT_CHECKS, "peft", name, check, registry)
+# Options per plugin name for checks called without ``options``: what ``pytest --vlcap-plugin-option``
+# sets (vlcap.testing.pytest_plugin).
+CONFIGURED_OPTIONS = {}
 
 
-def check_decoding_strategy(name, check, registry=None):
+def configured_options(name):
+    return CONFIGURED_OPTIONS.get(name, {})
+
+
+def check_peft_method(name, check, registry=None, options=None):
+    """Run one kit check (a key of ``PEFT_CHECKS``) against the installed PEFT method ``name``
+    with ``options`` (default: those given by ``--vlcap-plugin-option``, else its defaults)."""
+    _run(PEFT_CHECKS, "peft", name, check, registry, options)
+
+
+def check_decoding_strategy(name, check, registry=None, options=None):
     """Run one kit check (a key of ``DECODING_CHECKS``) against the installed strategy ``name``."""
-    _run(DECODING_CHECKS, "decoding", name, check, registry)
+    _run(DECODING_CHECKS, "decoding", name, check, registry, options)
+
+
+def check_metric(name, check, registry=None, options=None):
+    """Run one kit check (a key of ``METRIC_CHECKS``) against the installed metric ``name``."""
+    _run(METRIC_CHECKS, "metric", name, check, registry, options)

@@ -5,8 +5,8 @@ pytest.importorskip("vlcap_prompt_tuning", reason="pip install ./examples/vlcap-
 
 import torch  # noqa: E402
 
-from vlcap.api import (DECODING_CHECKS, PEFT_CHECKS, Tokenizer, VlcapError, check_decoding_strategy,  # noqa: E402
-                       check_peft_method, make_synthetic_set, tiny_captioner)
+from vlcap.api import (DECODING_CHECKS, METRIC_CHECKS, PEFT_CHECKS, Tokenizer, VlcapError,  # noqa: E402
+                       check_decoding_strategy, check_metric, check_peft_method, make_synthetic_set, tiny_captioner)
 from vlcap_prompt_tuning.typical import typical  # noqa: E402
 
 
@@ -18,6 +18,28 @@ def test_prompt_passes_the_kit(check):
 @pytest.mark.parametrize("check", DECODING_CHECKS)
 def test_typical_passes_the_kit(check):
     check_decoding_strategy("typical", check)
+
+
+@pytest.mark.parametrize("check", METRIC_CHECKS)
+def test_distinct_passes_the_kit(check):
+    check_metric("distinct", check)
+
+
+def test_distinct_n_per_caption_and_pooled():
+    from vlcap_prompt_tuning.distinct import DistinctConfig, DistinctN
+    result = DistinctN().score({"a": "a dog and a dog", "b": "two cats"}, {}, {}, DistinctConfig(n=2))
+    # a: (a dog) (dog and) (and a) (a dog) -> 3 of 4; b: one bigram; pooled 4 distinct of 5
+    assert result.per_image == {"a": 0.75, "b": 1.0} and result.score == 0.8
+
+
+def test_the_command_lists_the_text_init_tokens():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "vlcap", "prompt-init", "a photo of", "--length", "5"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ids = Tokenizer().encode("a photo of")
+    assert [int(line.split("\t")[1]) for line in out.stdout.splitlines()] == (ids * 2)[:5]
 
 
 def build(**options):
@@ -70,7 +92,7 @@ def test_installed_package_is_listed_with_its_name_and_version():
     from importlib.metadata import version
     out = subprocess.run(["vlcap", "list-plugins", "--json"], capture_output=True, text=True, check=True).stdout
     mine = {e["name"]: e for e in json.loads(out) if e["package"] == "vlcap-prompt-tuning"}
-    assert set(mine) == {"prompt", "typical"}
+    assert set(mine) == {"prompt", "typical", "distinct", "prompt-init"}
     assert mine["prompt"]["kind"] == "peft" and mine["prompt"]["version"] == version("vlcap-prompt-tuning")
 
 

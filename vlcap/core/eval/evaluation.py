@@ -3,7 +3,8 @@
 CIDEr: Stanford PTB tokenization (lower-case, punctuation removed) then coco-caption CIDEr-D
 (n=4, sigma=6, IDF from the references being scored), both from ``pycocoevalcap``, the code
 the course's evaluator calls. CLIPScore: 2.5 * max(cos(image, caption), 0) with OpenAI CLIP,
-averaged over images. Training (validation metrics) and ``vlcap evaluate`` both come here.
+averaged over images. The metric plugins ``cider`` and ``clipscore`` call these; ``evaluate_files``
+scores a prediction file with any metric plugins (what ``vlcap evaluate`` runs).
 """
 import contextlib
 import functools
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from vlcap.core.data import RAISE, iterate_images, load_captions, read_json
 from vlcap.core.errors import VlcapError, few
+from vlcap.core.eval.metrics import check_metric_runs, metric_config, run_metric
 from vlcap.core.progress import progress_bar
 
 JAVA_HINT = "install a Java runtime, e.g. apt-get install default-jre-headless"
@@ -166,34 +168,65 @@ def image_paths_for(caption_set, image_dir):
 class Evaluation:
     images: int
     predictions: dict  # stem -> caption
-    cider: CiderResult
-    clipscore: ClipScoreResult = None
-    clip_model: str = None
+    scores: dict  # metric name -> MetricScores, in the order the metrics were asked for
+    metrics: dict  # metric name -> the metric plugin
+
+    def __getattr__(self, name):
+        # evaluation.cider, evaluation.clipscore: a scored metric's MetricScores by its name.
+        scores = self.__dict__.get("scores", {})
+        if name in scores:
+            return scores[name]
+        raise AttributeError(f"no metric '{name}' was scored (scored: {', '.join(scores) or 'none'})")
 
 
-def evaluate_files(pred_path, annotations_path, image_dir=None, clipscore=True, clip_model=None, batch_size=64,
-                   console=None):
+def evaluate_files(pred_path, annotations_path, registry, metrics, options=None, image_dir=None,
+                   leave_out=lambda name: f"leave {name} out"):
     """Validate the prediction file against the annotations (naming the file at fault), then score
-    CIDEr and, with ``clipscore``, CLIPScore on the images in ``image_dir``. Everything that can
-    fail fast (inputs, java, images, loading CLIP) is checked before anything is scored."""
-    from vlcap.core.eval.clip import load_clip
+    it with each metric plugin named in ``metrics`` (``options``: metric name -> its options).
+    Everything that can fail fast (inputs, options, images, each metric's ``check``: java, a CLIP
+    model) is checked before anything is scored. ``leave_out(name)``: how the caller's user
+    scores without that metric, for the error lines."""
     predictions = load_predictions(pred_path)
     caption_set = load_captions(annotations_path)
     references = caption_set.references()
     check_predictions(predictions, references, where=f"{pred_path} (against {annotations_path})")
-    check_java()
-    clip = image_paths = None
-    if clipscore:
+    chosen, configs = resolve_metrics(registry, metrics, options)
+    image_paths = {}
+    needing = [name for name, metric in chosen.items() if metric.needs_images]
+    if needing:
         if image_dir is None:
-            raise VlcapError("CLIPScore needs the images: pass --images DIR (or --no-clipscore)")
+            raise VlcapError(f"{', '.join(chosen[n].title or n for n in needing)} needs the images: pass --images DIR "
+                             f"(or {', '.join(map(leave_out, needing))})")
         image_paths = image_paths_for(caption_set, image_dir)
         check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
+    for name, metric in chosen.items():
         try:
-            clip = load_clip(clip_model)
+            check_metric_runs(metric, configs[name])
         except VlcapError as exc:
-            raise VlcapError(f"{exc}; or score CIDEr alone with --no-clipscore") from None
-    result = Evaluation(len(references), predictions, cider(predictions, references))
-    if clip is not None:
-        result.clipscore = clip_scores(predictions, image_paths, clip, batch_size=batch_size, console=console)
-        result.clip_model = clip.name
-    return result
+            raise VlcapError(f"{exc}; or score without {name}: {leave_out(name)}") from None
+    scores = {name: run_metric(metric, configs[name], predictions, references, image_paths)
+              for name, metric in chosen.items()}
+    return Evaluation(len(references), predictions, scores, chosen)
+
+
+def resolve_metrics(registry, names, options=None):
+    """``({name: metric plugin}, {name: its config})`` for the metric names asked for, in order;
+    an unknown name, a repeated one or options for a metric not asked for is one line."""
+    options = dict(options or {})
+    if not names:
+        raise VlcapError("no metric to score with; name one with --metric (see `vlcap list-plugins`)")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise VlcapError(f"--metric {', '.join(repeated)} given twice; name each metric once")
+    unused = sorted(set(options) - set(names))
+    if unused:
+        raise VlcapError(f"options given for metric(s) {', '.join(unused)}, which are not scored; add "
+                         f"--metric {unused[0]} or drop its options")
+    not_mappings = sorted(name for name, value in options.items() if not isinstance(value, dict))
+    if not_mappings:
+        raise VlcapError(f"options of metric {not_mappings[0]}: expected {not_mappings[0]}.KEY=VALUE, "
+                         f"e.g. --set {not_mappings[0]}.batch_size=32")
+    chosen = {name: registry.get("metric", name) for name in names}
+    configs = {name: metric_config(metric, options.get(name), f"metric options ({name}.KEY=VALUE)")
+               for name, metric in chosen.items()}
+    return chosen, configs

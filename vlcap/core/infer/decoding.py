@@ -2,7 +2,9 @@
 and the one place that turns images into caption strings with whichever strategy is asked for.
 
 A strategy never calls the decoder directly. It gets a ``NextToken`` model: ``logits(ids)``
-gives the next-token logits of every row, and ``expand``/``reorder`` change the rows (beams).
+gives the next-token logits of every row (``logits(ids, hidden=True)`` also the final hidden
+state of each row's last position, for contrastive search and its kin), and ``expand``/``reorder``
+change the rows (beams).
 The cached implementation feeds only new tokens through a ``DecoderCache``; the recompute one
 runs the full sequence every step (the reference the cache is tested and benchmarked against).
 Both compute the same thing, so every strategy works with either, unchanged.
@@ -28,7 +30,42 @@ class DecodingStrategy:
         raise NotImplementedError
 
 
-class CachedNextToken:
+class NextToken:
+    """What a decoding strategy sees of the decoder (documented in docs/plugins.md), the same for
+    the cached and the recompute implementation:
+
+    - ``logits(ids, hidden=False)``: ``ids`` ``(rows, T)`` holds every row's tokens so far, the
+      start token first; returns the next-token logits ``(rows, vocab)``. With ``hidden=True``,
+      ``(logits, states)``: ``states`` ``(rows, n_embd)`` is the final hidden state of each row's
+      last position (after the decoder's last LayerNorm, what the LM head reads); asking costs
+      nothing extra, not asking costs nothing either.
+    - ``expand(beams)``: each row becomes ``beams`` consecutive rows (image-major).
+    - ``reorder(index)``: row ``i`` takes the state of row ``index[i]``; every image keeps the same
+      number of rows, each taken from its own image's (it may shrink them: back to one per image).
+    - ``images``, ``device``.
+    """
+    images: int
+    device: torch.device
+
+    def logits(self, ids, hidden=False):
+        raise NotImplementedError
+
+    def expand(self, beams):
+        raise NotImplementedError
+
+    def reorder(self, index):
+        raise NotImplementedError
+
+
+def last_position(output, hidden):
+    """The last position of ``decoder(..., hidden=hidden)``'s output, as ``NextToken.logits`` returns it."""
+    if hidden:
+        logits, states = output
+        return logits[:, -1], states[:, -1]
+    return output[:, -1]
+
+
+class CachedNextToken(NextToken):
     """Incremental decoding: each call feeds only the tokens the cache has not seen."""
 
     def __init__(self, decoder, memory):
@@ -37,8 +74,8 @@ class CachedNextToken:
         self.images = memory.size(0)
         self.device = memory.device
 
-    def logits(self, ids):
-        return self.decoder(ids[:, self.cache.length:], cache=self.cache)[:, -1]
+    def logits(self, ids, hidden=False):
+        return last_position(self.decoder(ids[:, self.cache.length:], cache=self.cache, hidden=hidden), hidden)
 
     def expand(self, beams):
         self.cache.expand(beams)
@@ -47,7 +84,7 @@ class CachedNextToken:
         self.cache.reorder(index)
 
 
-class RecomputeNextToken:
+class RecomputeNextToken(NextToken):
     """Naive decoding: the whole sequence through the decoder at every step, with the image
     tokens copied for every beam."""
 
@@ -57,8 +94,8 @@ class RecomputeNextToken:
         self.images = memory.size(0)
         self.device = memory.device
 
-    def logits(self, ids):
-        return self.decoder(ids, self.memory)[:, -1]
+    def logits(self, ids, hidden=False):
+        return last_position(self.decoder(ids, self.memory, hidden=hidden), hidden)
 
     def expand(self, beams):
         self.memory = self.memory.repeat_interleave(beams, dim=0)
@@ -127,14 +164,16 @@ def decode_token_by_token(model, choose, *, start_id, end_id, max_length):
     return [cut_at_end(row[1:].tolist(), end_id) for row in ids]
 
 
-def generate_tokens(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):
+def generate_tokens(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True, wrap=None):
     """Token ids per image (no start token, cut before the end token) for a batch of preprocessed
     images. ``cached=False`` recomputes the whole sequence every step (for tests and benchmarks;
-    same tokens, much slower)."""
+    same tokens, much slower). ``wrap``: a callable given the ``NextToken`` model, returning what
+    the strategy gets instead (the conformance kit's interface-only proxy)."""
     config = plugin_config(strategy, options, "decoding.options")
     with evaluating(captioner), torch.inference_mode():
         memory = captioner.encode(pixels)
         model = next_token_model(captioner.decoder, memory, cached)
+        model = wrap(model) if wrap is not None else model
         with plugin_call(strategy, "generate"):
             return strategy.generate(model, config, start_id=tokenizer.eot_id,
                                      end_id=tokenizer.eot_id, max_length=max_length)

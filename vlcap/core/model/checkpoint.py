@@ -27,7 +27,8 @@ from vlcap.core.model.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, VlcapWarning, few
 from vlcap.core.plugins import plugin_call
-from vlcap.core.model.peft import check_budget, config_dict, count_parameters
+from vlcap.core.model.peft import (check_budget, check_mergeable, config_dict, count_parameters, is_pretrained,
+                                   merge_peft)
 from vlcap.core.model.tokenizer import Tokenizer
 
 FORMAT = "vlcap.trainable.v1"
@@ -54,6 +55,9 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     """Write the trainable parameters of ``captioner`` to ``path`` (atomically). ``record``: the
     training history record (epoch, step, losses, validation scores) the weights were saved at,
     kept in the metadata for ``vlcap inspect``. Returns the number of parameters saved."""
+    if getattr(captioner, "merged", False):
+        raise VlcapError(f"{path}: this captioner's PEFT method was merged into its base weights (for decoding "
+                         "only); save the checkpoint it was loaded from instead")
     trainable = count_parameters(captioner).trainable
     check_budget(trainable, what=f"{path}: the model")
     with plugin_call(method, "export"):
@@ -79,10 +83,19 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     }
     if record is not None:
         metadata["training"] = json.dumps(record)
+    trained_pretrained = pretrained_in(captioner, state)
+    if trained_pretrained:  # for `vlcap inspect`: these tensors replace pretrained values on load
+        metadata["trained_pretrained"] = json.dumps(trained_pretrained)
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
     with atomic_write(path) as f:
         f.write(safetensors_bytes(tensors, metadata=metadata))
     return count
+
+
+def pretrained_in(captioner, state):
+    """The names in ``state`` that are pretrained parameters the method trains (its
+    ``pretrained_to_train``), sorted."""
+    return sorted(name for name, p in captioner.named_parameters() if name in state and is_pretrained(p))
 
 
 def read_metadata(path):
@@ -115,6 +128,11 @@ def read_metadata(path):
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                     for k, v in metadata["training"].items()):
                 raise ValueError("training is not a mapping of names to numbers")
+        if "trained_pretrained" in metadata:  # absent when the method trains no pretrained parameter
+            metadata["trained_pretrained"] = json.loads(metadata["trained_pretrained"])
+            if not (isinstance(metadata["trained_pretrained"], list)
+                    and all(isinstance(n, str) and n in shapes for n in metadata["trained_pretrained"])):
+                raise ValueError("trained_pretrained is not a list of the file's tensor names")
         if not (isinstance(metadata["peft"], dict) and all(isinstance(metadata["peft"].get(k), str)
                                                            for k in ("name", "package", "version"))):
             raise ValueError("peft needs name, package and version strings")
@@ -165,16 +183,19 @@ def check_decoding(path, cfg, registry):
                       f"{path} metadata: decoding.options")
 
 
-def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
+def load_checkpoint(path, registry, decoder_weights=None, device="cpu", merge=False):
     """Rebuild the captioner a checkpoint describes and fill in its trainable parameters. Every
     check on the file's metadata runs before the model is built; every tensor is checked against
-    the built model before any is read."""
+    the built model before any is read. ``merge``: fold the PEFT method into the frozen weights
+    (``merge_peft``; one line if it cannot merge, checked before anything loads)."""
     path = Path(path)
     metadata = read_metadata(path)
     cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
     check_peft_plugin(path, metadata["peft"], cfg, registry)
     check_encoder_name(path, cfg)
     check_decoding(path, cfg, registry)
+    if merge:  # a method that cannot merge is one line before anything loads
+        check_mergeable(registry.get("peft", cfg.peft.method))
     weights = decoder_weights or cfg.model.decoder_weights
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
@@ -187,6 +208,8 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     check_decoder_fingerprint(path, metadata, captioner.decoder, weights)
     fill_trainable(path, metadata["shapes"], captioner)
     captioner.to(device).eval()
+    if merge:
+        merge_peft(captioner, method)
     return LoadedCaptioner(captioner, tokenizer, cfg, method, metadata)
 
 

@@ -111,10 +111,15 @@ def save_course_weights(decoder, path):
 def decoder_fingerprint(decoder, sample=4096):
     """A short hash of ``decoder``'s pretrained weights: every course tensor's name, shape and first
     ``sample`` values. Two different decoder files (another GPT-2, another fine-tune) differ in
-    it; the same weights give the same fingerprint whatever file or layout they came from."""
+    it; the same weights give the same fingerprint whatever file or layout they came from.
+    Tensors a PEFT method trains (``requires_grad``: declared in ``pretrained_to_train``) are left
+    out, so the fingerprint names the file's weights before and after training them."""
     own = decoder.state_dict()
+    trained = {name for name, p in decoder.named_parameters() if p.requires_grad}
     digest = hashlib.sha256()
     for key in course_keys(decoder.cfg):
+        if key in trained:
+            continue
         tensor = own[key].detach()
         digest.update(f"{key}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.flatten()[:sample].float().cpu().numpy().tobytes())

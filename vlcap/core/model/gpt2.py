@@ -245,21 +245,25 @@ class GPT2Decoder(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids, memory=None, cache=None, only=None, probe=None):
+    def forward(self, input_ids, memory=None, cache=None, only=None, probe=None, hidden=False):
         """Logits ``(B, T, vocab)``. Training passes the whole sequence and the image tokens
         ``memory``; incremental decoding passes only the new tokens and a ``DecoderCache``
         (``vlcap.core.model.kv_cache``), which holds the image keys/values (and has already run any
         ``input_prefix``) and grows by ``T``. ``only``: a bool mask ``(B, T)``; the logits of
         just those positions come back, ``(N, vocab)`` (the LM head is 50257 wide, and the loss
         reads no logits where there is no label). ``probe``: an ``AttentionProbe`` that keeps
-        the attention weights it names (full-sequence forwards only)."""
+        the attention weights it names (full-sequence forwards only). ``hidden``: return
+        ``(logits, states)``, ``states`` being the final hidden states (after ``ln_f``, what the
+        LM head reads) at the same positions: computed anyway, so free."""
         x = self.wte(input_ids)
         P = 0
         if cache is None and self.input_prefix is not None:
             prefix = self.input_prefix(input_ids.size(0))
             x, P = torch.cat([prefix.to(x.dtype), x], dim=1), prefix.size(1)
         x = self.transform(x, memory, cache, probe)[:, P:]
-        return self.lm_head(self.ln_f(x if only is None else x[only]))
+        states = self.ln_f(x if only is None else x[only])
+        logits = self.lm_head(states)
+        return (logits, states) if hidden else logits
 
     def next_token_loss(self, input_ids, labels, memory=None):
         """Token-mean cross-entropy against ``labels`` (``IGNORE_INDEX`` where there is none). The

@@ -5,9 +5,11 @@ and ``kv_prefix``, cross-attention, MLP, the ``post_*`` slots, ``input_prefix``,
 ``captioner.peft``), mapped in docs/design.md ("The hook-point map").
 
 Trainability is the core's job, decided after the method ran: every parameter that came with
-the pretrained encoder or decoder stays frozen, everything else (projection, cross-attention,
-the method's new parameters) trains. A method that swaps a pretrained layer for its own class
-must keep the pretrained Parameter objects (``swap_linear`` does).
+the pretrained encoder or decoder stays frozen, except the decoder's that the method declares in
+``pretrained_to_train`` (BitFit's biases, LayerNorm gains); everything else (projection,
+cross-attention, the method's new parameters) trains. A method that swaps a pretrained layer for
+its own class must keep the pretrained Parameter objects (``swap_linear`` does): after ``apply``
+the core refuses one that dropped or replaced any of them.
 
 Cross-attention ``k``/``v``: on its default form ("auto", ``gpt2.CrossAttention.form``) training
 folds their weights into the queries and never runs their forward, while the decoding cache
@@ -43,11 +45,23 @@ class PeftMethod:
     zero_init = False
 
     def apply(self, captioner, config):
-        """Add the method's parameters/modules to ``captioner`` (see the hook points above)."""
+        """Add the method's parameters/modules to ``captioner`` (see the hook points above).
+        Runs after the decoder's pretrained weights are loaded (on a dry run, on the meta
+        device: shapes only, no values), under a seed derived from ``model.init_seed``."""
         raise NotImplementedError
 
+    def pretrained_to_train(self, captioner, config):
+        """The pretrained decoder Parameters this method trains (e.g. every bias, for BitFit),
+        as an iterable of the captioner's own Parameter objects; called right after ``apply``.
+        They count as trainable (the budget included), are saved in checkpoints and loaded back
+        over the pretrained values; all other pretrained parameters stay frozen."""
+        return ()
+
     def merge(self, captioner):
-        """Fold the trained parameters into the base weights for faster inference."""
+        """Fold the trained parameters into the base weights for faster inference: afterwards
+        the captioner computes the same outputs (within float rounding) without running the
+        method's extra work. Called once, on an eval-mode captioner under ``torch.no_grad``; the
+        merged captioner is only decoded with, never trained or saved."""
         raise VlcapError(f"PEFT method '{self.name}' cannot be merged")
 
     def export(self, captioner, config):
@@ -70,14 +84,72 @@ def is_pretrained(param):
 
 
 def apply_peft(captioner, method, options):
-    """Run ``method`` on ``captioner``, then set trainability. Returns the method's config."""
+    """Run ``method`` on ``captioner``, check it kept every pretrained Parameter, then set
+    trainability (new parameters and the declared pretrained ones train). Returns the method's
+    config."""
     config = plugin_config(method, options, "peft.options")
+    pretrained = {id(p): name for name, p in captioner.named_parameters() if is_pretrained(p)}
     with plugin_call(method, "apply"):
         method.apply(captioner, config)
+    check_pretrained_kept(captioner, method, pretrained)
     check_cross_attention_forms(captioner, method)
+    trained = declared_pretrained(captioner, method, config)
     for p in captioner.parameters():
-        p.requires_grad_(not is_pretrained(p))
+        p.requires_grad_(not is_pretrained(p) or id(p) in trained)
     return config
+
+
+def check_pretrained_kept(captioner, method, pretrained):
+    """Every pretrained Parameter object (``pretrained``: id -> name before ``apply``) must still be
+    in the captioner: a method that replaced one (``lin.bias = nn.Parameter(lin.bias.clone())``)
+    would silently train a pretrained weight and leave it out of the frozen-weight checks."""
+    present = {id(p) for p in captioner.parameters()}
+    lost = [name for key, name in pretrained.items() if key not in present]
+    if lost:
+        raise VlcapError(f"PEFT method '{method.name}' replaced or removed the pretrained parameter {lost[0]}"
+                         f"{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}; keep the pretrained "
+                         "Parameter objects (swap_linear does) and declare the ones it trains in "
+                         "pretrained_to_train")
+
+
+def declared_pretrained(captioner, method, config):
+    """The ids of the Parameters ``method.pretrained_to_train`` declares, each checked to be one of
+    the captioner's pretrained decoder Parameters (the encoder stays frozen: the feature cache
+    and ``encoder_features`` run it without autograd)."""
+    names = {id(p): name for name, p in captioner.named_parameters()}
+    trained = set()
+    with plugin_call(method, "pretrained_to_train"):
+        declared = list(method.pretrained_to_train(captioner, config) or ())
+    for p in declared:
+        name = names.get(id(p))
+        if not isinstance(p, nn.Parameter) or name is None:
+            raise VlcapError(f"PEFT method '{method.name}': pretrained_to_train gave a {type(p).__name__} that is "
+                             "not a Parameter of the captioner; return the captioner's own Parameters")
+        if not is_pretrained(p) or name.startswith("encoder."):
+            what = "the frozen encoder's" if name.startswith("encoder.") else "not a pretrained parameter"
+            raise VlcapError(f"PEFT method '{method.name}': pretrained_to_train names {name}, {what}; only the "
+                             "pretrained decoder's parameters can be declared (new ones train anyway)")
+        trained.add(id(p))
+    return trained
+
+
+def merge_peft(captioner, method):
+    """Fold ``method`` into ``captioner``'s frozen weights once, for decoding only (``vlcap caption
+    --merge``): the captions stay the same, each step skips the method's extra work. The merged
+    captioner is frozen and marked ``merged`` (saving it is refused: its base weights changed)."""
+    check_mergeable(method)
+    captioner.eval()
+    with torch.no_grad(), plugin_call(method, "merge"):
+        method.merge(captioner)
+    captioner.requires_grad_(False)
+    captioner.merged = True
+    return captioner
+
+
+def check_mergeable(method):
+    if not method.can_merge:
+        raise VlcapError(f"PEFT method '{method.name}' cannot be merged into the base weights; caption without "
+                         "--merge (the captions are the same, only slower)")
 
 
 def project_image_tokens(cross_attention):
@@ -119,7 +191,8 @@ def linear_change(layer):
 
 
 def trainable_state(captioner):
-    """Exactly the parameters with ``requires_grad`` (chosen by flag, never by name)."""
+    """Exactly the parameters with ``requires_grad`` (chosen by flag, never by name): the new
+    ones and the pretrained ones the method declared in ``pretrained_to_train``."""
     return {name: p.detach() for name, p in captioner.named_parameters() if p.requires_grad}
 
 
@@ -148,7 +221,8 @@ def parameter_group(name, pretrained=False):
 
 
 def count_parameters(captioner):
-    """Parameter counts per part of the captioner (for reports; training uses the flags)."""
+    """Parameter counts per part of the captioner (for reports; training uses the flags). The
+    pretrained decoder parameters a method trains count as the decoder's trainable ones."""
     groups = {}
     for name, p in captioner.named_parameters():
         group = parameter_group(name, is_pretrained(p))

@@ -46,6 +46,7 @@ from vlcap.core.data import check_images_exist, iterate_images, load_captions, u
 from vlcap.core.infer.decoding import caption_images
 from vlcap.core.console import say
 from vlcap.core.errors import VlcapError, VlcapWarning, few
+from vlcap.core.eval.metrics import check_metric_runs, metric_config, run_metric
 from vlcap.core.plugins import plugin_call
 from vlcap.core.progress import progress_bar, progress_task
 from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
@@ -391,10 +392,18 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, 
     references = {stem: val.references[stem] for stem in predictions}
     scores = {}
     for name in cfg.train.metrics:
-        metric = registry.get("metric", name)
-        with plugin_call(metric, "compute"):
-            scores[name] = float(metric.compute(predictions, references, val.paths))
+        metric, config = metric_and_config(cfg, registry, name)
+        result = run_metric(metric, config, predictions, references, val.paths)
+        for note in result.notes:
+            warnings.warn(note, VlcapWarning, stacklevel=2)
+        scores[name] = result.score
     return scores
+
+
+def metric_and_config(cfg, registry, name):
+    """A metric of ``train.metrics`` and its config from ``train.metric_options``."""
+    metric = registry.get("metric", name)
+    return metric, metric_config(metric, cfg.train.metric_options.get(name), f"train.metric_options.{name}")
 
 
 def selection_key(cfg, registry, has_val):
@@ -403,10 +412,17 @@ def selection_key(cfg, registry, has_val):
     names = cfg.train.metrics
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise VlcapError(f"train.metrics must be a list of metric names, e.g. --set train.metrics=[cider], got {names!r}")
-    metrics = {name: registry.get("metric", name) for name in names}
-    for name, metric in metrics.items() if has_val else ():
+    options = cfg.train.metric_options
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise VlcapError("train.metric_options must map metric names to their options, e.g. "
+                         f"--set train.metric_options.clipscore.batch_size=32, got {options!r}")
+    unused = sorted(set(options) - set(names))
+    if unused:
+        raise VlcapError(f"train.metric_options names {', '.join(unused)}, not in train.metrics (now {names})")
+    metrics = {name: metric_and_config(cfg, registry, name) for name in names}
+    for name, (metric, config) in metrics.items() if has_val else ():
         try:
-            metric.check()
+            check_metric_runs(metric, config)
         except VlcapError as exc:
             raise VlcapError(f"{exc} (or leave {name} out of train.metrics, e.g. --set train.metrics=[])") from None
     choice = cfg.train.best_metric

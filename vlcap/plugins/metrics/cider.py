@@ -1,12 +1,14 @@
-from vlcap.api import Metric, check_java, cider
+from vlcap.api import Metric, MetricScores, check_java, cider
 
 
 class CiderMetric(Metric):
     name = "cider"
+    title = "CIDEr"
     description = "CIDEr-D (PTB tokenization, n=4, sigma=6) via pycocoevalcap, as the course scores it; needs java"
 
-    def check(self):
+    def check(self, config):
         check_java()
 
-    def compute(self, predictions, references, image_paths):
-        return cider(predictions, references).score
+    def score(self, predictions, references, image_paths, config):
+        result = cider(predictions, references)
+        return MetricScores(result.score, result.per_image)

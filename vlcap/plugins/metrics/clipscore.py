@@ -1,27 +1,42 @@
-from rich.console import Console
+import os
+from dataclasses import dataclass
+from typing import Optional
 
-from vlcap.api import CLIP_MODEL_ENV, Metric, clip_scores, load_clip
+from vlcap.api import CLIP_MODEL_ENV, Metric, MetricScores, clip_scores, load_clip
+
+
+@dataclass
+class ClipScoreConfig:
+    # OpenAI CLIP name (ViT-B/32, ViT-L/14, ...) or a local OpenAI-format file; None: $VLCAP_CLIP_MODEL,
+    # else ViT-B/32 as the course
+    model: Optional[str] = None
+    batch_size: int = 64  # images per CLIP pass
 
 
 class ClipScoreMetric(Metric):
     name = "clipscore"
+    title = "CLIPScore"
     description = f"CLIPScore 2.5*max(cos,0) with OpenAI CLIP (ViT-B/32, or ${CLIP_MODEL_ENV}), as the course scores it"
+    config_class = ClipScoreConfig
+    uses_references = False
+    needs_images = True
 
     def __init__(self):
-        self._clip = None
+        self._clips = {}
 
-    def check(self):
-        self._load()
+    def check(self, config):
+        self._load(config.model)
 
-    def compute(self, predictions, references, image_paths):
-        # No progress bar: the trainer's own live display is on screen.
-        result = clip_scores(predictions, image_paths, self._load(), show_progress=False)
-        if result.truncated:
-            Console(stderr=True).print(f"[yellow]CLIPScore: {len(result.truncated)} caption(s) longer than CLIP's "
-                                       "77 tokens were truncated[/]")
-        return result.score
+    def score(self, predictions, references, image_paths, config):
+        clip = self._load(config.model)
+        result = clip_scores(predictions, image_paths, clip, batch_size=config.batch_size, show_progress=False)
+        notes = [f"{len(result.truncated)} caption(s) longer than CLIP's 77 tokens were truncated for CLIPScore "
+                 f"(the course's script stops on them): {', '.join(result.truncated[:4])}"] if result.truncated else []
+        return MetricScores(result.score, result.per_image, notes, {"clip_model": clip.name,
+                                                                     "truncated": result.truncated})
 
-    def _load(self):
-        if self._clip is None:  # loaded once per process, on first use: the model is large
-            self._clip = load_clip()
-        return self._clip
+    def _load(self, model):
+        key = model or os.environ.get(CLIP_MODEL_ENV)  # what load_clip(None) would load
+        if key not in self._clips:  # loaded once per process and model, on first use: the model is large
+            self._clips[key] = load_clip(model)
+        return self._clips[key]
