@@ -66,6 +66,17 @@ def registry():
 
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... or auto (cuda if available)."
+# --precision: what "auto" means for the captioner, and for CLIP (clip.load's fp16, the course's).
+CAPTIONER_PRECISION = ("Precision the captioner computes in (never the checkpoint's training amp). auto: fp32 on "
+                       "CPU; on CUDA bf16 where the GPU has it natively (compute capability 8.0+), else fp16.")
+CLIP_PRECISION = "Precision of CLIP's weights. auto: fp32 on CPU, fp16 on CUDA (as OpenAI's clip.load and the course)."
+
+
+def precision_option(help_text):
+    """``--precision auto|fp32|bf16|fp16`` (``runtime.inference_dtype``), for every command that
+    runs a trained captioner or CLIP."""
+    return click.option("--precision", type=click.Choice(config_lib.PRECISIONS), default="auto", show_default=True,
+                        help=help_text)
 
 
 def checked_device(name):
@@ -310,9 +321,10 @@ def demo(out, steps, methods):
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Images per CLIP pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Classify the readable images instead of failing on unreadable ones.")
+@precision_option(CLIP_PRECISION)
 def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, **options):
     """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts."""
-    # options: clip_model, ground_truth, seed, batch_size, skip_bad_images, as run_classification takes them
+    # options: clip_model, ground_truth, seed, batch_size, skip_bad_images, precision, as run_classification takes them
     device = checked_device(device)
     from vlcap.apps.classify import run_classification
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
@@ -340,13 +352,14 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
 @click.option("--top-k", type=click.IntRange(min=0), default=5, show_default=True,
               help="Show the K best and K worst images by CLIPScore (by CIDEr with --no-clipscore).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@precision_option(CLIP_PRECISION)
 def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, batch_size, per_image_path, top_k,
-             as_json):
+             as_json, precision):
     """Score captions with CIDEr and CLIPScore exactly as the course's evaluator does."""
     from vlcap.apps.evaluation import evaluate_predictions
     result = evaluate_predictions(pred_path, annotations_path, image_dir, clipscore=not no_clipscore,
                                   clip_model=clip_model, batch_size=batch_size, per_image_path=per_image_path,
-                                  console=err_console)
+                                  console=err_console, precision=precision)
     warning = reports.truncation_warning(result)
     if warning:
         err_console.print(warning)
@@ -407,15 +420,16 @@ def decoding_request(strategy, assignments, num_beams):
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per decoding batch.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
+@precision_option(CAPTIONER_PRECISION)
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
-            batch_size, device, skip_bad_images):
+            batch_size, device, skip_bad_images, precision):
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
     device = checked_device(device)
     from vlcap.core.infer.captioning import caption_folder
     strategy, options = decoding_request(strategy, assignments, num_beams)
     result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
                             strategy=strategy, options=options, max_length=max_length,
-                            batch_size=batch_size, device=device, console=err_console)
+                            batch_size=batch_size, device=device, precision=precision, console=err_console)
     for message in result.bad_images:
         err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
@@ -442,9 +456,10 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 @click.option("--bottom", type=int, default=1, show_default=True, help="How many of the worst images to draw.")
 @click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@precision_option(CAPTIONER_PRECISION + " --rank-by's CLIP: as `vlcap evaluate --precision`.")
 def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, **options):
     """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
-    # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
+    # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice, precision), by name
     device = checked_device(device)
     strategy, decoding = decoding_request(strategy, assignments, num_beams)
     from vlcap.apps.visualize import draw_attention_maps

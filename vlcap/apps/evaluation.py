@@ -23,12 +23,12 @@ def per_image_rows(evaluation):
 
 
 def evaluate_predictions(pred_path, annotations_path, image_dir=None, *, clipscore=True, clip_model=None,
-                         batch_size=64, per_image_path=None, console=None):
+                         batch_size=64, per_image_path=None, console=None, precision="auto"):
     """Score ``pred_path`` against ``annotations_path`` as ``evaluate_files`` does (CIDEr, and
-    CLIPScore on the images in ``image_dir`` with ``clipscore``); with ``per_image_path``, also
+    CLIPScore on the images in ``image_dir`` with ``clipscore``, CLIP in ``precision``); with ``per_image_path``, also
     write the per-image rows there as CSV (atomically). Returns the scores and the ranked rows."""
     evaluation = evaluate_files(pred_path, annotations_path, image_dir, clipscore=clipscore,
-                                clip_model=clip_model, batch_size=batch_size, console=console)
+                                clip_model=clip_model, batch_size=batch_size, console=console, precision=precision)
     rows = per_image_rows(evaluation)
     if per_image_path:
         write_csv(per_image_path, PER_IMAGE_COLUMNS, ([row[c] for c in PER_IMAGE_COLUMNS] for row in rows))

@@ -15,6 +15,10 @@ import yaml
 
 from vlcap.core.errors import VlcapError
 
+# ``--precision`` of the commands that run a trained model or CLIP (``runtime.inference_dtype``);
+# here rather than in runtime so that the CLI's --help lists them without importing torch.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 @dataclass(frozen=True)
 class GPT2Config:
@@ -73,7 +77,7 @@ class TrainConfig:
     warmup_steps: int = 500
     min_lr_ratio: float = 0.01
     clip_grad: float = 1.0
-    amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16/fp16 on CUDA, off on CPU (bf16 works on CPU)
+    amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 on GPUs with native bf16, else fp16; off on CPU
     seed: int = 0
     save_every: int = 200  # optimizer steps between resume-state saves (also saved each epoch and on SIGTERM/SIGINT)
     num_workers: int = 2

@@ -172,9 +172,10 @@ class Evaluation:
 
 
 def evaluate_files(pred_path, annotations_path, image_dir=None, clipscore=True, clip_model=None, batch_size=64,
-                   console=None):
+                   console=None, precision="auto"):
     """Validate the prediction file against the annotations (naming the file at fault), then score
-    CIDEr and, with ``clipscore``, CLIPScore on the images in ``image_dir``. Everything that can
+    CIDEr and, with ``clipscore``, CLIPScore on the images in ``image_dir`` (CLIP in ``precision``,
+    ``load_clip``'s). Everything that can
     fail fast (inputs, java, images, loading CLIP) is checked before anything is scored."""
     from vlcap.core.eval.clip import load_clip
     predictions = load_predictions(pred_path)
@@ -189,7 +190,7 @@ def evaluate_files(pred_path, annotations_path, image_dir=None, clipscore=True, 
         image_paths = image_paths_for(caption_set, image_dir)
         check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
         try:
-            clip = load_clip(clip_model)
+            clip = load_clip(clip_model, precision=precision)
         except VlcapError as exc:
             raise VlcapError(f"{exc}; or score CIDEr alone with --no-clipscore") from None
     result = Evaluation(len(references), predictions, cider(predictions, references))
