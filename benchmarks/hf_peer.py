@@ -150,7 +150,8 @@ def hf_generate(model, memory, *, start_id, end_id, max_length, num_beams=1, len
     config = GenerationConfig(decoder_start_token_id=start_id, bos_token_id=start_id, pad_token_id=start_id,
                               eos_token_id=end_id, max_new_tokens=max_length, num_beams=num_beams, do_sample=False,
                               length_penalty=length_penalty, early_stopping=False)
+    model.generation_config = config  # else generate fills what this leaves None (eos_token_id) from the model's
     with torch.inference_mode():
-        out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory), generation_config=config)
+        out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory))
     rows = out[:, 1:].tolist()
     return [row[:row.index(end_id)] if end_id is not None and end_id in row else row for row in rows]

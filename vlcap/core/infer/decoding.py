@@ -48,7 +48,7 @@ class CachedNextToken:
 
 class RecomputeNextToken:
     """Naive decoding: the whole sequence through the decoder at every step, with the image
-    tokens copied for every beam."""
+    tokens copied for every beam; the LM head only at the last position, the one read."""
 
     def __init__(self, decoder, memory):
         self.decoder = decoder
@@ -57,7 +57,9 @@ class RecomputeNextToken:
         self.device = memory.device
 
     def logits(self, ids):
-        return self.decoder(ids, self.memory)[:, -1]
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[:, -1] = True
+        return self.decoder(ids, self.memory, only=last)
 
     def expand(self, beams):
         self.memory = self.memory.repeat_interleave(beams, dim=0)
