@@ -209,7 +209,8 @@ def main():
                 results[((label, beams, batch), path)].append((tokens, args.images / seconds, peak))
                 print(f"  round {round_ + 1}: {label} batch {batch} {path}: {args.images / seconds:.2f} img/s",
                       file=sys.stderr, flush=True)
-    print_table(rows, results)
+        print(f"\nafter {round_ + 1} round(s):")  # the table so far: a long run cut short keeps its rounds
+        print_table(rows, results)
 
 
 def print_table(rows, results):
@@ -221,7 +222,7 @@ def print_table(rows, results):
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         label, _, batch = row
-        cached, hf, naive = (results[(row, path)] for path in PATHS)
+        cached, hf, naive = (results[(row, path)] or [([], float("nan"), 0)] for path in PATHS)
         # ratios round by round: both paths ran in the same round, one after the other
         over_hf = [c[1] / h[1] for c, h in zip(cached, hf)]
         over_naive = [c[1] / n[1] for c, n in zip(cached, naive)]

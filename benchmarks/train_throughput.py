@@ -305,8 +305,10 @@ def run_rounds(args, names):
             if done.returncode:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
             rows[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  round {round_ + 1}/{args.rounds}: {name}: {rows[name][-1]['step_s']:.3f} s/step "
-                  f"({time.perf_counter() - started:.0f} s in all)", file=sys.stderr, flush=True)
+            row = rows[name][-1]
+            print(f"  round {round_ + 1}/{args.rounds}: {name}: {row['step_s']:.3f} s/step, peak "
+                  f"{row['peak_bytes'] / 2**20:,.0f} MiB ({time.perf_counter() - started:.0f} s in all)",
+                  file=sys.stderr, flush=True)
     return rows
 
 
