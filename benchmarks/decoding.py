@@ -209,8 +209,9 @@ def main():
                 results[((label, beams, batch), path)].append((tokens, args.images / seconds, peak))
                 print(f"  round {round_ + 1}: {label} batch {batch} {path}: {args.images / seconds:.2f} img/s",
                       file=sys.stderr, flush=True)
-        print(f"\nafter {round_ + 1} round(s):")  # the table so far: a long run cut short keeps its rounds
-        print_table(rows, results)
+            # the table so far after every row: a long run cut short keeps what it measured
+            print(f"\nround {round_ + 1}, {label} at batch {batch} done:", flush=True)
+            print_table([row for row in rows if results[(row, "vlcap cached")]], results)
 
 
 def print_table(rows, results):
