@@ -12,7 +12,7 @@
 #
 # Results go to $OUT (default gpu_tables/) as markdown, one file per table, with nvidia-smi's
 # description of the GPU. SMOKE=1 runs the same plumbing at tiny sizes on any device (a check of
-# this script, not a measurement).
+# this script, not a measurement). Needs `pip install -e ".[bench]"` (checked first, in one line).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,6 +20,9 @@ OUT=${OUT:-gpu_tables}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 part=${1:-all}
+python() { "${PYTHON:-python3}" "$@"; }
+python -c "import torch, timm, transformers, peft, open_clip, vlcap" 2>/dev/null ||
+    { echo "gpu_tables.sh: install the benchmark extras first: pip install -e \".[bench]\"" >&2; exit 1; }
 
 if [[ ${SMOKE:-0} == 1 ]]; then
     FULL=tiny LARGE=tiny DECODER=tiny VIT_B=test_vit VIT_L=test_vit CLIP=tiny STEPS=1 ROUNDS=1 BATCH=4 IMAGES=8

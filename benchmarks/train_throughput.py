@@ -337,6 +337,8 @@ def report(args, rows, timed, cfg):
     print()
 
     def ratio(a, b):  # samples/s of a over b, round by round: both ran in the same round, under the same load
+        if a not in rows or b not in rows:
+            return "(not run)"
         return spread([y["step_s"] / x["step_s"] for x, y in zip(rows[a], rows[b])], "{:.2f}x")
     print(f"- like for like, vlcap lora vs HF LoRA: {ratio('vlcap lora', HF)} samples/s from images, "
           f"{ratio('vlcap lora + cache', HF + ' + cache')} from cached ViT tokens")
@@ -347,7 +349,7 @@ def report(args, rows, timed, cfg):
     for off in ABLATIONS if args.ablations else ():
         print(f"- {off}: vlcap lora + cache runs {ratio('vlcap lora + cache', f'vlcap lora + cache - {off}')} "
               "the samples/s with it as without")
-    if args.captions:
+    if args.captions and "vlcap lora + cache" in rows and HF in rows:
         epoch_hours(args, rows, cfg)
 
 
@@ -399,11 +401,7 @@ def main():
     names = configurations(args)
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    rows = run_rounds(args, names)
-    if all(n in rows for n in ("vlcap lora", HF, "vlcap lora + cache", HF + " + cache")):
-        report(args, rows, timed, cfg)
-    else:
-        print(json.dumps(rows, indent=1))
+    report(args, run_rounds(args, names), timed, cfg)
 
 
 if __name__ == "__main__":
