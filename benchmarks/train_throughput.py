@@ -382,6 +382,8 @@ def main():
                         help="other vlcap PEFT methods to add as their own rows, e.g. adapter,prefix")
     parser.add_argument("--ablations", action="store_true", help="add vlcap lora + cache with each optimisation off")
     parser.add_argument("--only", help="comma-separated configuration names to run (default: all the flags ask for)")
+    parser.add_argument("--reverse", action="store_true", help="start with the last configuration (to interleave with "
+                        "an earlier run in the usual order)")
     parser.add_argument("--threads", type=int, help="torch threads in every process (the same for both stacks)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
@@ -401,6 +403,8 @@ def main():
     names = configurations(args)
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
+    if args.reverse:
+        names = names[::-1]
     report(args, run_rounds(args, names), timed, cfg)
 
 
