@@ -35,6 +35,7 @@ from vlcap.core.model.peft import (PeftMethod, is_pretrained, project_image_toke
                                    trainable_state)
 from vlcap.core.model.tokenizer import IGNORE_INDEX, Tokenizer
 from vlcap.core.plugins import registry
+from vlcap.core.validation import Ge, Gt, Interval, Le, Lt
 from vlcap.testing.builders import perturb_trainable, pixels_for, tiny_captioner, tiny_config, token_ids
 
 _KIT = ("check_peft_method", "check_decoding_strategy", "PEFT_CHECKS", "DECODING_CHECKS")
@@ -42,6 +43,8 @@ _KIT = ("check_peft_method", "check_decoding_strategy", "PEFT_CHECKS", "DECODING
 __all__ = [
     # hooks and errors
     "hookimpl", "registry", "VlcapError", "VlcapWarning",
+    # option ranges: typing.Annotated[int, Ge(1)] in a config_class (checked where options enter)
+    "Ge", "Gt", "Le", "Lt", "Interval",
     # PEFT methods
     "PeftMethod", "swap_linear", "project_image_tokens", "select_layers", "trainable_state", "is_pretrained",
     "split_heads", "merge_heads",

@@ -12,10 +12,9 @@ import contextlib
 
 import torch
 
-from vlcap.core.config import PRECISIONS
+from vlcap.core.config import AMP_CHOICES, PRECISIONS
 from vlcap.core.errors import VlcapError
 
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

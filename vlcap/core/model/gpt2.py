@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlcap.core.config import GPT2Config
+from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import course_keys
 from vlcap.core.model.tokenizer import IGNORE_INDEX
 
@@ -279,7 +280,8 @@ class GPT2Decoder(nn.Module):
         past = 0 if cache is None else cache.positions
         T = x.size(1)
         if past + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {past + T} positions exceeds the decoder context of {self.cfg.block_size}")
+            raise VlcapError(f"a sequence of {past + T} positions exceeds the decoder's context of "
+                             f"{self.cfg.block_size}; lower --max-length (or the decoding option that sets the length)")
         if probe is not None:
             self.check_probe(probe, cache)
         x = x + self.wpe(torch.arange(past, past + T, device=x.device))

@@ -1,6 +1,6 @@
 from vlcap.api import PeftMethod, VlcapError, select_layers
 from vlcap.plugins.peft_adapter.config import PLACEMENTS, AdapterConfig
-from vlcap.plugins.peft_adapter.layer import ACTIVATIONS, Adapter
+from vlcap.plugins.peft_adapter.layer import Adapter
 
 
 class AdapterMethod(PeftMethod):
@@ -10,10 +10,6 @@ class AdapterMethod(PeftMethod):
     zero_init = True  # the up-projection starts at zero
 
     def apply(self, captioner, config):
-        if config.placement not in PLACEMENTS:
-            raise VlcapError(f"peft.options.placement: '{config.placement}' is not one of {', '.join(PLACEMENTS)}")
-        if config.activation not in ACTIVATIONS:
-            raise VlcapError(f"peft.options.activation: '{config.activation}' is not one of {', '.join(ACTIVATIONS)}")
         width = captioner.decoder.cfg.n_embd
         if not 1 <= config.reduction <= width:
             raise VlcapError(f"peft.options.reduction: must be between 1 and {width}, got {config.reduction}")
