@@ -62,8 +62,9 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, sm
 
 
 def test_resume_refuses_conflicting_options_and_foreign_folders(tmp_path):
+    # a resumed run may lower its learning rate (the numerical guard's advice), not change its seed
     result = run("train", "--resume", tmp_path, "--lr", 1, "--set", "train.seed=3")
-    assert result.exit_code == 1 and "drop --lr, --set" in result.output
+    assert result.exit_code == 1 and "drop --set" in result.output and "--lr" not in result.output
     result = run("train", "--resume", tmp_path)
     assert result.exit_code == 1 and "no config.yaml here" in result.output
 

@@ -309,7 +309,9 @@ def demo(out, steps, methods):
 
 @main.command()
 @click.argument("images_dir", type=click.Path())
-@click.option("--labels", "labels_file", required=True, type=click.Path(), help="id2label.json: {\"0\": \"bicycle\", ...}.")
+@click.option("--labels", "labels_file", type=click.Path(), help="id2label.json: {\"0\": \"bicycle\", ...} (zero-shot).")
+@click.option("--classifier", type=click.Path(dir_okay=False),
+              help="Classify with a ViT fine-tuned by train-classifier (RUN/best.safetensors) instead of CLIP zero-shot.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write predictions here as 'filename,label' CSV.")
 @click.option("--template", "templates", multiple=True, metavar="TEXT",
               help="Prompt with {object} for the class name, written with spaces for underscores "
@@ -326,19 +328,135 @@ def demo(out, steps, methods):
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Classify the readable images instead of failing on unreadable ones.")
 @precision_option(CLIP_PRECISION)
-def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, **options):
-    """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts."""
-    # options: clip_model, ground_truth, seed, batch_size, skip_bad_images, precision, as run_classification takes them
+def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, classifier, precision,
+             **options):
+    """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts (or, with
+    --classifier, with a fine-tuned ViT)."""
+    # options: clip_model, ground_truth, seed, batch_size, skip_bad_images, as run_classification takes them
     device = checked_device(device)
+    if classifier:
+        refuse_given({"--precision": None if precision == "auto" else precision},
+                     "sets CLIP's precision; --classifier runs the fine-tuned ViT as trained")
+        return classify_with_classifier(images_dir, classifier, out, report, device, labels_file=labels_file,
+                                        templates=templates, plot_top5=plot_top5, out_dir=out_dir, **options)
+    if not labels_file:
+        raise VlcapError("pass --labels id2label.json (zero-shot CLIP) or --classifier RUN/best.safetensors")
     from vlcap.apps.classify import run_classification
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
-                                out_dir=out_dir, device=device, console=err_console, **options)
+                                out_dir=out_dir, device=device, console=err_console, precision=precision, **options)
     if out:
         say(err_console, f"{len(result.files)} predictions written to {out}")
     if report:
         console.print(reports.classification_table(result))
     if plot_top5:
         say(err_console, f"top-5 plots of {result.plotted} images written to {out_dir}")
+
+
+def classify_with_classifier(images_dir, checkpoint, out, report, device, *, ground_truth, batch_size,
+                             skip_bad_images, seed, **zero_shot):
+    from vlcap.apps import classifier
+    classifier.check_zero_shot_options(zero_shot)
+    result = classifier.classify_with_classifier(images_dir, checkpoint, out=out, report=report,
+                                                 ground_truth=ground_truth, batch_size=batch_size, device=device,
+                                                 skip_bad_images=skip_bad_images, console=err_console)
+    for message in result.bad:
+        err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
+    if out:
+        err_console.print(f"{len(result.files)} predictions written to {out}", markup=False, highlight=False)
+    if result.accuracy:
+        correct, total = result.accuracy
+        console.print(f"accuracy {100 * correct / total:.2f}% ({correct}/{total})", markup=False, highlight=False)
+
+
+CLASSIFIER_FLAGS = {
+    "val": "data.val_dir", "labels": "data.labels", "encoder": "model.encoder", "pretrained": "model.pretrained",
+    "img_size": "model.img_size", "method": "model.method", "optimizer": "train.optimizer", "epochs": "train.epochs",
+    "max_steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr", "device": "train.device",
+}
+
+
+@main.command("train-classifier")
+@click.argument("train_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--val", type=click.Path(file_okay=False), help="Validation images (accuracy each epoch picks best.safetensors).")
+@click.option("--labels", type=click.Path(dir_okay=False),
+              help="'filename,label' CSV for images not named {class}_{n}.ext (covers both folders).")
+@click.option("--encoder", help="timm ViT name. [default: vit_base_patch16_224]")
+@click.option("--pretrained/--no-pretrained", default=None, help="Start from timm's pretrained weights. [default: on]")
+@click.option("--img-size", type=int, help="Input size in pixels (position embeddings resampled). [default: the model's]")
+@click.option("--method", type=click.Choice(config_lib.CLASSIFIER_METHODS),
+              help="What trains: every weight, the new head only (linear probe), or LoRA on q/v + head. [default: full]")
+@click.option("--optimizer", type=click.Choice(config_lib.CLASSIFIER_OPTIMIZERS),
+              help="AdamW, or SAM around AdamW (two passes per step; train.sam_rho). [default: adamw]")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (checkpoints, config, history).")
+@click.option("--epochs", type=int, help="Passes over the training images. [default: 10]")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, help="Images per step, over all processes. [default: 32]")
+@click.option("--lr", type=float, help="Peak learning rate (warm-up, then cosine decay). [default: 1e-4]")
+@click.option("--device", help=DEVICE_HELP)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML classifier config.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set train.sam_rho=0.1 (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out instead of refusing.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the stopped run in this directory; only --device, --lr and --epochs/--max-steps "
+                   "may be given too.")
+@click.pass_context
+def train_classifier(ctx, train_dir, out, config_file, assignments, overwrite, resume_dir, **flags):
+    """Fine-tune a timm ViT as a classifier of the images in TRAIN_DIR (named {class}_{n}.ext)."""
+    if flags["device"]:
+        checked_device(flags["device"])
+    from vlcap.apps import classifier
+    if resume_dir:
+        resumable = [name for name, key in CLASSIFIER_FLAGS.items() if key in RESUMABLE_KEYS]
+        kept = {"resume_dir", *resumable}
+        given = [p.opts[0] for p in ctx.command.params if p.name not in kept
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise VlcapError(f"--resume continues {resume_dir} with its own config.yaml; drop {', '.join(given)}")
+        overrides = config_overrides({k: flags[k] for k in resumable}, CLASSIFIER_FLAGS)
+        print_classifier(classifier.resume(resume_dir, overrides.get("train", {}), console=err_console))
+        return
+    data = {"data": {"train_dir": train_dir}} if train_dir else {}
+    cfg = classifier.classifier_config(config_file, [data, config_overrides(flags, CLASSIFIER_FLAGS),
+                                                     config_lib.parse_set(assignments)])
+    print_classifier(classifier.train(cfg, out, console=err_console, overwrite=overwrite))
+
+
+def print_classifier(result):
+    from vlcap.core.train.distributed import is_main_process
+    if is_main_process():
+        best = result.best or {}
+        accuracy = f", validation accuracy {100 * best['val_accuracy']:.2f}%" if "val_accuracy" in best else ""
+        console.print(f"trained {result.steps} steps; best (epoch {best.get('epoch', '?')}{accuracy}) saved to "
+                      f"{result.best_checkpoint}, last to {result.last_checkpoint}", markup=False, highlight=False)
+
+
+@main.command("vit-maps")
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--encoder", help="timm ViT name (pretrained weights unless --no-pretrained).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="A vlcap checkpoint: a classifier's fine-tuned ViT, or the encoder a captioner was trained on.")
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True, help="With --encoder: timm's pretrained weights.")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs (and .npz).")
+@click.option("--layer", type=int, default=-1, show_default=True, help="ViT block whose attention is drawn (negative: from the last).")
+@click.option("--query", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
+              help="Attention of the [class] token, or the mean over the patch queries (models without one).")
+@click.option("--save-npz", is_flag=True, help="Also write the raw arrays (pos-embed.npz, STEM_cls-attention.npz).")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def vit_maps(images, out_dir, device, **options):
+    """pos-embed.png (position-embedding similarity) and STEM_cls-attention.png for each of IMAGES."""
+    device = checked_device(device)
+    from vlcap.apps.vit_maps import draw_vit_maps
+    result = draw_vit_maps(images, out_dir, device=device, **options)
+    if result.pos_embed_png:
+        console.print(f"{result.pos_embed_png}: position embedding similarity of {result.model}", markup=False,
+                      highlight=False, soft_wrap=True)
+    else:
+        err_console.print(f"no pos-embed.png: {result.note}", markup=False, highlight=False, soft_wrap=True)
+    for png in result.attention_pngs:
+        console.print(f"{png}", markup=False, highlight=False, soft_wrap=True)
+    for npz in result.npz:
+        console.print(f"{npz}", markup=False, highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -89,6 +89,8 @@ def checkpoint_report(summary):
     """``vlcap inspect``: the checkpoint's metadata (a ``CheckpointSummary``), how it was saved
     (``saved_at_rows``), then its parameters per part of the captioner. Every value is ``Text``:
     paths and names in a file are not markup."""
+    if "classes" in summary.metadata:
+        return classifier_checkpoint_report(summary)
     meta, cfg = summary.metadata, summary.metadata["config"]
     peft = meta["peft"]
     rows = [("format", meta["format"]), ("vlcap", meta.get("vlcap_version", "")),
@@ -98,6 +100,25 @@ def checkpoint_report(summary):
             ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
             ("tokenizer", meta["tokenizer"]), ("parameters", f"{meta['parameters']:,}"),
             ("tensors", str(len(summary.shapes))), *saved_at_rows(meta.get("training"))]
+    table = Table(title=text(summary.path), show_header=False)
+    for key, value in rows:
+        table.add_row(text(key), text(value))
+    return Group(table, *(text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
+
+
+def classifier_checkpoint_report(summary):
+    """``vlcap inspect`` of a ``vlcap train-classifier`` checkpoint."""
+    meta, model, train = summary.metadata, summary.metadata["config"]["model"], summary.metadata["config"]["train"]
+    method = model["method"] + (f" (rank {model['lora_rank']}, alpha {model['lora_alpha']})"
+                                if model["method"] == "lora" else "")
+    classes = meta["classes"]
+    rows = [("format", meta["format"]), ("vlcap", meta.get("vlcap_version", "")),
+            ("encoder", f"{model['encoder']} ({'pretrained' if model['pretrained'] else 'random init'})"),
+            ("image size", str(model["img_size"] or "the model's")), ("method", method),
+            ("optimizer", train["optimizer"]), ("classes", f"{len(classes)}: {', '.join(classes[:8])}"
+                                                          f"{', ...' if len(classes) > 8 else ''}"),
+            ("parameters", f"{meta['parameters']:,}"), ("tensors", str(len(summary.shapes))),
+            *saved_at_rows(meta.get("training"))]
     table = Table(title=text(summary.path), show_header=False)
     for key, value in rows:
         table.add_row(text(key), text(value))

@@ -290,3 +290,60 @@ def resolve(preset="full", config_file=None, overrides=()):
 
 def dump_yaml(cfg):
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --- The ViT image classifier (`vlcap train-classifier`) -------------------------------------
+
+CLASSIFIER_METHODS = ("full", "linear", "lora")  # what trains: every weight, the head only, LoRA on q/v + head
+CLASSIFIER_OPTIMIZERS = ("adamw", "sam")
+
+
+@dataclass(frozen=True)
+class ClassifierModelConfig:
+    encoder: str = "vit_base_patch16_224"
+    pretrained: bool = True
+    # The ViT's input size (None: its own); timm resamples pretrained position embeddings to it
+    # (e.g. 224 -> 112 makes a 4x shorter token sequence for small images).
+    img_size: Optional[Positive] = None
+    method: Literal[CLASSIFIER_METHODS] = "full"
+    lora_rank: Positive = 8  # LoRA on every block's attention q and v (method lora)
+    lora_alpha: PositiveFloat = 16
+    init_seed: int = 0  # seeds the new head (and LoRA, and a non-pretrained ViT) wherever it is built
+
+
+@dataclass(frozen=True)
+class ClassifierDataConfig:
+    train_dir: Optional[str] = path_field()
+    val_dir: Optional[str] = path_field()
+    # A `filename,label` CSV (as the course's val_gt.csv) for images not named {class}_{n}.ext;
+    # it covers the images of both folders.
+    labels: Optional[str] = path_field()
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """The keys ``trainer.Schedule``, ``build_optimizer``, ``build_scheduler`` and
+    ``MixedPrecision`` read, as in ``TrainConfig``, plus the optimizer choice."""
+    epochs: Positive = 10
+    max_steps: Optional[Positive] = None
+    batch_size: Positive = 32
+    grad_accum: Positive = 1
+    lr: PositiveFloat = 1e-4
+    weight_decay: Annotated[float, Ge(0)] = 0.05
+    warmup_steps: NonNegative = 100
+    min_lr_ratio: Probability = 0.01
+    clip_grad: PositiveFloat = 1.0
+    amp: Literal[AMP_CHOICES] = "auto"
+    seed: int = 0
+    save_every: Positive = 200
+    num_workers: Annotated[int, Ge(0), Le(1024)] = 2
+    device: DEVICE = "auto"
+    optimizer: Literal[CLASSIFIER_OPTIMIZERS] = "adamw"  # adamw | sam (SAM around AdamW)
+    sam_rho: PositiveFloat = 0.05  # SAM's neighbourhood radius
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)

@@ -15,17 +15,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, name, pretrained=True):
         super().__init__()
         self.name = name
-        try:
-            with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
-                self.vit = timm.create_model(name, pretrained=pretrained, num_classes=0)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise VlcapError(f"unknown timm encoder '{name}'; see timm.list_models('vit_*')") from None
-            raise
-        except OSError as exc:  # hub download failed (offline, proxy, ...)
-            raise VlcapError(f"could not fetch pretrained weights for encoder '{name}' "
-                             f"({type(exc).__name__}); connect once so timm caches them, or use "
-                             "--preset tiny offline") from exc
+        self.vit = create_vit(name, pretrained, num_classes=0)
         if not hasattr(self.vit, "num_prefix_tokens") or not hasattr(self.vit, "patch_embed"):
             raise VlcapError(f"encoder '{name}' is not a ViT (no patch tokens); choose a timm ViT")
         self.embed_dim = self.vit.num_features
@@ -40,19 +30,52 @@ class ImageEncoder(nn.Module):
         return super().train(False)  # frozen: dropout and friends stay off, always
 
     def transform(self):
-        """Eval-time preprocessing from the encoder's own timm data config (size, mean, std)."""
-        return create_transform(**resolve_data_config({}, model=self.vit), is_training=False)
+        return vit_transform(self.vit)
 
     def unnormalize(self, pixels):
-        """Preprocessed ``(3, H, W)`` pixels back to an ``(H, W, 3)`` RGB array in [0, 1]: the
-        image exactly as the encoder sees it (resized and cropped), which the patch grid covers."""
-        data = resolve_data_config({}, model=self.vit)
-        mean, std = (torch.tensor(data[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
-        return (pixels.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        return unnormalize(self.vit, pixels)
 
     @property
     def num_tokens(self):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+
+def data_config(vit):
+    """The timm model's data config (mean, std, interpolation, crop), at the image size the model
+    was built for: one built with another ``img_size`` than its pretrained config keeps the
+    pretrained config's size there."""
+    size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+    return resolve_data_config({"input_size": (3, *size)} if size else {}, model=vit)
+
+
+def vit_transform(vit):
+    """Eval-time preprocessing from the timm model's own data config (size, mean, std)."""
+    return create_transform(**data_config(vit), is_training=False)
+
+
+def unnormalize(vit, pixels):
+    """Preprocessed ``(3, H, W)`` pixels back to an ``(H, W, 3)`` RGB array in [0, 1]: the
+    image exactly as the ViT sees it (resized and cropped), which its patch grid covers."""
+    data = data_config(vit)
+    mean, std = (torch.tensor(data[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
+    return (pixels.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def create_vit(name, pretrained=True, offline_hint="use --preset tiny offline", **kwargs):
+    """``timm.create_model(name, pretrained, **kwargs)`` with its failures as one line each: an
+    unknown name, and pretrained weights that cannot be fetched (without network the hub client
+    works from its cache only, so it fails at once instead of retrying); ``offline_hint`` ends that
+    error with what to do instead."""
+    try:
+        with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise VlcapError(f"unknown timm encoder '{name}'; see timm.list_models('vit_*')") from None
+        raise
+    except OSError as exc:  # hub download failed (offline, proxy, ...)
+        raise VlcapError(f"could not fetch pretrained weights for encoder '{name}' "
+                         f"({type(exc).__name__}); connect once so timm caches them, or {offline_hint}") from exc
 
 
 def hub_reachable(timeout=3.0):

@@ -30,7 +30,7 @@ LOCK_FILE = ".vlcap-train.lock"
 
 
 @contextlib.contextmanager
-def run_lock(run_dir):
+def run_lock(run_dir, command="vlcap train"):
     """Hold ``run_dir`` for one training run: a second run into it (or a resume of it) while the
     first is alive is one line naming the first one's PID. The lock is the kernel's (``flock``),
     so a killed run leaves no stale lock; the file keeps the holder's PID for the message. Under
@@ -51,7 +51,7 @@ def run_lock(run_dir):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise VlcapError(f"{run_dir}: in use by another vlcap train (PID {holder}); wait for it to end, "
+            raise VlcapError(f"{run_dir}: in use by another {command} (PID {holder}); wait for it to end, "
                              "or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -60,7 +60,7 @@ def run_lock(run_dir):
         os.close(fd)  # releases the lock
 
 
-def refuse_replacing(run_dir, overwrite):
+def refuse_replacing(run_dir, overwrite, command="vlcap train"):
     """A new run into ``run_dir`` would delete the resume state of the run already there (and
     overwrite its checkpoints): refused unless ``overwrite``; with it the old state goes."""
     path = state_path(run_dir)
@@ -68,7 +68,7 @@ def refuse_replacing(run_dir, overwrite):
         return
     if not overwrite:
         raise VlcapError(f"{run_dir}: holds another run (its resume state {path}); continue it with "
-                         f"vlcap train --resume {run_dir}, choose another --out, or pass --overwrite to replace it")
+                         f"{command} --resume {run_dir}, choose another --out, or pass --overwrite to replace it")
     path.unlink()
 
 
@@ -173,10 +173,11 @@ def restore_training(saved, captioner, optimizer, scheduler, scaler, path):
     return state
 
 
-def stopped(signal_name, step, total_steps, run_dir):
-    """The error a run stopped by a signal ends with: where it stopped and how to continue."""
+def stopped(signal_name, step, total_steps, run_dir, command="vlcap train"):
+    """The error a run stopped by a signal ends with: where it stopped and how to continue
+    (``command``: the one that trains it)."""
     return VlcapError(f"stopped by {signal_name} at step {step} of {total_steps}; state saved to "
-                      f"{state_path(run_dir)}; continue with: vlcap train --resume {run_dir}")
+                      f"{state_path(run_dir)}; continue with: {command} --resume {run_dir}")
 
 
 def resume_config(run_dir, train_overrides=None):
@@ -195,12 +196,12 @@ def resume_config(run_dir, train_overrides=None):
                                 where=f"{path} with the command line's values")
 
 
-def already_trained(run_dir, step, total_steps, train_cfg, length_changed):
+def already_trained(run_dir, step, total_steps, train_cfg, length_changed, command="vlcap train"):
     """The error for resuming a run with nothing left to train: a finished run given no new
     length, or a new length that is not longer than the steps already taken."""
     if not length_changed:
         return VlcapError(f"{run_dir}: the run already finished ({step} of {total_steps} steps); nothing to "
-                          f"resume; to train longer: vlcap train --resume {run_dir} --epochs N or --max-steps N")
+                          f"resume; to train longer: {command} --resume {run_dir} --epochs N or --max-steps N")
     return VlcapError(f"{run_dir}: already at step {step} of {total_steps} (train.epochs={train_cfg.epochs}, "
                       f"train.max_steps={train_cfg.max_steps}); pass a longer --epochs and/or --max-steps")
 

@@ -1,10 +1,11 @@
 """The training loop. It knows no PEFT method, decoding strategy or metric by name: all three
 come from the registry, chosen by the run config.
 
-``train`` builds a ``Trainer`` and runs it; ``Trainer.run`` and ``Trainer.train_epoch`` are the
-loop. Each concern the loop touches lives in one place:
+``train`` builds a ``Trainer`` (the captioning task) and runs it; ``TrainingLoop.run`` and
+``TrainingLoop.train_epoch`` are the loop, shared with the ViT classifier
+(``classifier.ClassifierTrainer``). Each concern the loop touches lives in one place:
 
-- model and data: ``prepare_model``, ``configure_decoder``, ``make_loaders`` (``ValidationData``)
+- model and data (captioning): ``prepare_model``, ``configure_decoder``, ``make_loaders`` (``ValidationData``)
 - optimizer, learning-rate schedule, gradient accumulation: ``build_optimizer``, ``build_scheduler``,
   ``Schedule``
 - AMP and the loss scaler: ``MixedPrecision``
@@ -312,8 +313,8 @@ class NumericalGuard:
     """Stops the run at the first NaN/inf loss or gradient norm, naming the step and batch, and
     keeps non-finite weights from overwriting the last good resume state or checkpoint."""
 
-    def __init__(self, state_file, ctx, amp, lr):
-        self.state_file, self.ctx, self.amp, self.lr = state_file, ctx, amp, lr
+    def __init__(self, state_file, ctx, amp, lr, command="vlcap train"):
+        self.state_file, self.ctx, self.amp, self.lr, self.command = state_file, ctx, amp, lr, command
 
     def last_good(self):
         """Where the last good state is and what to do: a command that works (a resumed run may
@@ -323,7 +324,7 @@ class NumericalGuard:
             return f"no state was saved yet; start again with a lower train.lr (e.g. --lr {lower})"
         run_dir = self.state_file.parent.parent
         return (f"the last good state is {self.state_file}; continue with a lower learning rate: "
-                f"vlcap train --resume {run_dir} --lr {lower}")
+                f"{self.command} --resume {run_dir} --lr {lower}")
 
     def check_loss(self, loss, where):
         # Under DDP a non-finite loss stops every process at the gradient-norm check instead (the
@@ -474,16 +475,22 @@ class TrainingDisplay:
 
 # --- The trainer -----------------------------------------------------------------------------
 
-class Trainer:
-    """One training run: ``__init__`` builds (or, resuming, restores) everything, ``run`` trains.
+class TrainingLoop:
+    """The mechanics every vlcap training run shares, whatever it trains: a run directory,
+    seeding, DDP, AMP, the schedule and gradient accumulation, the numerical guard, the epoch
+    loop with its progress display, validation and best-checkpoint selection, atomic checkpoint
+    and history writes, and resume state and stop signals. A task (``Trainer``: captioning;
+    ``classifier.ClassifierTrainer``) subclasses it and defines ``build``, ``train_micro_batch``,
+    ``validate``, ``save_checkpoint`` and ``result``.
 
-    The run config is read-only. What building computes (the PEFT method's resolved options, the
-    decoder weights written for a random decoder, the feature cache used) is in ``self.cfg``, a new
-    config, which is what ``config.yaml`` and the checkpoints record."""
+    ``__init__`` builds (or, resuming, restores) everything, ``run`` trains. The run config is
+    read-only; what building computes is in ``self.cfg``, which ``config.yaml`` records."""
 
-    def __init__(self, cfg, run_dir, registry, console=None, resume=False, new_length=False):
+    command = "vlcap train"  # what continues a stopped run (in its messages)
+
+    def __init__(self, cfg, run_dir, console=None, resume=False, new_length=False):
         console = console or Console(stderr=True)
-        self.run_dir, self.registry = Path(run_dir), registry
+        self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = resume_lib.state_path(self.run_dir)
         saved = resume_lib.load_state(self.run_dir) if resume else None
@@ -493,10 +500,8 @@ class Trainer:
         # Rank 0 alone logs, shows progress and writes the run directory.
         self.console = console if self.ctx.is_main else Console(quiet=True)
         self.amp = MixedPrecision(cfg.train.amp, self.device)
-        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp, cfg.train.lr)
-        self.build_model_and_data(cfg, initialise=saved is None)
-        self.selection = Selection(*selection_key(self.cfg, registry, self.val is not None))
-        self.warn_about_captions()
+        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp, cfg.train.lr, self.command)
+        self.build(cfg, initialise=saved is None)
         self.build_optimizer()
         self.resumed = saved is not None
         self.state = self.restore(saved, new_length) if self.resumed else resume_lib.TrainState()
@@ -508,57 +513,54 @@ class Trainer:
         self.display = TrainingDisplay(self.console, self.ctx.is_main, self.schedule.total_steps, self.state.step)
         self.final_epoch = self.schedule.final_epoch(self.state.epoch, self.state.batches, self.state.step)
 
-    def build_model_and_data(self, cfg, initialise=True):
-        """``initialise``: a new run, whose trainable weights come from ``train.init_from`` when
-        set (a resumed run's come from its resume state)."""
-        self.tokenizer, self.captioner, self.method, cfg = prepare_model(cfg, self.registry, self.run_dir)
-        if initialise and cfg.train.init_from:
-            cfg = self.init_from_checkpoint(cfg)
-        self.trainable_count = count_parameters(self.captioner).trainable
-        check_budget(self.trainable_count)
-        self.captioner.to(self.device)
-        self.cache = training_cache(cfg, self.captioner.encoder, self.run_dir, self.console, self.ctx.is_main,
-                                    self.ctx.barrier)
-        if self.cache is not None:  # the run records the cache it trained from
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, feature_cache=str(self.cache.path)))
-        self.cfg = cfg
-        self.train_loader, self.val = make_loaders(cfg, self.captioner, self.tokenizer, self.device, self.ctx,
-                                                   self.cache)
-        configure_decoder(self.captioner, cfg)
-        # DDP wraps the loss module: its forward is what synchronises gradients.
-        self.step_model = distributed.wrap(CaptionLoss(self.captioner, from_features=self.cache is not None),
-                                           self.ctx, self.device)
+    # What a task defines: its model, data, step and checkpoint.
 
-    def init_from_checkpoint(self, cfg):
-        """Fill the freshly built trainable parameters from ``train.init_from`` (checked by
-        ``checkpoint.init_trainable``); the config records the checkpoint's absolute path."""
-        init_trainable(cfg.train.init_from, self.captioner, cfg, self.tokenizer, self.registry)
-        path = str(Path(cfg.train.init_from).resolve())
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=path))
+    def build(self, cfg, initialise):
+        """Set ``self.cfg`` (the resolved config), ``self.model`` (whose parameters with
+        ``requires_grad`` train), ``self.step_model`` (the loss module, DDP-wrapped),
+        ``self.train_loader`` (batches in ``distributed.train_sampler`` order), ``self.val``
+        (None: no validation) and ``self.selection``. ``initialise``: a new run, not a resumed one."""
+        raise NotImplementedError
 
-    def warn_about_captions(self):
-        dataset = self.train_loader.dataset
-        if dataset.truncated:
-            say(self.console, f"{dataset.truncated} training caption(s) longer than "
-                f"{self.cfg.data.max_caption_tokens} tokens were truncated", "yellow")
-        if dataset.empty:
-            say(self.console, f"{dataset.empty} empty training caption(s) were left out", "yellow")
+    def train_micro_batch(self, batch, steps_now, where):
+        """Forward and backward of one micro-batch; adds to ``self.state``'s running counters."""
+        raise NotImplementedError
+
+    def validate(self):
+        """The validation scores of the epoch's record (only called when ``self.val`` is set)."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, path, record):
+        """Write the trainable weights to ``path``; returns the parameters saved."""
+        raise NotImplementedError
+
+    def announce(self):
+        pass
+
+    def report_skipped(self):
+        pass
+
+    def result(self):
+        raise NotImplementedError
+
+    def make_optimizer(self):
+        return build_optimizer(self.trainable, self.cfg.train)
 
     def build_optimizer(self):
-        self.named_trainable = [(n, p) for n, p in self.captioner.named_parameters() if p.requires_grad]
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in self.named_trainable]
-        self.optimizer = build_optimizer(self.trainable, self.cfg.train)
+        self.optimizer = self.make_optimizer()
         self.schedule = Schedule.plan(len(self.train_loader), self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.schedule.total_steps, self.cfg.train)
 
     def restore(self, saved, new_length):
         """The stopped run's weights, optimizer, scaler, random state and counters; the learning
         rate of its step on this run's schedule (re-planned over a new length)."""
-        state = resume_lib.restore_training(saved, self.captioner, self.optimizer, self.scheduler, self.amp.scaler,
+        state = resume_lib.restore_training(saved, self.model, self.optimizer, self.scheduler, self.amp.scaler,
                                             self.state_file)
         if state.step >= self.schedule.total_steps and not state.batches:  # its last epoch ended and was saved
             raise resume_lib.already_trained(self.run_dir, state.step, self.schedule.total_steps, self.cfg.train,
-                                             new_length)
+                                             new_length, self.command)
         return state
 
     def run(self):
@@ -573,17 +575,14 @@ class Trainer:
                 self.end_epoch(epoch)
         distributed.cleanup(self.ctx)
         self.report_skipped()
-        state = self.state
-        best = next((r for r in state.history if r.get(self.selection.key) == state.best_value), None)
-        return TrainResult(self.run_dir, self.best_path, self.last_path, self.trainable_count, self.saved,
-                           state.step, state.history, sorted(state.unreadable), best)
+        return self.result()
 
     def train_epoch(self, epoch):
         """One pass over the training data (a resumed epoch from where it stopped), stepping the
         optimizer every ``grad_accum`` micro-batches; saves the resume state every
         ``train.save_every`` steps and stops, saved, when asked to by a signal."""
         state = self.state
-        self.captioner.train()
+        self.model.train()
         distributed.set_epoch(self.train_loader, epoch, state.batches)
         self.display.epoch_started(state.seen)
         for i, batch in enumerate(self.train_loader, start=state.batches):
@@ -599,32 +598,13 @@ class Trainer:
             if self.ctx.is_main and (self.stop_signals or state.step % self.cfg.train.save_every == 0):
                 self.save_resume_state()
             if self.stop_signals:
-                raise resume_lib.stopped(self.stop_signals[0], state.step, self.schedule.total_steps, self.run_dir)
+                raise resume_lib.stopped(self.stop_signals[0], state.step, self.schedule.total_steps, self.run_dir,
+                                         self.command)
             if state.step >= self.schedule.total_steps:
                 break
         if state.seen == 0:
             raise VlcapError(f"no training image could be read in epoch {epoch + 1}: "
                              f"{few(sorted(state.unreadable), 2)}")
-
-    def train_micro_batch(self, batch, steps_now, where):
-        """Forward and backward of one micro-batch, adding to the step's gradient. Under DDP the
-        processes all-reduce the gradients only with the step's last micro-batch."""
-        weight = distributed.loss_weight(None if batch.pixels is None else batch.labels, self.ctx)
-        self.state.skipped_batches += weight is None and self.ctx.enabled  # counted alike by every process
-        if weight is None:
-            return
-        device = self.device
-        pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
-        with distributed.sync_gradients(self.step_model, self.ctx, steps_now):
-            with self.amp.autocast():
-                loss = self.step_model(pixels, input_ids, labels)
-            self.guard.check_loss(loss, where)
-            self.amp.backward(self.schedule.micro_loss(loss, weight))
-        # Token-weighted, like the validation loss: the same number with any process count.
-        n = int((labels != IGNORE_INDEX).sum())
-        self.state.running += loss.item() * n
-        self.state.seen += len(pixels)
-        self.state.tokens += n
 
     def optimizer_step(self, where):
         self.amp.unscale(self.optimizer)
@@ -656,17 +636,8 @@ class Trainer:
             self.display.print_record(record)
         self.ctx.barrier()
         if self.stop_signals:
-            raise resume_lib.stopped(self.stop_signals[0], self.state.step, self.schedule.total_steps, self.run_dir)
-
-    def validate(self):
-        """``val_loss`` and each metric in ``train.metrics``, in eval mode."""
-        dtype, unreadable = self.amp.dtype, self.state.unreadable
-        with evaluating(self.captioner):
-            scores = {"val_loss": validation_loss(self.captioner, self.val.loss_batches, self.device, dtype,
-                                                  unreadable)}
-            scores.update(validation_metrics(self.captioner, self.val, self.tokenizer, self.cfg, self.registry,
-                                             self.device, dtype, unreadable, self.display.progress))
-        return scores
+            raise resume_lib.stopped(self.stop_signals[0], self.state.step, self.schedule.total_steps, self.run_dir,
+                                     self.command)
 
     def write_epoch(self, record):
         """last.safetensors, best.safetensors when ``record`` is the best so far, the history and
@@ -679,13 +650,97 @@ class Trainer:
         write_history(self.run_dir, self.state.history)
         self.save_resume_state()
 
-    def save_checkpoint(self, path, record):
-        return save_checkpoint(path, self.captioner, self.method, self.cfg, self.tokenizer, self.registry, record)
-
     def save_resume_state(self):
         self.guard.check_weights_before_state_save(self.named_trainable, self.state.step)
         resume_lib.save_training(self.run_dir, self.state, self.named_trainable, self.optimizer, self.scheduler,
                                  self.amp.scaler)
+
+
+class Trainer(TrainingLoop):
+    """One captioning run (``TrainingLoop`` with the captioner, its caption data and metrics).
+
+    What building computes (the PEFT method's resolved options, the
+    decoder weights written for a random decoder, the feature cache used) is in ``self.cfg``, a new
+    config, which is what ``config.yaml`` and the checkpoints record."""
+
+    def __init__(self, cfg, run_dir, registry, console=None, resume=False, new_length=False):
+        self.registry = registry
+        super().__init__(cfg, run_dir, console, resume, new_length)
+
+    def build(self, cfg, initialise):
+        self.build_model_and_data(cfg, initialise)
+        self.selection = Selection(*selection_key(self.cfg, self.registry, self.val is not None))
+        self.warn_about_captions()
+
+    def build_model_and_data(self, cfg, initialise=True):
+        """``initialise``: a new run, whose trainable weights come from ``train.init_from`` when
+        set (a resumed run's come from its resume state)."""
+        self.tokenizer, self.captioner, self.method, cfg = prepare_model(cfg, self.registry, self.run_dir)
+        if initialise and cfg.train.init_from:
+            cfg = self.init_from_checkpoint(cfg)
+        self.trainable_count = count_parameters(self.captioner).trainable
+        check_budget(self.trainable_count)
+        self.captioner.to(self.device)
+        self.model = self.captioner
+        self.cache = training_cache(cfg, self.captioner.encoder, self.run_dir, self.console, self.ctx.is_main,
+                                    self.ctx.barrier)
+        if self.cache is not None:  # the run records the cache it trained from
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, feature_cache=str(self.cache.path)))
+        self.cfg = cfg
+        self.train_loader, self.val = make_loaders(cfg, self.captioner, self.tokenizer, self.device, self.ctx,
+                                                   self.cache)
+        configure_decoder(self.captioner, cfg)
+        # DDP wraps the loss module: its forward is what synchronises gradients.
+        self.step_model = distributed.wrap(CaptionLoss(self.captioner, from_features=self.cache is not None),
+                                           self.ctx, self.device)
+
+    def init_from_checkpoint(self, cfg):
+        """Fill the freshly built trainable parameters from ``train.init_from`` (checked by
+        ``checkpoint.init_trainable``); the config records the checkpoint's absolute path."""
+        init_trainable(cfg.train.init_from, self.captioner, cfg, self.tokenizer, self.registry)
+        path = str(Path(cfg.train.init_from).resolve())
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=path))
+
+    def warn_about_captions(self):
+        dataset = self.train_loader.dataset
+        if dataset.truncated:
+            say(self.console, f"{dataset.truncated} training caption(s) longer than "
+                f"{self.cfg.data.max_caption_tokens} tokens were truncated", "yellow")
+        if dataset.empty:
+            say(self.console, f"{dataset.empty} empty training caption(s) were left out", "yellow")
+
+    def train_micro_batch(self, batch, steps_now, where):
+        """Forward and backward of one micro-batch, adding to the step's gradient. Under DDP the
+        processes all-reduce the gradients only with the step's last micro-batch."""
+        weight = distributed.loss_weight(None if batch.pixels is None else batch.labels, self.ctx)
+        self.state.skipped_batches += weight is None and self.ctx.enabled  # counted alike by every process
+        if weight is None:
+            return
+        device = self.device
+        pixels, input_ids, labels = batch.pixels.to(device), batch.input_ids.to(device), batch.labels.to(device)
+        with distributed.sync_gradients(self.step_model, self.ctx, steps_now):
+            with self.amp.autocast():
+                loss = self.step_model(pixels, input_ids, labels)
+            self.guard.check_loss(loss, where)
+            self.amp.backward(self.schedule.micro_loss(loss, weight))
+        # Token-weighted, like the validation loss: the same number with any process count.
+        n = int((labels != IGNORE_INDEX).sum())
+        self.state.running += loss.item() * n
+        self.state.seen += len(pixels)
+        self.state.tokens += n
+
+    def validate(self):
+        """``val_loss`` and each metric in ``train.metrics``, in eval mode."""
+        dtype, unreadable = self.amp.dtype, self.state.unreadable
+        with evaluating(self.captioner):
+            scores = {"val_loss": validation_loss(self.captioner, self.val.loss_batches, self.device, dtype,
+                                                  unreadable)}
+            scores.update(validation_metrics(self.captioner, self.val, self.tokenizer, self.cfg, self.registry,
+                                             self.device, dtype, unreadable, self.display.progress))
+        return scores
+
+    def save_checkpoint(self, path, record):
+        return save_checkpoint(path, self.captioner, self.method, self.cfg, self.tokenizer, self.registry, record)
 
     def announce(self):
         processes = f" x {self.ctx.world_size} processes" if self.ctx.enabled else ""
@@ -704,3 +759,9 @@ class Trainer:
         if skipped:
             say(self.console, f"{skipped} batch(es) were skipped by every process: a process had no "
                 "readable image in its share of them", "yellow")
+
+    def result(self):
+        state = self.state
+        best = next((r for r in state.history if r.get(self.selection.key) == state.best_value), None)
+        return TrainResult(self.run_dir, self.best_path, self.last_path, self.trainable_count, self.saved,
+                           state.step, state.history, sorted(state.unreadable), best)
