@@ -5,9 +5,11 @@
 
 A model is what `--clip-model` takes (OpenAI name or local OpenAI-format file), or `random:ARCH`:
 open_clip's architecture with random weights (same compute as the pretrained model, no download).
-Prints one table; the last column extrapolates to the course's 2,500 images.
+Prints one table; "2,500 images (s)" extrapolates to the course's 2,500 images; peak memory is
+the process's max RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 """
 import argparse
+import resource
 import time
 
 import torch
@@ -45,17 +47,21 @@ def main():
     device = torch.device(args.device)
     progress_console = Console(stderr=True)  # progress bars on stderr, the table alone on stdout
     table = Table(title=f"zero-shot image embedding, {device.type}, {torch.get_num_threads()} threads")
-    for column in ("model", "images", "seconds", "images/s", "2,500 images (s)"):
+    for column in ("model", "images", "seconds", "images/s", "2,500 images (s)", "peak memory"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for spec in args.model:
         clip = build(spec, device)
         subset = paths[:int(limits.get(spec, len(paths)))]
         zs.encode_images(clip, subset[:2], batch_size=2, console=progress_console)  # warm-up: first-call allocations, kernel selection
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         zs.encode_images(clip, subset, batch_size=args.batch_size, console=progress_console)
         seconds = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         table.add_row(spec, str(len(subset)), f"{seconds:.1f}", f"{len(subset) / seconds:.1f}",
-                      f"{2500 * seconds / len(subset):.0f}")
+                      f"{2500 * seconds / len(subset):.0f}", f"{peak / 2**20:,.0f} MiB")
         del clip
     Console().print(table)
 

@@ -1,29 +1,36 @@
-"""Training throughput, side by side on the same batches: vlcap with every installed PEFT method
-(from images, and from the feature cache) against transformers' VisionEncoderDecoderModel (ViT +
-GPT-2 with add_cross_attention=True) wrapped with HF peft LoRA, at the same sizes, random weights.
+"""Training throughput on the same batches: vlcap against transformers' VisionEncoderDecoderModel
++ HF peft LoRA at its best equal settings (``hf_peer.py``), vlcap's other PEFT methods, and
+vlcap with each of its optimisations turned off, one at a time. Random weights.
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 8 --rounds 2 \
-        --captions ../shared/data/coco_hw3/train.json [--length-buckets]
+    python benchmarks/train_throughput.py --size full --batch-size 32 --steps 3 --rounds 3 --threads 2 \
+        --captions ../shared/data/coco_hw3/train.json --length-buckets --ablations --methods adapter,prefix
 
-Each configuration runs in its own process, so peak memory (CPU: max RSS; CUDA: max allocated) is
-its own. Every configuration runs the same steps on the same batches: forward, token-mean
-cross-entropy over the labelled positions, backward, clip, fused AdamW (vlcap's trainer and HF
-Trainer's default), under ``--amp`` as ``train.amp`` sets it (bf16 autocast on CUDA, fp32 on
-CPU). With ``--captions`` the batches hold the real captions of a course-style caption file,
-drawn by the trainer's own sampler (random batches, or ``--length-buckets``) and padded by its
-collate; the timed steps are epoch batches picked across the range of padded lengths (one per
-equal stratum), so their mean costs what the epoch's average step costs. Without it, random
-tokens of 12 +-50% per caption. The images are synthetic (their content does not change the
-step's cost).
+Like for like (the headline): ``vlcap lora`` against ``HF LoRA``, the same architecture and the
+same trainable parameters: LoRA rank 8 on q and v of every self-attention, the cross-attention,
+its LayerNorm and a trained encoder-to-decoder projection (HF's own ``enc_to_dec_proj`` where the
+widths differ; at ViT-B/16, 768 = 768, HF has none, so vlcap's is added to it). Both stacks:
+dropout 0 in the decoder (LoRA's own 0.05 alike), SDPA attention, fused AdamW, clipping at 1.0,
+the token-mean cross-entropy over the labelled positions, ``--amp`` as ``train.amp`` sets it. From
+images (``HF LoRA``: the ViT runs every step) and from cached ViT tokens (``+ cache``: vlcap reads
+its feature cache, HF is fed the ViT's tokens computed once).
 
-HF's VisionEncoderDecoderModel adds a trained encoder-to-decoder projection only when the widths
-differ (ViT-L/14's 1024 vs GPT-2's 768); at ViT-B/16 (768 = 768) it feeds the ViT tokens to the
-cross-attention directly. vlcap always trains one, so at ViT-B/16 the HF row is also run with that
-same projection added ("+ projection"): the equal-architecture comparison.
+Every configuration runs in its own process, holding only its own model (peak memory: max RSS on
+CPU, max allocated on CUDA); rounds are interleaved (every configuration once per round, the order
+reversed every other round) so a slow spell of a shared machine hits every row alike; the table
+gives min / median / max over rounds, and the vlcap/HF ratios are taken round by round.
+
+With ``--captions`` the batches hold the real captions of a course-style caption file, drawn by the
+trainer's own sampler (random batches, or ``--length-buckets``) and padded by its collate; the timed
+steps are epoch batches picked across the range of padded lengths (one per equal stratum), so their
+mean costs what the epoch's average step costs. Without it, random tokens of 12 +-50% per caption.
+The images are synthetic (their content does not change the step's cost). The "epoch" lines put
+an epoch of the caption file in hours each stack's users would spend: vlcap from its feature cache
+(built once: the ViT over every image), HF from images.
 """
 import argparse
 import json
+import math
 import random
 import resource
 import statistics
@@ -33,30 +40,35 @@ import tempfile
 import time
 from pathlib import Path
 
+import loralib
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch.utils.data import BatchSampler
 
+from vlcap.apps.synthetic import draw
 from vlcap.core import config as config_lib
-from vlcap.core.model.captioner import build_captioner, tokenizer_for
-from vlcap.core.model.checkpoint import save_checkpoint
 from vlcap.core.data import load_captions
+from vlcap.core.errors import VlcapError
+from vlcap.core.model.captioner import build_captioner, tokenizer_for
+from vlcap.core.model.gpt2 import CrossAttention
+from vlcap.core.model.tokenizer import IGNORE_INDEX
+from vlcap.core.plugins import registry as load_registry
+from vlcap.core.runtime import autocast, autocast_dtype, dtype_name, resolve_device
 from vlcap.core.train.datasets import CaptionDataset, collate_captions
 from vlcap.core.train.distributed import Context, train_sampler
-from vlcap.core.errors import VlcapError
 from vlcap.core.train.feature_cache import write_feature_cache
-from vlcap.core.plugins import registry as load_registry
-from vlcap.apps.synthetic import draw
-from vlcap.core.model.tokenizer import IGNORE_INDEX
-from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
 from vlcap.core.train.trainer import build_optimizer
+from vlcap.plugins.peft_lora.layer import MergedLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_peer import hf_captioner, with_lora  # noqa: E402
 
 # full: ViT-B/16 + GPT-2 small; large: the course's CLIP ViT-L/14 + GPT-2 small.
 ENCODER = {"tiny": "test_vit", "full": "vit_base_patch16_224", "large": "vit_large_patch14_clip_224"}
-HF = "HF VisionEncoderDecoder + peft LoRA"
-HF_PROJECTED = HF + " + projection"
+HF = "HF LoRA"
+# vlcap's optimisations, each turned off in its own "vlcap lora + cache - X" row (``ablate``).
+ABLATIONS = ("memory-space cross-attention", "LM head at labels only", "low-rank LoRA forward", "fused AdamW")
 
 
 def vlcap_config(size, method):
@@ -64,20 +76,43 @@ def vlcap_config(size, method):
     return config_lib.resolve("tiny" if size == "tiny" else "full", overrides=[{"model": model, "peft": {"method": method}}])
 
 
-def synthetic_images(args, captioner, folder):
+def configurations(args):
+    """The rows to measure, by name: the headline pair from images and from the cache, then the
+    other methods, then the ablations (from the cache, where the decoder is the whole step)."""
+    names = ["vlcap lora", HF, "vlcap lora + cache", HF + " + cache"]
+    for method in args.methods:
+        names += [f"vlcap {method}", f"vlcap {method} + cache"]
+    if args.ablations:
+        names += [f"vlcap lora + cache - {off}" for off in ABLATIONS]
+    return names
+
+
+def parse(name):
+    """``(stack, method, cached, ablation)`` of a configuration name."""
+    base, _, off = name.partition(" - ")
+    cached = base.endswith(" + cache")
+    base = base.removesuffix(" + cache")
+    return ("hf", "lora", cached, None) if base == HF else ("vlcap", base.split()[1], cached, off or None)
+
+
+def synthetic_images(batch_size, transform, folder):
     """``batch_size`` shape images written as PNGs (for the cache) and their pixels."""
     rng = random.Random(0)
-    transform = captioner.encoder.transform()
-    for i in range(args.batch_size):
+    for i in range(batch_size):
         draw(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), "middle", rng).save(folder / f"{i}.png")
-    return torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(args.batch_size)])
+    return torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(batch_size)])
 
 
-def caption_batches(args, cfg, tokenizer, count):
+def caption_dataset(args, cfg):
+    return CaptionDataset(load_captions(args.captions), ".", None, tokenizer_for(cfg), cfg.data.max_caption_tokens)
+
+
+def caption_batches(args, cfg, count):
     """``count`` ``(input_ids, labels)`` batches, laid out and padded as vlcap trains on them:
     input ``[eot, t1..tN, eot, pad..]``, labels ``[t1..tN, eot, ignore..]``."""
+    tokenizer = tokenizer_for(cfg)
     if args.captions:  # the trainer's dataset, sampler (seed 0, first epoch) and collate
-        dataset = CaptionDataset(load_captions(args.captions), ".", None, tokenizer, cfg.data.max_caption_tokens)
+        dataset = caption_dataset(args, cfg)
         sampler, batch_sampler = train_sampler(dataset, args.batch_size, Context(), 0, args.length_buckets)
         if batch_sampler is None:  # the DataLoader's own batching of a sampler
             batch_sampler = BatchSampler(sampler, args.batch_size, drop_last=False)
@@ -110,90 +145,124 @@ def caption_batches(args, cfg, tokenizer, count):
     return [(batch.input_ids, batch.labels) for batch in batches]
 
 
-def hf_model(captioner, cfg):
-    """transformers' ViT + GPT-2 (cross-attention) at vlcap's sizes, LoRA r=8 on the self-attention
-    and the cross-attention (and HF's own projection, where it has one) trainable, as vlcap's lora
-    trains them."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
-    vit, dec = captioner.encoder.vit, cfg.model.decoder
-    encoder = ViTModel(ViTConfig(hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks),
-                                 num_attention_heads=vit.blocks[0].attn.num_heads,
-                                 intermediate_size=vit.blocks[0].mlp.fc1.out_features,
-                                 image_size=vit.patch_embed.img_size[0], patch_size=vit.patch_embed.patch_size[0]),
-                       add_pooling_layer=False)
-    decoder = GPT2LMHeadModel(GPT2Config(n_embd=dec.n_embd, n_layer=dec.n_layer, n_head=dec.n_head,
-                                         n_positions=dec.block_size, vocab_size=dec.vocab_size, add_cross_attention=True))
-    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
-    model.encoder.requires_grad_(False)
-    trained = ["crossattention", "ln_cross_attn"] + (["enc_to_dec_proj"] if hasattr(model, "enc_to_dec_proj") else [])
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, fan_in_fan_out=True,
-                      target_modules=r".*h\.\d+\.attn\.c_attn", modules_to_save=trained)
-    return get_peft_model(model, lora)
+def every_position_loss(logits, labels):
+    """Cross-entropy from logits at every position, unlabelled ones ignored: what HF computes
+    from ``labels``, and vlcap's plain form of its labelled-positions-only loss."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-class HFStack(torch.nn.Module):
-    """The HF model run from the frozen ViT's tokens: computed per step from pixels, or once (the
-    HF user's equivalent of vlcap's feature cache). ``projection``: vlcap's trained projection
-    between the ViT and the cross-attention, for widths where HF has no ``enc_to_dec_proj``."""
+class HFCaptioner(torch.nn.Module):
+    """The HF model trained from the frozen ViT's tokens, with vlcap's projection added where HF
+    has no ``enc_to_dec_proj`` of its own (equal widths)."""
 
-    def __init__(self, model, projection=None):
+    def __init__(self, model, width, projected_by_hf):
         super().__init__()
         self.model = model
-        self.projection = projection
+        self.projection = None if projected_by_hf else torch.nn.Linear(width, width)
 
     def vit_tokens(self, pixel_values):
         with torch.no_grad():
             return self.model.get_encoder()(pixel_values=pixel_values).last_hidden_state
 
-    def forward(self, tokens, decoder_input_ids):
+    def loss(self, tokens, input_ids, labels):
         from transformers.modeling_outputs import BaseModelOutput
         if self.projection is not None:
             tokens = self.projection(tokens)
-        # HF applies its own enc_to_dec_proj to encoder_outputs too, where it has one.
-        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=tokens), decoder_input_ids=decoder_input_ids)
+        # HF applies its own enc_to_dec_proj to encoder_outputs, where it has one.
+        logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=tokens), decoder_input_ids=input_ids).logits
+        return every_position_loss(logits, labels)
+
+
+def hf_setup(cfg, shapes, pixels, cached, device):
+    """The HF model and its loss function ``(input_ids, labels) -> loss``."""
+    lora = cfg.peft.options
+    width = cfg.model.decoder.n_embd
+    model = hf_captioner(shapes.encoder, cfg.model.decoder, tokenizer_for(cfg).eot_id)
+    projected = hasattr(model, "enc_to_dec_proj")
+    model = HFCaptioner(with_lora(model, lora["r"], lora["alpha"], lora["dropout"]), width, projected).to(device)
+    tokens = model.vit_tokens(pixels) if cached else None
+
+    def loss_fn(input_ids, labels):
+        return model.loss(model.vit_tokens(pixels) if tokens is None else tokens, input_ids, labels)
+    return model, loss_fn
+
+
+def ablate(captioner, off):
+    """Turn one of vlcap's optimisations off (the plain forms its tests compare them with); the
+    loss function and the optimizer are switched in ``vlcap_setup``."""
+    if off == "memory-space cross-attention":  # project the image tokens to keys/values, as decoding does
+        for module in captioner.modules():
+            if isinstance(module, CrossAttention):
+                module.form = "project"
+    elif off == "low-rank LoRA forward":  # loralib's own forward: the full B @ A update every call
+        for module in captioner.modules():
+            if isinstance(module, MergedLinear):
+                module.forward = loralib.MergedLinear.forward.__get__(module)
+
+
+def vlcap_setup(captioner, pixels, cached, off, tmp, device):
+    """The vlcap loss function ``(input_ids, labels) -> loss`` and, for cached rows, the ViT's
+    seconds per image (what building the cache costs)."""
+    ablate(captioner, off)
+    encode_s = None
+    if cached:
+        started = time.perf_counter()
+        captioner.encoder_features(pixels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        encode_s = (time.perf_counter() - started) / len(pixels)
+        cache = write_feature_cache(captioner.encoder, tmp / "images", tmp / "cache", device=device)
+        rows = [cache.rows[f"{i}.png"] for i in range(len(pixels))]
+
+        def features():  # read from the memory-mapped cache every step, as training does
+            return torch.from_numpy(cache.features[rows].astype("float32")).to(device)
+    else:
+        def features():
+            return captioner.encoder_features(pixels)
+
+    def loss_fn(input_ids, labels):
+        if off == "LM head at labels only":
+            return every_position_loss(captioner.decoder(input_ids, captioner.projection(features())), labels)
+        return captioner.loss_from_features(features(), input_ids, labels)
+    return loss_fn, encode_s
+
+
+def optimizer_for(trainable, cfg, off):
+    """vlcap's fused AdamW, or with it ablated the same parameter groups in torch's default AdamW
+    (a per-tensor loop on CPU, ``foreach`` on CUDA)."""
+    optimizer = build_optimizer(trainable, cfg.train)
+    if off != "fused AdamW":
+        return optimizer
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
 def measure(args):
     """Run one configuration; print its numbers as JSON."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     registry = load_registry()
-    name = args.one
-    method = name.split()[1] if name.startswith("vlcap") else "lora"
+    stack, method, cached, off = parse(args.one)
     cfg = vlcap_config(args.size, method)
     torch.manual_seed(0)
-    captioner, peft_method, _ = build_captioner(cfg, registry)
+    encode_s = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
-        pixels = synthetic_images(args, captioner, tmp / "images").to(device)
-        batches = [tuple(t.to(device) for t in batch) for batch in caption_batches(args, cfg, tokenizer_for(cfg), args.steps)]
-        if name.startswith(HF):
-            width = cfg.model.decoder.n_embd
-            model = HFStack(hf_model(captioner, cfg), torch.nn.Linear(width, width) if HF_PROJECTED in name else None)
-            model = model.to(device)
-            del captioner
-            cached = model.vit_tokens(pixels) if name.endswith("+ cache") else None
-
-            def loss_fn(input_ids, labels):
-                tokens = model.vit_tokens(pixels) if cached is None else cached
-                logits = model(tokens, input_ids).logits
-                return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        shapes = build_captioner(cfg, registry, meta=True)  # sizes only: nothing allocated
+        cfg = shapes.config  # the method's resolved options
+        pixels = synthetic_images(args.batch_size, shapes.captioner.encoder.transform(), tmp / "images").to(device)
+        batches = [tuple(t.to(device) for t in batch) for batch in caption_batches(args, cfg, args.steps)]
+        if stack == "hf":
+            model, loss_fn = hf_setup(cfg, shapes.captioner, pixels, cached, device)
         else:
-            model = captioner.to(device)
-            if name.endswith("+ cache"):
-                cache = write_feature_cache(captioner.encoder, tmp / "images", tmp / "cache", device=device)
-                rows = [cache.rows[f"{i}.png"] for i in range(args.batch_size)]
-
-                def loss_fn(input_ids, labels):  # read the tokens from the memory-mapped cache every step
-                    features = torch.from_numpy(cache.features[rows].astype("float32")).to(device)
-                    return captioner.loss_from_features(features, input_ids, labels)
-            else:
-                def loss_fn(input_ids, labels):
-                    return captioner.loss(pixels, input_ids, labels)
+            model = build_captioner(cfg, registry).captioner.to(device)
+            loss_fn, encode_s = vlcap_setup(model, pixels, cached, off, tmp, device)
+        del shapes
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(trainable, cfg.train)
+        optimizer = optimizer_for(trainable, cfg, off)
         dtype = autocast_dtype(args.amp, device)  # the trainer's rule: bf16 (fp16 + loss scaling) on CUDA
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         if device.type == "cuda":
@@ -216,18 +285,87 @@ def measure(args):
         for batch in batches:
             step(batch)
         seconds = (time.perf_counter() - started) / args.steps
-        if name.startswith(HF):
-            model.model.save_pretrained(tmp / "hf")
-            if model.projection is not None:
-                save_file(model.projection.state_dict(), tmp / "hf" / "projection.safetensors")
-            size = sum(f.stat().st_size for f in (tmp / "hf").rglob("*") if f.is_file())
-        else:
-            save_checkpoint(tmp / "ckpt.safetensors", captioner, peft_method, cfg, tokenizer_for(cfg), registry)
-            size = (tmp / "ckpt.safetensors").stat().st_size
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"name": name, "samples_per_s": args.batch_size / seconds, "step_s": seconds,
-                      "peak_bytes": peak, "trainable": sum(p.numel() for p in trainable), "checkpoint_bytes": size}))
+    print(json.dumps({"name": args.one, "step_s": seconds, "peak_bytes": peak, "encode_s_per_image": encode_s,
+                      "trainable": sum(p.numel() for p in trainable)}))
+
+
+def run_rounds(args, names):
+    """Every configuration once per round, each in a fresh process; the order reversed every
+    other round. Returns ``{name: [row of each round]}``."""
+    forwarded = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+                 if k in ("size", "batch_size", "captions", "length_buckets", "caption_tokens", "steps", "warmup",
+                          "device", "amp", "threads") and v not in (None, False)]
+    rows = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "--one", name] + forwarded, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            rows[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            row = rows[name][-1]
+            print(f"  round {round_ + 1}/{args.rounds}: {name}: {row['step_s']:.3f} s/step, peak "
+                  f"{row['peak_bytes'] / 2**20:,.0f} MiB ({time.perf_counter() - started:.0f} s in all)",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def spread(values, fmt="{:.2f}"):
+    """``median (min-max)`` of a list of numbers."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def report(args, rows, timed, cfg):
+    device = resolve_device(args.device)
+    positions = sum(ids.size(1) for ids, _ in timed) / len(timed)
+    tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in timed) / (len(timed) * args.batch_size)
+    captions = (f"the captions of {args.captions} in the trainer's {'length-bucketed' if args.length_buckets else 'random'} batches"
+                if args.captions else f"random captions of {args.caption_tokens} +-50% tokens")
+    threads = args.threads or torch.get_num_threads()
+    print(f"\n{args.size}: {ENCODER[args.size]} + GPT-2 ({'2 layers, 64 wide' if args.size == 'tiny' else 'small'}), "
+          f"random weights, batch {args.batch_size}, {captions} ({tokens:.1f} labelled tokens per caption, padded to "
+          f"{positions:.1f} positions on average), mean of {args.steps} timed steps per process, {args.rounds} "
+          f"interleaved round(s) on {device} ({threads} torch threads), {dtype_name(autocast_dtype(args.amp, device))}\n")
+    print("| configuration | samples/s: median (min-max) | s/step (median) | peak memory (max) | trainable |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in rows.items():
+        speeds = [args.batch_size / r["step_s"] for r in runs]
+        print(f"| {name} | {spread(speeds)} | {statistics.median(r['step_s'] for r in runs):.3f} "
+              f"| {max(r['peak_bytes'] for r in runs) / 2**20:,.0f} MiB | {runs[0]['trainable']:,} |")
+    print()
+
+    def ratio(a, b):  # samples/s of a over b, round by round: both ran in the same round, under the same load
+        if a not in rows or b not in rows:
+            return "(not run)"
+        return spread([y["step_s"] / x["step_s"] for x, y in zip(rows[a], rows[b])], "{:.2f}x")
+    print(f"- like for like, vlcap lora vs HF LoRA: {ratio('vlcap lora', HF)} samples/s from images, "
+          f"{ratio('vlcap lora + cache', HF + ' + cache')} from cached ViT tokens")
+    print(f"- vlcap lora's feature cache: {ratio('vlcap lora + cache', 'vlcap lora')} per step")
+    for method in args.methods:
+        print(f"- vlcap {method} vs HF LoRA: {ratio(f'vlcap {method}', HF)} from images, "
+              f"{ratio(f'vlcap {method} + cache', HF + ' + cache')} from cached tokens")
+    for off in ABLATIONS if args.ablations else ():
+        print(f"- {off}: vlcap lora + cache runs {ratio('vlcap lora + cache', f'vlcap lora + cache - {off}')} "
+              "the samples/s with it as without")
+    if args.captions and "vlcap lora + cache" in rows and HF in rows:
+        epoch_hours(args, rows, cfg)
+
+
+def epoch_hours(args, rows, cfg):
+    """An epoch of the caption file as each stack's users would run it: vlcap from its feature
+    cache (built once, the ViT over every image), HF from images."""
+    dataset = caption_dataset(args, cfg)
+    steps = math.ceil(len(dataset) / args.batch_size)
+    images = len(load_captions(args.captions).images)
+    build = statistics.median(r["encode_s_per_image"] for r in rows["vlcap lora + cache"]) * images
+    vlcap = statistics.median(r["step_s"] for r in rows["vlcap lora + cache"]) * steps
+    hf = statistics.median(r["step_s"] for r in rows[HF]) * steps
+    print(f"- an epoch of {args.captions} ({len(dataset):,} captions, {steps:,} steps of {args.batch_size}, "
+          f"{images:,} images): vlcap with its feature cache {vlcap / 3600:.2f} h (+ {build / 3600:.2f} h once, "
+          f"to build the cache), HF from images {hf / 3600:.2f} h: {hf / (vlcap + build):.2f}x on the first epoch, "
+          f"{hf / vlcap:.2f}x on each later one (medians)")
 
 
 def main():
@@ -237,66 +375,37 @@ def main():
     parser.add_argument("--captions", help="course-style caption JSON: train on its real captions, batched as the trainer batches them")
     parser.add_argument("--length-buckets", action="store_true", help="with --captions: the trainer's length-bucketed batches")
     parser.add_argument("--caption-tokens", type=int, default=12, help="without --captions: mean caption length (the course: 12)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times; keep its fastest")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (min/median/max over them)")
+    parser.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=[],
+                        help="other vlcap PEFT methods to add as their own rows, e.g. adapter,prefix")
+    parser.add_argument("--ablations", action="store_true", help="add vlcap lora + cache with each optimisation off")
+    parser.add_argument("--only", help="comma-separated configuration names to run (default: all the flags ask for)")
+    parser.add_argument("--reverse", action="store_true", help="start with the last configuration (to interleave with "
+                        "an earlier run in the usual order)")
+    parser.add_argument("--threads", type=int, help="torch threads in every process (the same for both stacks)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
-                        help="mixed precision, as train.amp: auto = bf16 (or fp16) on CUDA, off on CPU")
+                        help="mixed precision, as train.amp: auto = bf16 (fp16 without native bf16) on CUDA, off on CPU")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args()
     if args.one:
         return measure(args)
-
-    registry = load_registry()
-    methods = registry.names("peft")
-    cfg = vlcap_config(args.size, methods[0])
+    unknown = set(args.methods) - set(load_registry().names("peft"))
+    if unknown:
+        sys.exit(f"Error: --methods: {', '.join(sorted(unknown))} not installed")
+    cfg = vlcap_config(args.size, "lora")
     try:  # read the captions here first: a bad --captions is one line, not every process's traceback
-        timed = caption_batches(args, cfg, tokenizer_for(cfg), args.steps)
+        timed = caption_batches(args, cfg, args.steps)
     except VlcapError as exc:
         sys.exit(f"Error: {exc}")
-    names = [f"vlcap {m}" for m in methods] + [f"vlcap {m} + cache" for m in methods] + [HF]
-    shapes = build_captioner(vlcap_config(args.size, methods[0]), registry, meta=True).captioner
-    # Where HF has no projection of its own, the equal-architecture comparison adds vlcap's.
-    same_architecture = HF_PROJECTED if shapes.encoder.embed_dim == shapes.decoder.cfg.n_embd else HF
-    names += [HF_PROJECTED] * (same_architecture != HF) + [same_architecture + " + cache"]
-    # The same options for every configuration's process (flags only where set).
-    forwarded = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
-                 if k not in ("one", "rounds") and v not in (None, False)]
-    best = {}
-    for round_ in range(args.rounds):  # round-robin, so a slow spell of the machine hits every row alike
-        for name in names:
-            command = [sys.executable, __file__, "--one", name] + forwarded
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            if name not in best or row["step_s"] < best[name]["step_s"]:
-                best[name] = row
-            print(f"  round {round_ + 1}/{args.rounds}: measured {name}", file=sys.stderr)
-    rows = [best[name] for name in names]
-
-    device = resolve_device(args.device)
-    positions = sum(ids.size(1) for ids, _ in timed) / len(timed)
-    tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in timed) / (len(timed) * args.batch_size)
-    captions = (f"the captions of {args.captions} in the trainer's {'length-bucketed' if args.length_buckets else 'random'} batches"
-                if args.captions else f"random captions of {args.caption_tokens} +-50% tokens")
-    print(f"\n{args.size}: {ENCODER[args.size]} + GPT-2 ({'2 layers, 64 wide' if args.size == 'tiny' else 'small'}), "
-          f"random weights, batch {args.batch_size}, {captions} ({tokens:.1f} labelled tokens per caption, padded to "
-          f"{positions:.1f} positions on average), mean of {args.steps} timed steps, best of {args.rounds} round(s) "
-          f"on {device} ({torch.get_num_threads()} threads), {str(autocast_dtype(args.amp, device) or torch.float32)[6:]}\n")
-    print("| configuration | samples/s | s/step | peak memory | trainable | checkpoint |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['name']} | {r['samples_per_s']:.2f} | {r['step_s']:.3f} | {r['peak_bytes'] / 2**20:,.0f} MiB "
-              f"| {r['trainable']:,} | {r['checkpoint_bytes'] / 2**20:.1f} MiB |")
-    speed = {r["name"]: r["samples_per_s"] for r in rows}
-    print()
-    short = same_architecture.replace(HF, "HF")
-    for m in methods:
-        versus = "; ".join(f"{speed[f'vlcap {m}'] / speed[hf]:.2f}x {hf.replace(HF, 'HF')}" for hf in (HF, HF_PROJECTED) if hf in speed)
-        print(f"vlcap {m}: {speed[f'vlcap {m} + cache'] / speed[f'vlcap {m}']:.2f}x faster per step from the feature cache; "
-              f"samples/s from images {versus}; from cached tokens {speed[f'vlcap {m} + cache'] / speed[same_architecture + ' + cache']:.2f}x {short}")
+    names = configurations(args)
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    if args.reverse:
+        names = names[::-1]
+    report(args, run_rounds(args, names), timed, cfg)
 
 
 if __name__ == "__main__":

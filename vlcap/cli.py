@@ -94,6 +94,17 @@ def plugin_commands(group):
 
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... or auto (cuda if available)."
+# --precision: what "auto" means for the captioner, and for CLIP (clip.load's fp16, the course's).
+CAPTIONER_PRECISION = ("Precision the captioner computes in (never the checkpoint's training amp). auto: fp32 on "
+                       "CPU; on CUDA bf16 where the GPU has it natively (compute capability 8.0+), else fp16.")
+CLIP_PRECISION = "Precision of CLIP's weights. auto: fp32 on CPU, fp16 on CUDA (as OpenAI's clip.load and the course)."
+
+
+def precision_option(help_text):
+    """``--precision auto|fp32|bf16|fp16`` (``runtime.inference_dtype``), for every command that
+    runs a trained captioner or CLIP."""
+    return click.option("--precision", type=click.Choice(config_lib.PRECISIONS), default="auto", show_default=True,
+                        help=help_text)
 
 
 def checked_device(name):
@@ -343,19 +354,23 @@ def demo(out, steps, methods):
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per CLIP pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Classify the readable images instead of failing on unreadable ones.")
-def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, classifier, **options):
+@precision_option(CLIP_PRECISION)
+def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, classifier, precision,
+             **options):
     """Zero-shot classification of the images in IMAGES_DIR with CLIP and text prompts (or, with
     --classifier, with a fine-tuned ViT)."""
     # options: clip_model, ground_truth, seed, batch_size, skip_bad_images, as run_classification takes them
     device = checked_device(device)
     if classifier:
+        refuse_given({"--precision": None if precision == "auto" else precision},
+                     "sets CLIP's precision; --classifier runs the fine-tuned ViT as trained")
         return classify_with_classifier(images_dir, classifier, out, report, device, labels_file=labels_file,
                                         templates=templates, plot_top5=plot_top5, out_dir=out_dir, **options)
     if not labels_file:
         raise VlcapError("pass --labels id2label.json (zero-shot CLIP) or --classifier RUN/best.safetensors")
     from vlcap.apps.classify import run_classification
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
-                                out_dir=out_dir, device=device, console=err_console, **options)
+                                out_dir=out_dir, device=device, console=err_console, precision=precision, **options)
     if out:
         say(err_console, f"{len(result.files)} predictions written to {out}")
     if report:
@@ -366,7 +381,7 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
 
 # Evaluate's flags that set an option of the CLIPScore metric (kept from before metrics were
 # plugins); they apply when CLIPScore is scored.
-EVALUATE_FLAGS = {"clip_model": "clipscore.model", "batch_size": "clipscore.batch_size"}
+EVALUATE_FLAGS = {"clip_model": "clipscore.model", "batch_size": "clipscore.batch_size", "precision": "clipscore.precision"}
 
 
 def classify_with_classifier(images_dir, checkpoint, out, report, device, *, ground_truth, batch_size,
@@ -499,6 +514,7 @@ def vit_maps(images, out_dir, device, **options):
 @click.option("--top-k", type=click.IntRange(min=0), default=5, show_default=True,
               help="Show the K best and K worst images by the --rank-by metric.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@precision_option(CLIP_PRECISION)
 def evaluate(pred_path, annotations_path, image_dir, metrics, assignments, no_clipscore, per_image_path, rank_by,
              top_k, as_json, **flags):
     """Score captions with metric plugins; CIDEr and CLIPScore exactly as the course's evaluator does."""
@@ -629,10 +645,11 @@ def decoding_request(strategy, assignments, num_beams):
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per decoding batch (default 32; 8 with --hf-model).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
+@precision_option(CAPTIONER_PRECISION)
 @click.option("--merge", is_flag=True, help="Fold the PEFT method into the frozen weights once before decoding: "
               "the same captions, faster (methods that can merge: LoRA, ...).")
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
-            batch_size, device, skip_bad_images, merge, hf_model, **hf):
+            batch_size, device, skip_bad_images, precision, merge, hf_model, **hf):
     """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON, with a
     trained checkpoint or a pretrained transformers model (--hf-model; several --prompt/--set: compare them)."""
     # hf: hf_options' and comparison_options' values, for --hf-model
@@ -640,7 +657,7 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
     model_source(checkpoint, hf_model)
     if hf_model:
         refuse_given({"--decoder-weights": decoder_weights, "--decoding": strategy, "--max-length": max_length,
-                      "--merge": merge or None},
+                      "--merge": merge or None, "--precision": None if precision == "auto" else precision},
                      "these are a checkpoint's; with --hf-model use --set (e.g. --set max_new_tokens=30)")
         settings = [*assignments, *([f"num_beams={num_beams}"] if num_beams is not None else [])]
         bad_images, written = caption_hf(images_dir, hf_model, out, settings, batch_size or 8, device, **hf)
@@ -652,7 +669,8 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
         strategy, options = decoding_request(strategy, assignments, num_beams)
         result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
                                 merge=merge, strategy=strategy, options=options, max_length=max_length,
-                                batch_size=batch_size or 32, device=device, console=err_console)
+                                batch_size=batch_size or 32, device=device, precision=precision,
+                                console=err_console)
         bad_images, written = result.bad_images, out
         say(console, f"wrote {len(result.predictions)} captions to {out}")
     for message in bad_images:
@@ -704,8 +722,9 @@ def caption_hf(images_dir, model, out, assignments, batch_size, device, *, promp
 @click.option("--bottom", type=int, default=1, show_default=True, help="How many of the worst images to draw.")
 @click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@precision_option(CAPTIONER_PRECISION + " --rank-by's CLIP: as `vlcap evaluate --precision`.")
 def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, hf_model, prompts, quantize,
-              **options):
+              precision, **options):
     """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR
     (with --hf-model: the answer's attention to the image tokens)."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
@@ -713,7 +732,7 @@ def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, dev
     model_source(checkpoint, hf_model)
     if hf_model:
         refuse_given({"--decoder-weights": options.pop("decoder_weights"), "--decoding": strategy,
-                      "--max-length": options.pop("max_length")},
+                      "--max-length": options.pop("max_length"), "--precision": None if precision == "auto" else precision},
                      "these are a checkpoint's; with --hf-model use --set (e.g. --set max_new_tokens=30)")
         if len(prompts) > 1:
             raise VlcapError("visualize draws one prompt's answer: give --prompt once")
@@ -728,7 +747,7 @@ def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, dev
         strategy, decoding = decoding_request(strategy, assignments, num_beams)
         from vlcap.apps.visualize import draw_attention_maps
         drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device, strategy=strategy,
-                                    options=decoding, console=err_console, **options)
+                                    options=decoding, precision=precision, console=err_console, **options)
     for figure in drawn:
         panels = f"{figure.panels} panel{'s' * (figure.panels != 1)}"
         note = f" ({figure.note})" if figure.note else ""

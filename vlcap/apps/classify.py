@@ -287,15 +287,15 @@ def plot_samples(request, files, probs, count, out_dir, seed=0):
 
 def run_classification(images_dir, labels_file, templates=(), *, out=None, report=False, ground_truth=None,
                        plot_top5=None, out_dir=None, seed=0, clip_model=None, batch_size=128, device=None,
-                       skip_bad_images=False, console=None):
+                       skip_bad_images=False, console=None, precision="auto"):
     """``vlcap classify``: check the inputs (``check_request``), load CLIP (``clip_model``, default
-    ViT-L/14) on ``device``, embed the images (progress on ``console``) and predict with the
+    ViT-L/14) on ``device`` in ``precision`` (``load_clip``'s), embed the images (progress on ``console``) and predict with the
     ensemble of ``templates``; then write the ``out`` CSV, compute the per-template ``report``
     and draw ``plot_top5`` plots into ``out_dir``, as asked. Unreadable images fail the run
     unless ``skip_bad_images``."""
     request = check_request(images_dir, labels_file, templates, out=out, report=report,
                             ground_truth=ground_truth, plot_top5=plot_top5, out_dir=out_dir)
-    clip = clip_lib.load_clip(clip_model, device=device, default="ViT-L/14")
+    clip = clip_lib.load_clip(clip_model, device=device, default="ViT-L/14", precision=precision)
     images = encode_images(clip, request.paths, batch_size=batch_size, console=console)
     check_images_read(images, images_dir, skip_bad_images)
     per_template = [text_embeddings(clip, request.labels.names, t) for t in request.templates]

@@ -25,7 +25,7 @@ from vlcap.core.errors import VlcapError, few
 from vlcap.core.eval.evaluation import (check_images, check_predictions, clip_scores, image_paths_for,
                                    load_predictions)
 from vlcap.core.infer.captioning import resolve_decoding
-from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
+from vlcap.core.runtime import autocast, inference_dtype, resolve_device
 
 PANELS_PER_ROW = 5
 COLORMAP = "jet"
@@ -77,9 +77,11 @@ def check_readable(targets):
         load_image(target.path)
 
 
-def rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model=None, top=1, bottom=1, console=None):
+def rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model=None, top=1, bottom=1, console=None,
+                      device=None, precision="auto"):
     """The ``top`` best and ``bottom`` worst images of a prediction file by CLIPScore (the
-    evaluation code's checks and scores), as targets carrying their scored caption."""
+    evaluation code's checks and scores, CLIP on ``device`` in ``precision``), as targets
+    carrying their scored caption."""
     if top < 0 or bottom < 0 or top + bottom == 0:
         raise VlcapError(f"--top/--bottom: ask for at least one image (got --top {top} --bottom {bottom})")
     predictions = load_predictions(pred_path)
@@ -87,7 +89,8 @@ def rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model=None, t
     check_predictions(predictions, caption_set.references(), where=f"{pred_path} (against {annotations_path})")
     image_paths = image_paths_for(caption_set, image_dir)
     check_images(predictions, image_paths, where=f"{annotations_path} (images in {image_dir})")
-    scores = clip_scores(predictions, image_paths, load_clip(clip_model), console=console).per_image
+    clip = load_clip(clip_model, device=device, precision=precision)
+    scores = clip_scores(predictions, image_paths, clip, console=console).per_image
     ranked = sorted(scores, key=lambda stem: -scores[stem])  # stable: ties keep the file's order
     chosen = [("best", i, s) for i, s in enumerate(ranked[:top], 1)]
     chosen += [("worst", i, s) for i, s in enumerate(ranked[::-1][:min(bottom, len(ranked))], 1)]
@@ -132,25 +135,27 @@ def save_attention_npz(path, **arrays):
 
 
 def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None, max_length=None, layer=-1,
-              head="mean", pieces=False, save_npz=False):
+              head="mean", pieces=False, save_npz=False, precision="auto"):
     """Draw the cross-attention of decoder layer ``layer`` (head ``head``: an index or "mean")
     for each target: the caption decoding produces (``strategy``/``options`` over the
-    checkpoint's), or the target's own caption, teacher-forced. Returns one ``Drawn`` per target."""
+    checkpoint's), or the target's own caption, teacher-forced; computed in ``precision``
+    (``runtime.inference_dtype``). Returns one ``Drawn`` per target."""
     cfg = loaded.config
     layer = check_layer(layer, cfg.model.decoder.n_layer)
     head_index = parse_head(head, cfg.model.decoder.n_head)
     decoding = resolve_decoding(cfg.decoding, registry, strategy, options, max_length)
-    return [draw_target(loaded, target, Path(out_dir), decoding, layer, head_index, pieces, save_npz)
+    dtype = inference_dtype(precision, next(loaded.captioner.parameters()).device)
+    return [draw_target(loaded, target, Path(out_dir), decoding, layer, head_index, pieces, save_npz, dtype)
             for target in targets]
 
 
-def target_attention(loaded, target, decoding, layer, head_index):
+def target_attention(loaded, target, decoding, layer, head_index, dtype=None):
     """``(pixels, tokens, weights)``: the target's preprocessed image, its caption's tokens (decoded,
     or its own caption) and each token's attention over the image tokens."""
     captioner, tokenizer = loaded.captioner, loaded.tokenizer
     device = next(captioner.parameters()).device
     pixels = captioner.encoder.transform()(load_image(target.path)).to(device)
-    with autocast(device, autocast_dtype(loaded.config.train.amp, device)):
+    with autocast(device, dtype):
         if target.caption is None:
             tokens = generate_tokens(captioner, pixels[None], tokenizer, *decoding)[0]
         else:
@@ -159,10 +164,10 @@ def target_attention(loaded, target, decoding, layer, head_index):
     return pixels, tokens, weights
 
 
-def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, save_npz):
-    """The PNG (and with ``save_npz`` the arrays) of one target."""
+def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, save_npz, dtype=None):
+    """The PNG (and with ``save_npz`` the arrays) of one target, computed under autocast ``dtype``."""
     tokenizer, encoder = loaded.tokenizer, loaded.captioner.encoder
-    pixels, tokens, weights = target_attention(loaded, target, decoding, layer, head_index)
+    pixels, tokens, weights = target_attention(loaded, target, decoding, layer, head_index, dtype)
     caption = tokenizer.decode(tokens).strip() if target.caption is None else target.caption
     words = group_words(tokenizer, tokens, pieces)
     per_word = word_attention(weights, words)
@@ -187,16 +192,18 @@ def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, sa
 
 
 def choose_targets(images=(), *, rank_by=None, pred_path=None, annotations_path=None, image_dir=None,
-                   clip_model=None, top=1, bottom=1, console=None):
+                   clip_model=None, top=1, bottom=1, console=None, device=None, precision="auto"):
     """The images to draw: ``images`` (files or folders, each checked readable), or with
     ``rank_by="clipscore"`` the ``top`` best and ``bottom`` worst images of ``pred_path`` by
-    CLIPScore against ``annotations_path`` (images in ``image_dir``), carrying their captions."""
+    CLIPScore against ``annotations_path`` (images in ``image_dir``; CLIP on ``device`` in
+    ``precision``), carrying their captions."""
     if rank_by:
         if images:
             raise VlcapError(f"--rank-by draws images chosen from --pred; drop the IMAGES arguments ({few(images)})")
         if not (pred_path and annotations_path and image_dir):
             raise VlcapError("--rank-by clipscore needs --pred pred.json, --annotations val.json and --images DIR")
-        return rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model, top, bottom, console=console)
+        return rank_by_clipscore(pred_path, annotations_path, image_dir, clip_model, top, bottom, console=console,
+                                 device=device, precision=precision)
     if pred_path or annotations_path or image_dir:
         raise VlcapError("--pred, --annotations and --images choose images for --rank-by clipscore; "
                          "pass --rank-by clipscore, or give the images as arguments")
@@ -207,15 +214,17 @@ def choose_targets(images=(), *, rank_by=None, pred_path=None, annotations_path=
 
 def draw_attention_maps(images, checkpoint, out_dir, registry, *, decoder_weights=None, device="auto", head="mean",
                         rank_by=None, pred_path=None, annotations_path=None, image_dir=None, clip_model=None,
-                        top=1, bottom=1, console=None, **drawing):
+                        top=1, bottom=1, console=None, precision="auto", **drawing):
     """Draw the cross-attention over each image ``choose_targets`` picks (from ``images``, or
     ranked with ``rank_by``; CLIPScore progress on ``console``) into ``out_dir``, with the
-    checkpoint loaded on ``device``. ``head`` and ``drawing`` (strategy, options, max_length,
-    layer, pieces, save_npz) are ``visualize``'s. Every input is checked
+    checkpoint loaded on ``device``, computing in ``precision`` (the CLIP ranking too). ``head``
+    and ``drawing`` (strategy, options, max_length, layer, pieces, save_npz) are ``visualize``'s.
+    Every input is checked
     before the checkpoint loads. Returns one ``Drawn`` per image."""
     parse_head(head)  # the range is checked once the checkpoint says how many heads there are
     device = resolve_device(device)
     targets = choose_targets(images, rank_by=rank_by, pred_path=pred_path, annotations_path=annotations_path,
-                             image_dir=image_dir, clip_model=clip_model, top=top, bottom=bottom, console=console)
+                             image_dir=image_dir, clip_model=clip_model, top=top, bottom=bottom, console=console,
+                             device=device, precision=precision)
     loaded = load_checkpoint(checkpoint, registry, decoder_weights=decoder_weights, device=device)
-    return visualize(loaded, targets, out_dir, registry, head=head, **drawing)
+    return visualize(loaded, targets, out_dir, registry, head=head, precision=precision, **drawing)

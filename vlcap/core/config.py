@@ -21,6 +21,9 @@ from vlcap.core.validation import Ge, Le, NonNegative, Positive, PositiveFloat, 
 # allocate more than a model far larger than GPT-2 XL before any weights are checked.
 MAX_LAYERS, MAX_WIDTH, MAX_VOCAB, MAX_CONTEXT = 128, 16384, 1 << 20, 1 << 16
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+# ``--precision`` of the commands that run a trained model or CLIP (``runtime.inference_dtype``);
+# here rather than in runtime so that the CLI's --help lists them without importing torch.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICE = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$", description="auto, cpu, cuda or cuda:N")]
 
 
@@ -92,7 +95,7 @@ class TrainConfig:
     warmup_steps: NonNegative = 500
     min_lr_ratio: Probability = 0.01
     clip_grad: PositiveFloat = 1.0  # max gradient norm
-    # auto = bf16/fp16 on CUDA, off on CPU (bf16 works on CPU)
+    # auto = bf16 on GPUs with native bf16 (compute capability 8.0+), else fp16; off on CPU (bf16 works there)
     amp: Literal[AMP_CHOICES] = "auto"
     seed: int = 0
     save_every: Positive = 200  # optimizer steps between resume-state saves (also saved each epoch and on SIGTERM/SIGINT)

@@ -2,17 +2,19 @@
 a dtype, and switches a model to evaluation.
 
 Every command that runs a model resolves ``--device`` here, up front, so a device that does not
-exist is one line before anything loads. Mixed precision follows one rule: on CUDA, bf16 only
-where the GPU computes it natively (compute capability 8.0 and above; older GPUs emulate it
-slowly), else fp16; on CPU, full precision unless bf16 is asked for.
+exist is one line before anything loads. Reduced precision follows one rule, in training
+(``train.amp``) and inference (``--precision``) alike: on CUDA, bf16 only where the GPU computes
+it natively (compute capability 8.0 and above; older GPUs emulate it slowly), else fp16; on CPU,
+full precision unless a reduced one is asked for. Inference never inherits training's setting: a
+checkpoint trained in bf16 decodes in whatever ``--precision`` says.
 """
 import contextlib
 
 import torch
 
+from vlcap.core.config import AMP_CHOICES, PRECISIONS
 from vlcap.core.errors import VlcapError
 
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,6 +54,11 @@ def native_bf16(device):
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def reduced_dtype(device):
+    """The reduced precision ``device`` computes fastest: bf16 with native bf16, else fp16."""
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
 def autocast_dtype(amp, device):
     """The autocast dtype for ``amp`` (``train.amp``: auto | off | bf16 | fp16) on ``device``, or
     None for full precision. ``auto``: bf16 on GPUs with native bf16, fp16 (with loss scaling in
@@ -61,10 +68,29 @@ def autocast_dtype(amp, device):
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        return reduced_dtype(device)
     if amp == "fp16" and device.type != "cuda":
         return None  # fp16 autocast on CPU is slower than fp32 and has no loss scaling there
     return DTYPES[amp]
+
+
+def inference_dtype(precision, device, auto_on_cuda=None):
+    """The dtype a command computes in for ``--precision`` (auto | fp32 | bf16 | fp16) on
+    ``device``; None for full precision. ``auto``: fp32 on CPU; on CUDA ``auto_on_cuda`` when
+    the caller names one (CLIP: the fp16 its weights were released in), else ``reduced_dtype``.
+    An explicit bf16 or fp16 is honoured on any device (slow on a CPU, but what was asked)."""
+    if precision not in PRECISIONS:
+        raise VlcapError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return auto_on_cuda or reduced_dtype(device)
+    return DTYPES[precision]
+
+
+def dtype_name(dtype):
+    """``fp32`` for None (full precision), ``bf16``/``fp16`` for the reduced dtypes."""
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device, dtype):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
-from vlcap.core.runtime import resolve_device
+from vlcap.core.runtime import dtype_name, inference_dtype, resolve_device
 
 CLIP_MODEL_ENV = "VLCAP_CLIP_MODEL"
 # OpenAI's model names (as ``clip.available_models()``) -> open_clip's names for the same weights.
@@ -89,23 +89,27 @@ def openai_clip(source, precision, device):
     model = model.to(device)
     if precision != "fp16":
         model.float()
+    if precision == "bf16":  # as load_openai_model: the matmul weights in bf16, norms kept in fp32
+        from open_clip.model import convert_weights_to_lp
+        convert_weights_to_lp(model, dtype=torch.bfloat16)
     model.visual.image_mean, model.visual.image_std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     return model
 
 
-def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
+def load_clip(name_or_path=None, device=None, default="ViT-B/32", precision="auto"):
     """Load an OpenAI CLIP model by name or from a local OpenAI-format file onto ``device``: a
     ``torch.device`` or a name ``resolve_device`` takes (None: CUDA when there is a GPU, else CPU);
     a device that is not there is a ``VlcapError`` before anything loads.
 
-    As ``clip.load``: fp16 weights on CUDA, fp32 on CPU.
+    ``precision`` (``--precision``): its weights' dtype. ``auto`` is ``clip.load``'s: fp16 on CUDA
+    (the precision OpenAI released the weights in, and the course evaluator's), fp32 on CPU.
     """
     import open_clip
     from open_clip.transform import image_transform
 
     name = clip_model_name(name_or_path, default)
     device = resolve_device(device)
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = dtype_name(inference_dtype(precision, device, auto_on_cuda=torch.float16))
     path = Path(name).expanduser()
     if path.is_file():
         source = str(path)

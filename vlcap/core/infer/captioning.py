@@ -10,7 +10,7 @@ from vlcap.core.console import say
 from vlcap.core.errors import VlcapError
 from vlcap.core.outputs import write_predictions
 from vlcap.core.progress import progress_bar
-from vlcap.core.runtime import autocast, autocast_dtype, resolve_device
+from vlcap.core.runtime import autocast, inference_dtype, resolve_device
 
 
 @dataclass
@@ -39,14 +39,15 @@ def resolve_decoding(decoding_cfg, registry, strategy=None, options=None, max_le
 
 
 def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_length=None, batch_size=32,
-                  console=None):
-    """Caption the image files ``paths`` with a ``LoadedCaptioner``. Unreadable images get a warning
-    line each and are left out (returned in ``bad_images``)."""
+                  precision="auto", console=None):
+    """Caption the image files ``paths`` with a ``LoadedCaptioner``, computing in ``precision``
+    (``runtime.inference_dtype``; never the checkpoint's training AMP). Unreadable images get a
+    warning line each and are left out (returned in ``bad_images``)."""
     if batch_size < 1:
         raise VlcapError(f"--batch-size: must be >= 1, got {batch_size}")
-    decoding, options, max_length = resolve_decoding(loaded.config.decoding, registry, strategy, options, max_length)
     device = next(loaded.captioner.parameters()).device
-    dtype = autocast_dtype(loaded.config.train.amp, device)
+    dtype = inference_dtype(precision, device)
+    decoding, options, max_length = resolve_decoding(loaded.config.decoding, registry, strategy, options, max_length)
     predictions, bad = {}, []
     with progress_bar("captioning", console) as progress:
         task = progress.add_task("captioning", total=len(paths))

@@ -86,7 +86,7 @@ class CachedNextToken(NextToken):
 
 class RecomputeNextToken(NextToken):
     """Naive decoding: the whole sequence through the decoder at every step, with the image
-    tokens copied for every beam."""
+    tokens copied for every beam; the LM head only at the last position, the one read."""
 
     def __init__(self, decoder, memory):
         self.decoder = decoder
@@ -95,7 +95,9 @@ class RecomputeNextToken(NextToken):
         self.device = memory.device
 
     def logits(self, ids, hidden=False):
-        return last_position(self.decoder(ids, self.memory, hidden=hidden), hidden)
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[:, -1] = True  # one position per row: (rows, vocab) logits and (rows, n_embd) states
+        return self.decoder(ids, self.memory, only=last, hidden=hidden)
 
     def expand(self, beams):
         self.memory = self.memory.repeat_interleave(beams, dim=0)
