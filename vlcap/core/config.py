@@ -90,6 +90,9 @@ class TrainConfig:
     # its own initialisation: same PEFT method and trainable shapes; optimizer and schedule start
     # fresh. Recorded as an absolute path; a resumed run takes its weights from the resume state.
     init_from: Optional[str] = None
+    # Experiment logging besides history.jsonl: none | tensorboard (events in RUN/tensorboard;
+    # needs the optional extra, pip install 'vlcap[tensorboard]').
+    log: str = "none"
 
 
 @dataclass(frozen=True)
