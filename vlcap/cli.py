@@ -269,6 +269,31 @@ def cache_features(image_dir, out, preset, config_file, assignments, dtype, batc
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--by", help="Sort by this history key (default: the selection metric most runs use, e.g. cider).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows to this CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw loss and metric curves per epoch of every run into this PNG.")
+def compare(run_dirs, by, as_json, csv_path, plot_path):
+    """Compare training runs: one row per RUN_DIR, best first, and their curves."""
+    from vlcap.apps import compare as compare_lib
+    comparison = compare_lib.compare_runs(run_dirs, registry(), by=by)
+    rows = compare_lib.comparison_rows(comparison)
+    if csv_path:
+        compare_lib.write_comparison_csv(csv_path, comparison)
+    if plot_path:
+        compare_lib.plot_curves(plot_path, comparison)
+    if as_json:
+        click.echo(json.dumps({"sorted_by": comparison.metric, "runs": rows}, indent=2))
+        return
+    console.print(reports.comparison_table(comparison, rows))
+    for path, what in ((csv_path, "rows"), (plot_path, "curves")):
+        if path:
+            console.print(f"{what}: {path}", markup=False, highlight=False)
+
+
+@main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and tensors as JSON.")
 def inspect(checkpoint, as_json):

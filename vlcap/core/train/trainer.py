@@ -364,6 +364,16 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, 
             for name in cfg.train.metrics}
 
 
+def best_metric_name(train_cfg, has_val):
+    """The history key ``train.best_metric`` names; ``auto``: the first of ``train.metrics`` with a
+    validation set, else the validation loss, else the training loss."""
+    choice = train_cfg.best_metric
+    if choice == "auto":
+        names = train_cfg.metrics
+        choice = names[0] if names and has_val else ("val_loss" if has_val else "train_loss")
+    return choice
+
+
 def selection_key(cfg, registry, has_val):
     """(name, higher_is_better) of the number that picks the best checkpoint. Also checks, before
     any training time is spent, that each metric in ``train.metrics`` is installed and can run."""
@@ -376,9 +386,7 @@ def selection_key(cfg, registry, has_val):
             metric.check()
         except VlcapError as exc:
             raise VlcapError(f"{exc} (or leave {name} out of train.metrics, e.g. --set train.metrics=[])") from None
-    choice = cfg.train.best_metric
-    if choice == "auto":
-        choice = names[0] if names and has_val else ("val_loss" if has_val else "train_loss")
+    choice = best_metric_name(cfg.train, has_val)
     if choice in ("val_loss", "train_loss"):
         if choice == "val_loss" and not has_val:
             raise VlcapError("train.best_metric=val_loss needs --val-json and --val-images")
