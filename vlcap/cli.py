@@ -165,6 +165,19 @@ def list_plugins(as_json, hooks, options):
         console.print(reports.plugins_table(reg.entries(), reg.failed()))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
+def presets(as_json):
+    """List the presets (recipes from the course's reports among them) with their trainable parameters."""
+    from vlcap.apps.training import preset_summaries
+    from vlcap.core.model.peft import MAX_TRAINABLE
+    rows = preset_summaries(registry())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(reports.presets_table(rows, MAX_TRAINABLE))
+
+
 def train_flag(*decls, **attrs):
     return config_flag(TRAIN_FLAGS, *decls, **attrs)
 
@@ -172,7 +185,8 @@ def train_flag(*decls, **attrs):
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML run config.")
 @click.option("--preset", type=click.Choice(sorted(config_lib.PRESETS)), default="full", show_default=True,
-              help="'tiny': test ViT + random 2-layer GPT-2, runs offline in minutes.")
+              help="'tiny': test ViT + random 2-layer GPT-2, runs offline in minutes; recipes from the course "
+                   "reports: see `vlcap presets`.")
 @train_flag("--peft", help="PEFT method (see `vlcap list-plugins`).")
 @train_flag("--encoder", help="timm ViT name, e.g. vit_large_patch14_clip_224.openai.")
 @train_flag("--decoder-weights", type=click.Path(dir_okay=False), help="The course's decoder_model.bin.")

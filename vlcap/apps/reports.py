@@ -214,3 +214,15 @@ def comparison_table(comparison, rows):
                       *(_number(row[key], ".4f") for key in scores), _number(row["seconds_per_epoch"], ".1f"),
                       _number(row["samples_per_s"], ".1f"))
     return table
+
+
+def presets_table(rows, budget):
+    """``vlcap presets``: each preset (``training.preset_summaries``) with its trainable parameters."""
+    table = _table(f"vlcap presets (vlcap train --preset NAME; trainable budget {budget:,})",
+                   ("preset", "encoder", "peft", "decoding", "trainable", "what it is"), right=("trainable",))
+    for column in table.columns:
+        column.overflow = "fold"
+    for row in rows:
+        table.add_row(Text(row["name"]), Text(row["encoder"]), Text(row["peft"]), Text(row["decoding"]),
+                      _number(row["trainable"], ","), Text(row["note"]))
+    return table
