@@ -496,5 +496,40 @@ def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, dev
                       soft_wrap=True)
 
 
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False),
+              help="Report on these captions ({stem: caption} JSON, e.g. zero-shot) instead of the run's own.")
+@click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False), help="The annotated images.")
+@click.option("--annotations", "annotations_path", required=True, type=click.Path(dir_okay=False),
+              help="The reference captions (COCO-style JSON, e.g. val.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder to write (index.html and its images); an earlier report there is replaced.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Caption with this checkpoint (default: RUN_DIR/best.safetensors).")
+@click.option("--decoder-weights", type=click.Path(dir_okay=False),
+              help="decoder_model.bin (default: the path the checkpoint recorded).")
+@decoding_options
+@click.option("--top", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Best and worst images shown with their attention maps.")
+@click.option("--no-clipscore", is_flag=True, help="CIDEr only (no CLIP model needed).")
+@click.option("--clip-model", help="CLIP for CLIPScore, as for evaluate (default: $VLCAP_CLIP_MODEL, else ViT-B/32).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def report(run_dir, predictions_path, image_dir, annotations_path, out, checkpoint, decoder_weights, strategy,
+           num_beams, max_length, assignments, top, no_clipscore, clip_model, batch_size, device):
+    """A static HTML report of a run's captions (or of a prediction file) on an annotated image set."""
+    device = checked_device(device)
+    strategy, options = decoding_request(strategy, assignments, num_beams)
+    from vlcap.apps.html_report import build_report
+    built = build_report(out, registry(), image_dir=image_dir, annotations_path=annotations_path, run_dir=run_dir,
+                         predictions_path=predictions_path, checkpoint=checkpoint, decoder_weights=decoder_weights,
+                         decoding=dict(strategy=strategy, options=options, max_length=max_length, batch_size=batch_size),
+                         clipscore=not no_clipscore, clip_model=clip_model, top=top, batch_size=batch_size,
+                         device=device, console=err_console)
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in built.scores.items())
+    console.print(f"report of {len(built.images)} images ({scores}): {Path(out) / 'index.html'}", markup=False,
+                  highlight=False)
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -268,7 +268,7 @@ def plot_curves(path, comparison):
             points = [(r["epoch"], r[key]) for r in run.history if key in r]
             if points:
                 ax.plot(*zip(*points), marker="o", color=f"C{index % 10}", linestyle="--" if run.interrupted else "-",
-                        label=run.name)
+                        label=run.name + (f" ({run.status})" if run.interrupted else ""))
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
