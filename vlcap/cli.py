@@ -521,12 +521,12 @@ def report(run_dir, predictions_path, image_dir, annotations_path, out, checkpoi
     """A static HTML report of a run's captions (or of a prediction file) on an annotated image set."""
     device = checked_device(device)
     strategy, options = decoding_request(strategy, assignments, num_beams)
-    from vlcap.apps.html_report import build_report
-    built = build_report(out, registry(), image_dir=image_dir, annotations_path=annotations_path, run_dir=run_dir,
-                         predictions_path=predictions_path, checkpoint=checkpoint, decoder_weights=decoder_weights,
-                         decoding=dict(strategy=strategy, options=options, max_length=max_length, batch_size=batch_size),
-                         clipscore=not no_clipscore, clip_model=clip_model, top=top, batch_size=batch_size,
-                         device=device, console=err_console)
+    from vlcap.apps.html_report import ReportInputs, build_report
+    inputs = ReportInputs(image_dir, annotations_path, run_dir, predictions_path, checkpoint, decoder_weights,
+                          dict(strategy=strategy, options=options, max_length=max_length, batch_size=batch_size),
+                          clipscore=not no_clipscore, clip_model=clip_model, top=top, batch_size=batch_size,
+                          device=device)
+    built = build_report(out, inputs, registry(), console=err_console)
     scores = ", ".join(f"{name} {value:.4f}" for name, value in built.scores.items())
     console.print(f"report of {len(built.images)} images ({scores}): {Path(out) / 'index.html'}", markup=False,
                   highlight=False)

@@ -76,8 +76,9 @@ def read_run_config(run_dir):
         data = config_lib.read_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise VlcapError(f"{path}: not a readable YAML config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("model", "peft", "train")):
-        raise VlcapError(f"{path}: not a vlcap run config (expected model:, peft:, train: mappings)")
+    sections = ("model", "peft", "train", "data")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in sections):
+        raise VlcapError(f"{path}: not a vlcap run config (expected model:, peft:, train:, data: mappings)")
     return data
 
 
@@ -145,7 +146,8 @@ def run_status(train, history, planned):
         return "no epoch finished"
     last = history[-1]
     max_steps = train.get("max_steps")
-    if (planned is not None and last["epoch"] >= planned) or (isinstance(max_steps, int) and last.get("step", 0) >= max_steps):
+    all_epochs = planned is not None and last["epoch"] >= planned
+    if all_epochs or (isinstance(max_steps, int) and last.get("step", 0) >= max_steps):
         return "finished"
     return f"interrupted ({last['epoch']}/{planned if planned is not None else '?'} epochs)"
 
@@ -153,13 +155,14 @@ def run_status(train, history, planned):
 def read_run(run_dir, registry):
     config = read_run_config(run_dir)
     history = read_history(run_dir)
-    model, train, data = config.get("model", {}), config.get("train", {}), config.get("data") or {}
+    model, train, data = config.get("model", {}), config.get("train", {}), config.get("data", {})
     connector = config.get("connector")
     checkpoint = next((p for p in (Path(run_dir) / "best.safetensors", Path(run_dir) / "last.safetensors")
                        if p.is_file()), None)
     has_val = bool(data.get("val_json") and data.get("val_images"))
-    selection = best_metric_name(SimpleNamespace(best_metric=train.get("best_metric", "auto"),
-                                                 metrics=train.get("metrics") or []), has_val)
+    metric_names = train.get("metrics") if isinstance(train.get("metrics"), list) else []
+    selection = str(best_metric_name(SimpleNamespace(best_metric=str(train.get("best_metric", "auto")),
+                                                     metrics=[str(m) for m in metric_names]), has_val))
     planned = planned_epochs(train, history)
     metrics = [k for k in dict.fromkeys(k for r in history for k in r) if k not in BOOKKEEPING_KEYS]
     return RunSummary(

@@ -11,9 +11,12 @@ import json
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
-th { background: #f4f4f4; text-align: left; } th.sortable { cursor: pointer; } th.sortable::after { content: " \\2195"; color: #999; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } ul.refs { margin: 0; padding-left: 1.1em; color: #555; }
+table { border-collapse: collapse; margin: .5em 0; }
+td, th { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
+th { background: #f4f4f4; text-align: left; } th.sortable { cursor: pointer; }
+th.sortable::after { content: " \\2195"; color: #999; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+ul.refs { margin: 0; padding-left: 1.1em; color: #555; }
 .score { font-size: 1.3em; margin-right: 2em; } .note { color: #666; }
 figure { display: inline-block; margin: .5em; vertical-align: top; max-width: 100%; } figcaption { max-width: 1100px; }
 img.attention { max-width: 100%; } img.thumb { max-width: 160px; max-height: 160px; }
@@ -66,10 +69,12 @@ def config_value(value):
 
 
 def scores_section(report):
-    scores = "".join(f'<span class="score">{esc(name)} <b>{value:.4f}</b></span>' for name, value in report.scores.items())
+    scores = "".join(f'<span class="score">{esc(name)} <b>{value:.4f}</b></span>'
+                     for name, value in report.scores.items())
     clip = f" CLIPScore with CLIP {esc(report.clip_model)}." if report.clip_model else ""
-    return (f"<h2 id='scores'>Scores</h2><p>{scores}</p><p class='note'>{len(report.images)} images; {esc(report.source)}. "
-            f"CIDEr-D on PTB tokens, comparable only with CIDErs against the same references.{clip}</p>")
+    return (f"<h2 id='scores'>Scores</h2><p>{scores}</p><p class='note'>{len(report.images)} images; "
+            f"{esc(report.source)}. CIDEr-D on PTB tokens, comparable only with CIDErs against the same "
+            f"references.{clip}</p>")
 
 
 def run_section(report):

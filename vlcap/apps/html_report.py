@@ -78,25 +78,57 @@ def check_out_dir(out):
         raise VlcapError(f"{out}: exists and is not an earlier vlcap report; choose a new or empty folder for --out")
 
 
-def captions_for(run_dir, predictions_path, checkpoint, references, image_paths, registry, work, decoding,
-                 decoder_weights, device, console):
+@dataclass
+class ReportInputs:
+    """What ``vlcap report`` was asked for (its options, by name)."""
+    image_dir: Path
+    annotations_path: Path
+    run_dir: Optional[Path] = None
+    predictions_path: Optional[Path] = None
+    checkpoint: Optional[Path] = None  # default: RUN_DIR/best.safetensors
+    decoder_weights: Optional[Path] = None
+    decoding: dict = field(default_factory=dict)  # caption_paths's options: strategy, options, max_length, batch_size
+    clipscore: bool = True
+    clip_model: Optional[str] = None
+    top: int = 3
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def check(self):
+        """Every choice that can be refused without loading anything; fills in the checkpoint."""
+        if self.run_dir is None and self.predictions_path is None:
+            raise VlcapError("nothing to report: pass a RUN_DIR (its checkpoint captions the images) "
+                             "or --predictions FILE")
+        if self.run_dir is not None:
+            compare_lib.read_run_config(self.run_dir)
+            best = Path(self.run_dir) / "best.safetensors"
+            if self.checkpoint is None and best.is_file():
+                self.checkpoint = best
+            elif self.checkpoint is None and self.predictions_path is None:
+                raise VlcapError(f"{self.run_dir}: no best.safetensors to caption with (no epoch finished); "
+                                 "pass --checkpoint or --predictions")
+
+
+def captions_for(inputs, references, image_paths, registry, work, console):
     """``(predictions path, loaded checkpoint or None, source)``: the prediction file as given
     (checked against the annotations), or the checkpoint's captions of every annotated image,
     written to ``work/predictions.json``."""
     loaded = None
-    if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, registry, decoder_weights=decoder_weights, device=device)
-    if predictions_path is not None:
-        check_predictions(load_predictions(predictions_path), references, where=str(predictions_path))
-        return Path(predictions_path), loaded, f"captions from {predictions_path}"
+    if inputs.checkpoint is not None:
+        loaded = load_checkpoint(inputs.checkpoint, registry, decoder_weights=inputs.decoder_weights,
+                                 device=resolve_device(inputs.device))
+    if inputs.predictions_path is not None:
+        check_predictions(load_predictions(inputs.predictions_path), references, where=str(inputs.predictions_path))
+        return Path(inputs.predictions_path), loaded, f"captions from {inputs.predictions_path}"
     stems = list(references)
-    result = caption_paths(loaded, [Path(image_paths[s]) for s in stems], registry, console=console, **decoding)
+    result = caption_paths(loaded, [Path(image_paths[s]) for s in stems], registry, console=console,
+                           **inputs.decoding)
     if result.bad_images:
         raise VlcapError(f"{len(result.bad_images)} annotated image(s) could not be read, so the report would "
                          f"miss them: {few(result.bad_images, 2)}")
     path = work / "predictions.json"
     write_predictions(path, {s: result.predictions[s] for s in stems})
-    return path, loaded, f"captions by {checkpoint}"
+    return path, loaded, f"captions by {inputs.checkpoint}"
 
 
 def write_thumbnails(rows, image_paths, references, folder, progress):
@@ -119,14 +151,16 @@ def draw_best_and_worst(loaded, images, image_paths, top, registry, folder, prog
     """The ``top`` best and worst images (``images`` is best first), each with the cross-attention
     of its scored caption, teacher-forced, when a checkpoint is at hand."""
     chosen = [("best", rank, image) for rank, image in enumerate(images[:top], 1)]
-    chosen += [("worst", rank, image) for rank, image in enumerate(images[::-1][:min(top, max(len(images) - top, 0))], 1)]
+    worst = images[::-1][:min(top, max(len(images) - top, 0))]  # never an image shown as best too
+    chosen += [("worst", rank, image) for rank, image in enumerate(worst, 1)]
     if loaded is None:
         return [(kind, image, None) for kind, _, image in chosen]
     folder.mkdir()
     task = progress.add_task("attention maps", total=len(chosen))
     drawn = []
     for kind, rank, image in chosen:
-        target = Target(Path(image_paths[image.stem]), f"{kind}-{rank}", image.caption)
+        score = f"CLIPScore {image.clipscore:.4f}" if image.clipscore is not None else f"CIDEr {image.cider:.4f}"
+        target = Target(Path(image_paths[image.stem]), f"{kind}-{rank}", image.caption, f"{kind} {rank}: {score}")
         figure = visualize(loaded, [target], folder, registry)[0]
         drawn.append((kind, image, f"{folder.name}/{figure.png.name}"))
         progress.advance(task)
@@ -151,33 +185,20 @@ def run_sections(report, run_dir, loaded, registry, work):
             report.config_rows = flatten(config_lib.to_dict(loaded.config))
 
 
-def build_report(out, registry, *, image_dir, annotations_path, run_dir=None, predictions_path=None,
-                 checkpoint=None, decoder_weights=None, decoding=None, clipscore=True, clip_model=None, top=3,
-                 batch_size=64, device="cpu", console=None):
-    """Write the report folder ``out`` (see the module's docstring) and return its ``Report``.
-    ``decoding``: ``caption_paths``'s keyword options (strategy, options, max_length, batch_size)."""
-    if run_dir is None and predictions_path is None:
-        raise VlcapError("nothing to report: pass a RUN_DIR (its checkpoint captions the images) or --predictions FILE")
-    if run_dir is not None:
-        compare_lib.read_run_config(run_dir)  # a run directory, checked before anything loads
-        best = Path(run_dir) / "best.safetensors"
-        if checkpoint is None and best.is_file():
-            checkpoint = best
-        elif checkpoint is None and predictions_path is None:
-            raise VlcapError(f"{run_dir}: no best.safetensors to caption with (no epoch finished); "
-                             "pass --checkpoint or --predictions")
+def build_report(out, inputs, registry, console=None):
+    """Write the report folder ``out`` for ``inputs`` (a ``ReportInputs``; see the module's
+    docstring) and return its ``Report``. Inputs are checked before anything loads."""
+    inputs.check()
     check_out_dir(out)
-    caption_set = load_captions(annotations_path)
+    caption_set = load_captions(inputs.annotations_path)
     references = caption_set.references()
-    image_paths = image_paths_for(caption_set, image_dir)
-    check_images(references, image_paths, where=f"{annotations_path} (images in {image_dir})")
+    image_paths = image_paths_for(caption_set, inputs.image_dir)
+    check_images(references, image_paths, where=f"{inputs.annotations_path} (images in {inputs.image_dir})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        report = assemble(work, registry, run_dir, predictions_path, checkpoint, references, image_paths,
-                          annotations_path, image_dir, decoding or {}, decoder_weights, clipscore, clip_model, top,
-                          batch_size, resolve_device(device), console)
+        report = assemble(work, inputs, references, image_paths, registry, console)
         (work / "index.html").write_text(html_page.render(report), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -188,24 +209,23 @@ def build_report(out, registry, *, image_dir, annotations_path, run_dir=None, pr
     return report
 
 
-def assemble(work, registry, run_dir, predictions_path, checkpoint, references, image_paths, annotations_path,
-             image_dir, decoding, decoder_weights, clipscore, clip_model, top, batch_size, device, console):
-    pred_path, loaded, source = captions_for(run_dir, predictions_path, checkpoint, references, image_paths,
-                                             registry, work, decoding, decoder_weights, device, console)
-    scored = evaluate_predictions(pred_path, annotations_path, image_dir, clipscore=clipscore,
-                                  clip_model=clip_model, batch_size=batch_size, per_image_path=work / "scores.csv",
-                                  console=console)
+def assemble(work, inputs, references, image_paths, registry, console):
+    """Everything the page shows, written into ``work``; returns the ``Report``."""
+    pred_path, loaded, source = captions_for(inputs, references, image_paths, registry, work, console)
+    scored = evaluate_predictions(pred_path, inputs.annotations_path, inputs.image_dir, clipscore=inputs.clipscore,
+                                  clip_model=inputs.clip_model, batch_size=inputs.batch_size,
+                                  per_image_path=work / "scores.csv", console=console)
     evaluation = scored.evaluation
     scores = {"CIDEr": evaluation.cider.score}
     if evaluation.clipscore:
         scores["CLIPScore"] = evaluation.clipscore.score
-    title = f"vlcap report: {run_dir if run_dir is not None else predictions_path}"
+    title = f"vlcap report: {inputs.run_dir if inputs.run_dir is not None else inputs.predictions_path}"
     report = Report(title, source, [], scores, evaluation.clip_model)
     with progress_bar(console=console) as progress:
         report.images = write_thumbnails(scored.rows, image_paths, references, work / "images", progress)
-        report.attention = draw_best_and_worst(loaded, report.images, image_paths, top, registry,
+        report.attention = draw_best_and_worst(loaded, report.images, image_paths, inputs.top, registry,
                                                work / "attention", progress)
-    run_sections(report, run_dir, loaded, registry, work)
+    run_sections(report, inputs.run_dir, loaded, registry, work)
     if loaded is None:
         report.notes.append("no checkpoint: attention maps need one (pass the RUN_DIR or --checkpoint)")
     return report
