@@ -69,7 +69,7 @@ def test_table_csv_and_curves(tiny_runs, tmp_path):
     ("not_a_run", "not a vlcap run directory (no config.yaml)"),
     ("bad_yaml", "config.yaml: not a readable YAML config"),
     ("bad_history", "history.jsonl:2: not a JSON record"),
-    ("odd_record", "history.jsonl:1: a history record maps names to numbers"),
+    ("odd_record", "history.jsonl:1: a history record is a JSON object with an integer epoch"),
 ])
 def test_bad_run_directories_are_one_line(tmp_path, tiny_runs, case, message):
     root, _ = tiny_runs
@@ -81,7 +81,7 @@ def test_bad_run_directories_are_one_line(tmp_path, tiny_runs, case, message):
     if case == "bad_history":
         (run / "history.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2,\n')
     if case == "odd_record":
-        (run / "history.jsonl").write_text('{"epoch": 1, "note": "<b>"}\n')
+        (run / "history.jsonl").write_text('{"epoch": "one", "train_loss": 1.0}\n')
     result = vlcap_cli("compare", run, "--plot", tmp_path / "curves.png")
     assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "curves.png").exists()

@@ -83,8 +83,8 @@ def read_run_config(run_dir):
 
 
 def read_history(run_dir):
-    """The records of ``history.jsonl`` ([] when the run has not finished an epoch): mappings of
-    names to numbers, each with an ``epoch``."""
+    """The records of ``history.jsonl`` ([] when the run has not finished an epoch), each with an
+    ``epoch``, holding their numbers."""
     path = Path(run_dir) / "history.jsonl"
     if not path.exists():
         return []
@@ -96,10 +96,10 @@ def read_history(run_dir):
             record = json.loads(line)
         except json.JSONDecodeError:
             raise VlcapError(f"{path}:{number}: not a JSON record; the history is damaged") from None
-        if not (isinstance(record, dict) and isinstance(record.get("epoch"), int) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values())):
-            raise VlcapError(f"{path}:{number}: a history record maps names to numbers and has an epoch")
-        records.append(record)
+        if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
+            raise VlcapError(f"{path}:{number}: a history record is a JSON object with an integer epoch")
+        # numbers only: a field another vlcap version records as text is not a score to compare
+        records.append({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return records
 
 
