@@ -19,7 +19,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 ul.refs { margin: 0; padding-left: 1.1em; color: #555; }
 .score { font-size: 1.3em; margin-right: 2em; } .note { color: #666; }
 figure { display: inline-block; margin: .5em; vertical-align: top; max-width: 100%; } figcaption { max-width: 1100px; }
-img.attention { max-width: 100%; } img.thumb { max-width: 160px; max-height: 160px; }
+img.attention, img#curves { max-width: 100%; } img.thumb { max-width: 160px; max-height: 160px; }
 """
 
 SORT_SCRIPT = """
@@ -78,16 +78,23 @@ def scores_section(report):
 
 
 def run_section(report):
+    """The run's parameters and curves."""
     parts = []
     if report.parameter_rows:
         rows = [[f"<td>{esc(part)}</td>", number(t, ","), number(f, ",")] for part, t, f in report.parameter_rows]
         parts.append("<h3>Parameters</h3>" + table("parameter-table", ("part", "trainable", "frozen"), rows))
     if report.curves:
         parts.append(f'<h3>Curves</h3><img id="curves" src="{esc(report.curves)}" alt="loss and metric curves">')
-    if report.config_rows:
-        rows = [[f"<td>{esc(key)}</td>", f"<td>{esc(config_value(value))}</td>"] for key, value in report.config_rows]
-        parts.append("<h3>Config</h3>" + table("config-table", ("key", "value"), rows))
     return "<h2 id='run'>Run</h2>" + "\n".join(parts) if parts else ""
+
+
+def config_section(report):
+    """The full config, folded: long, and read less often than the rest."""
+    if not report.config_rows:
+        return ""
+    rows = [[f"<td>{esc(key)}</td>", f"<td>{esc(config_value(value))}</td>"] for key, value in report.config_rows]
+    return (f"<h2 id='config'>Config</h2><details><summary>{len(rows)} keys</summary>"
+            + table("config-table", ("key", "value"), rows) + "</details>")
 
 
 def references_list(references):
@@ -120,6 +127,6 @@ def gallery_section(report):
 def render(report):
     notes = "".join(f"<p class='note'>{esc(note)}</p>" for note in report.notes)
     body = "\n".join([f"<h1>{esc(report.title)}</h1>", notes, scores_section(report), run_section(report),
-                      attention_section(report), gallery_section(report)])
+                      attention_section(report), gallery_section(report), config_section(report)])
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(report.title)}</title>'
             f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SORT_SCRIPT}</script>\n</body></html>\n")
