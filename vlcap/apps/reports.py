@@ -191,7 +191,7 @@ def megabytes(size):
     return "—" if size is None else f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
-def comparison_table(comparison, rows):
+def runs_table(comparison, rows):
     """``vlcap compare``: one row per run (``compare.comparison_rows``), best first, the best
     marked; scores are those of each run's best epoch; — where a run did not record a value."""
     scores = ("val_loss", *comparison.metrics)
@@ -226,3 +226,27 @@ def presets_table(rows, budget):
         table.add_row(Text(row["name"]), Text(row["encoder"]), Text(row["peft"]), Text(row["decoding"]),
                       _number(row["trainable"], ","), Text(row["note"]))
     return table
+
+
+def comparison_table(comparison):
+    """``vlcap caption --hf-model`` with several settings or ``--report``: one row per setting
+    (CIDEr and CLIPScore when scored, the best of each in bold; its generation options and
+    prompt, never cut), then where the files are."""
+    scored = comparison.clip_model is not None
+    title = f"{comparison.model}: {len(comparison.results)} setting(s) on {comparison.images:,} images"
+    if scored:
+        title += f", CLIPScore with CLIP {comparison.clip_model}"
+    scores = ("CIDEr", "CLIPScore") if scored else ()
+    table = _table(title, ("setting", *scores, "captions", "generation", "prompt"), right=(*scores, "captions"))
+    for column in table.columns[-2:]:
+        column.overflow = "fold"
+    best = {name: max((getattr(r, name) for r in comparison.results), default=None) for name in ("cider", "clipscore")}
+    for r in comparison.results:
+        cells = [f"{'[bold]' if getattr(r, name) == best[name] else ''}{getattr(r, name):.4f}"
+                 for name in ("cider", "clipscore")] if scored else []
+        table.add_row(r.setting.name, *cells, str(r.captions), Text(r.setting.generation.replace(" ", "\n")),
+                      Text(r.setting.prompt))
+    files = f"predictions: {comparison.out_dir}/setting-N.json; settings: {comparison.out_dir}/settings.json"
+    if scored:
+        files += f"; scores: {comparison.out_dir}/report.json, report.csv"
+    return Group(table, Text(files))
