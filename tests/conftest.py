@@ -115,3 +115,27 @@ def write_tiny_clip(path, model=None, torchscript=False):
 def tiny_clip(tmp_path_factory):
     """Path of a tiny local CLIP checkpoint (state dict in OpenAI's format)."""
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, small_synthetic, registry):
+    """Run directories as `vlcap train` leaves them, for compare and report: ``lora`` (r=4, 2
+    epochs, selected by validation loss), ``adapter`` (2 epochs, also scored by CIDEr),
+    ``interrupted`` (the lora run as a kill after its first epoch leaves it: the history is
+    written whole at each epoch's end) and ``unstarted`` (killed before an epoch ended)."""
+    import shutil
+    from vlcap.core.train.trainer import train
+    root = tmp_path_factory.mktemp("runs")
+    data = data_overrides(small_synthetic)["data"]
+    runs = {}
+    for name, method, options, metrics in (("lora", "lora", {"r": 4}, []), ("adapter", "adapter", {}, ["cider"])):
+        cfg = tiny_config(method, data=data, peft={"method": method, "options": options},
+                          train={"epochs": 2, "batch_size": 8, "metrics": metrics})
+        runs[name] = train(cfg, root / name, registry)
+    interrupted, unstarted = root / "interrupted", root / "unstarted"
+    shutil.copytree(root / "lora", interrupted)
+    history = (interrupted / "history.jsonl").read_text().splitlines()
+    (interrupted / "history.jsonl").write_text(history[0] + "\n")
+    unstarted.mkdir()
+    shutil.copy(root / "lora" / "config.yaml", unstarted)
+    return root, runs

@@ -125,10 +125,10 @@ def test_metadata_is_json_readable(registry, tmp_path):
 
 def test_a_checkpoint_records_the_epoch_step_and_scores_it_was_saved_at(tmp_path, small_synthetic, registry):
     from conftest import data_overrides
-    from vlcap.core.train.trainer import train
+    from vlcap.core.train.trainer import TIMING_KEYS, train
     cfg = tiny_config("lora", **data_overrides(small_synthetic), train={"epochs": 2, "batch_size": 8, "metrics": []})
     result = train(cfg, tmp_path / "run", registry)
     assert result.best in result.history and result.best["val_loss"] == min(r["val_loss"] for r in result.history)
     best, last = read_metadata(result.best_checkpoint)["training"], read_metadata(result.last_checkpoint)["training"]
     assert best == result.best and last == result.history[-1]
-    assert set(best) == {"epoch", "step", "train_loss", "val_loss"}
+    assert set(best) == {"epoch", "step", "train_loss", "val_loss", "lr", *TIMING_KEYS}

@@ -204,6 +204,19 @@ def list_plugins(as_json, hooks, options):
         console.print(reports.plugins_table(reg.entries(), reg.failed()))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
+def presets(as_json):
+    """List the presets (recipes from the course's reports among them) with their trainable parameters."""
+    from vlcap.apps.training import preset_summaries
+    from vlcap.core.model.peft import MAX_TRAINABLE
+    rows = preset_summaries(registry())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(reports.presets_table(rows, MAX_TRAINABLE))
+
+
 def train_flag(*decls, **attrs):
     return config_flag(TRAIN_FLAGS, *decls, **attrs)
 
@@ -211,7 +224,8 @@ def train_flag(*decls, **attrs):
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML run config.")
 @click.option("--preset", type=click.Choice(sorted(config_lib.PRESETS)), default="full", show_default=True,
-              help="'tiny': test ViT + random 2-layer GPT-2, runs offline in minutes.")
+              help="'tiny': test ViT + random 2-layer GPT-2, runs offline in minutes; recipes from the course "
+                   "reports: see `vlcap presets`.")
 @train_flag("--peft", help="PEFT method (see `vlcap list-plugins`).")
 @train_flag("--encoder", help="timm ViT name, e.g. vit_large_patch14_clip_224.openai.")
 @train_flag("--decoder-weights", type=click.Path(dir_okay=False), help="The course's decoder_model.bin.")
@@ -308,6 +322,31 @@ def cache_features(image_dir, out, preset, config_file, assignments, dtype, batc
     cache = cache_encoder_features(cfg, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
                                    console=err_console)
     say(console, f"cached {len(cache.rows):,} images -> {cache.path}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--by", help="Sort by this history key (default: the selection metric most runs use, e.g. cider).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows to this CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw loss and metric curves per epoch of every run into this PNG.")
+def compare(run_dirs, by, as_json, csv_path, plot_path):
+    """Compare training runs: one row per RUN_DIR, best first, and their curves."""
+    from vlcap.apps import compare as compare_lib
+    comparison = compare_lib.compare_runs(run_dirs, registry(), by=by)
+    rows = compare_lib.comparison_rows(comparison)
+    if csv_path:
+        compare_lib.write_comparison_csv(csv_path, comparison)
+    if plot_path:
+        compare_lib.plot_curves(plot_path, comparison)
+    if as_json:
+        click.echo(json.dumps({"sorted_by": comparison.metric, "runs": rows}, indent=2))
+        return
+    console.print(reports.runs_table(comparison, rows))
+    for path, what in ((csv_path, "rows"), (plot_path, "curves")):
+        if path:
+            console.print(f"{what}: {path}", markup=False, highlight=False)
 
 
 @main.command()
@@ -753,6 +792,41 @@ def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, dev
         note = f" ({figure.note})" if figure.note else ""
         say(console, f"{figure.png}: {panels}, \"{figure.caption}\"{note}")
 
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False),
+              help="Report on these captions ({stem: caption} JSON, e.g. zero-shot) instead of the run's own.")
+@click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False), help="The annotated images.")
+@click.option("--annotations", "annotations_path", required=True, type=click.Path(dir_okay=False),
+              help="The reference captions (COCO-style JSON, e.g. val.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder to write (index.html and its images); an earlier report there is replaced.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Caption with this checkpoint (default: RUN_DIR/best.safetensors).")
+@click.option("--decoder-weights", type=click.Path(dir_okay=False),
+              help="decoder_model.bin (default: the path the checkpoint recorded).")
+@decoding_options
+@click.option("--top", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Best and worst images shown with their attention maps.")
+@click.option("--no-clipscore", is_flag=True, help="CIDEr only (no CLIP model needed).")
+@click.option("--clip-model", help="CLIP for CLIPScore, as for evaluate (default: $VLCAP_CLIP_MODEL, else ViT-B/32).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def report(run_dir, predictions_path, image_dir, annotations_path, out, checkpoint, decoder_weights, strategy,
+           num_beams, max_length, assignments, top, no_clipscore, clip_model, batch_size, device):
+    """A static HTML report of a run's captions (or of a prediction file) on an annotated image set."""
+    device = checked_device(device)
+    strategy, options = decoding_request(strategy, assignments, num_beams)
+    from vlcap.apps.html_report import ReportInputs, build_report
+    inputs = ReportInputs(image_dir, annotations_path, run_dir, predictions_path, checkpoint, decoder_weights,
+                          dict(strategy=strategy, options=options, max_length=max_length, batch_size=batch_size),
+                          clipscore=not no_clipscore, clip_model=clip_model, top=top, batch_size=batch_size,
+                          device=device)
+    built = build_report(out, inputs, registry(), console=err_console)
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in built.scores.items())
+    console.print(f"report of {len(built.images)} images ({scores}): {Path(out) / 'index.html'}", markup=False,
+                  highlight=False)
 
 if __name__ == "__main__":
     sys.exit(main())

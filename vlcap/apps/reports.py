@@ -222,6 +222,52 @@ def checkpoint_json(summary):
     return {**summary.metadata, "tensors": {k: list(v) for k, v in sorted(summary.shapes.items())}}
 
 
+def _number(value, spec):
+    """``value`` formatted with ``spec``; an em dash for a value not recorded."""
+    return "—" if value is None else format(value, spec)
+
+
+def megabytes(size):
+    return "—" if size is None else f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def runs_table(comparison, rows):
+    """``vlcap compare``: one row per run (``compare.comparison_rows``), best first, the best
+    marked; scores are those of each run's best epoch; — where a run did not record a value."""
+    scores = ("val_loss", *comparison.metrics)
+    columns = ("", "run", "status", "connector", "peft", "encoder", "trainable", "checkpoint", "epochs",
+               "best epoch", *scores, "s/epoch", "samples/s")
+    right = ("trainable", "checkpoint", "epochs", "best epoch", *scores, "s/epoch", "samples/s")
+    table = _table(f"{len(rows)} runs by {comparison.metric} (scores at each run's best epoch)", columns,
+                   right=right)
+    for column in table.columns:
+        column.overflow = "fold"  # a narrow terminal wraps a run's name or options, never cuts them
+    for row in rows:
+        epochs = f"{row['epochs']}/{_number(row['planned_epochs'], '')}"
+        best_epoch = _number(row["best_epoch"], "")
+        if row["best_epoch"] is not None and row["selected_by"] != comparison.metric:
+            best_epoch += f" (by {row['selected_by']})"
+        status = Text(row["status"], style="" if row["status"] == "finished" else "yellow")
+        table.add_row("★" if row["best"] else "", Text(row["run"]), status, Text(row["connector"]),
+                      Text(row["peft"]), Text(row["encoder"]), _number(row["trainable"], ","),
+                      megabytes(row["checkpoint_bytes"]), epochs, best_epoch,
+                      *(_number(row[key], ".4f") for key in scores), _number(row["seconds_per_epoch"], ".1f"),
+                      _number(row["samples_per_s"], ".1f"))
+    return table
+
+
+def presets_table(rows, budget):
+    """``vlcap presets``: each preset (``training.preset_summaries``) with its trainable parameters."""
+    table = _table(f"vlcap presets (vlcap train --preset NAME; trainable budget {budget:,})",
+                   ("preset", "encoder", "peft", "decoding", "trainable", "what it is"), right=("trainable",))
+    for column in table.columns:
+        column.overflow = "fold"
+    for row in rows:
+        table.add_row(Text(row["name"]), Text(row["encoder"]), Text(row["peft"]), Text(row["decoding"]),
+                      _number(row["trainable"], ","), Text(row["note"]))
+    return table
+
+
 def comparison_table(comparison):
     """``vlcap caption --hf-model`` with several settings or ``--report``: one row per setting
     (CIDEr and CLIPScore when scored, the best of each in bold; its generation options and

@@ -1,9 +1,11 @@
 """What ``vlcap train`` and ``vlcap cache-features`` run besides the trainer itself: the dry run's
 parameter report, continuing a stopped run, and caching the encoder's tokens."""
 from vlcap.apps import reports
+from vlcap.core.errors import VlcapError
 from vlcap.core.model.captioner import build_captioner, build_encoder
 from vlcap.core.model.peft import MAX_TRAINABLE, check_budget, count_parameters, seeded
 from vlcap.core.train.feature_cache import write_feature_cache
+from vlcap.core import config as config_lib
 from vlcap.core.config import LENGTH_KEYS
 from vlcap.core.train.resume import resume_config
 from vlcap.core.train.trainer import train
@@ -41,3 +43,21 @@ def cache_encoder_features(cfg, image_dir, out, *, dtype="float16", batch_size=3
         vit = build_encoder(cfg).to(device)
     return write_feature_cache(vit, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
                                console=console)
+
+
+def preset_summaries(registry):
+    """``vlcap presets``: for each preset, its note, encoder, PEFT method with options, decoding
+    and trainable parameters, counted on a shapes-only build as ``--dry-run`` does (no weights,
+    no download). A preset whose method is not installed counts as None."""
+    rows = []
+    for name in config_lib.PRESETS:
+        cfg = config_lib.resolve(name)
+        try:
+            trainable = count_parameters(build_captioner(cfg, registry, meta=True).captioner).trainable
+        except VlcapError:
+            trainable = None
+        options = "".join(f" {key}={value}" for key, value in cfg.peft.options.items())
+        decoding = cfg.decoding.strategy + "".join(f" {k}={v}" for k, v in cfg.decoding.options.items())
+        rows.append({"name": name, "note": config_lib.PRESET_NOTES.get(name, ""), "encoder": cfg.model.encoder,
+                     "peft": cfg.peft.method + options, "decoding": decoding, "trainable": trainable})
+    return rows

@@ -17,7 +17,7 @@ come from the registry, chosen by the run config.
 - checkpoint and history writing: ``Trainer.write_epoch``, ``write_history``
 - resume state and stop signals: ``resume.TrainState``, ``resume.save_training``,
   ``resume.restore_training``, ``resume.stop_requests``
-- progress display: ``TrainingDisplay``
+- progress display: ``TrainingDisplay``; experiment logging (``train.log``): ``experiment_log``
 """
 import dataclasses
 import functools
@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from vlcap.core import config as config_lib
 from vlcap.core.train import distributed
+from vlcap.core.train import experiment_log
 from vlcap.core.train import resume as resume_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.model.captioner import CaptionLoss, build_captioner, tokenizer_for
@@ -406,6 +407,16 @@ def metric_and_config(cfg, registry, name):
     return metric, metric_config(metric, cfg.train.metric_options.get(name), f"train.metric_options.{name}")
 
 
+def best_metric_name(train_cfg, has_val):
+    """The history key ``train.best_metric`` names; ``auto``: the first of ``train.metrics`` with a
+    validation set, else the validation loss, else the training loss."""
+    choice = train_cfg.best_metric
+    if choice == "auto":
+        names = train_cfg.metrics
+        choice = names[0] if names and has_val else ("val_loss" if has_val else "train_loss")
+    return choice
+
+
 def selection_key(cfg, registry, has_val):
     """(name, higher_is_better) of the number that picks the best checkpoint. Also checks, before
     any training time is spent, that each metric in ``train.metrics`` is installed and can run."""
@@ -425,9 +436,7 @@ def selection_key(cfg, registry, has_val):
             check_metric_runs(metric, config)
         except VlcapError as exc:
             raise VlcapError(f"{exc} (or leave {name} out of train.metrics, e.g. --set train.metrics=[])") from None
-    choice = cfg.train.best_metric
-    if choice == "auto":
-        choice = names[0] if names and has_val else ("val_loss" if has_val else "train_loss")
+    choice = best_metric_name(cfg.train, has_val)
     if choice in ("val_loss", "train_loss"):
         if choice == "val_loss" and not has_val:
             raise VlcapError("train.best_metric=val_loss needs --val-json and --val-images")
@@ -451,6 +460,18 @@ class Selection(NamedTuple):
 
 
 # --- History and progress display ------------------------------------------------------------
+
+# The history keys that measure time (``vlcap compare`` reads them); a resumed run's history
+# equals an uninterrupted one's apart from these.
+TIMING_KEYS = ("epoch_seconds", "samples_per_s", "val_seconds")
+
+
+def timing_record(seconds, images, lr):
+    """The epoch's timing for its history record: ``epoch_seconds`` of training (for the epoch a run
+    resumed in: since it resumed; validation is ``val_seconds``), ``samples_per_s`` (images trained
+    on by every process per second) and the learning rate at its end."""
+    return {"lr": lr, "epoch_seconds": round(seconds, 3), "samples_per_s": round(images / seconds, 3)}
+
 
 def write_history(run_dir, history):
     """The whole history, atomically: a kill never leaves half a line, a resume never repeats one."""
@@ -478,9 +499,12 @@ class TrainingDisplay:
     def epoch_started(self, seen):
         self.started, self.seen_at_start = time.perf_counter(), seen
 
-    def step_done(self, epoch, epochs, loss, lr, images):
-        """``images``: trained on (by every process) since ``epoch_started``."""
-        rate = images / max(time.perf_counter() - self.started, 1e-9)
+    def seconds(self):
+        """Since the epoch (or the resumed part of it) started."""
+        return max(time.perf_counter() - self.started, 1e-9)
+
+    def step_done(self, epoch, epochs, loss, lr, rate):
+        """``rate``: images/s trained on (by every process) since ``epoch_started``."""
         self.progress.update(self.task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
                              stats=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.1f} img/s")
 
@@ -506,6 +530,7 @@ class TrainingLoop:
 
     def __init__(self, cfg, run_dir, console=None, resume=False, new_length=False):
         console = console or Console(stderr=True)
+        experiment_log.check_log(cfg.train.log)  # before any time is spent
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = resume_lib.state_path(self.run_dir)
@@ -527,6 +552,7 @@ class TrainingLoop:
         self.best_path, self.last_path = self.run_dir / "best.safetensors", self.run_dir / "last.safetensors"
         self.saved = 0  # parameters in the last checkpoint written
         self.display = TrainingDisplay(self.console, self.ctx.is_main, self.schedule.total_steps, self.state.step)
+        self.log = experiment_log.open_log(self.cfg.train.log, self.run_dir, self.ctx.is_main)
         self.final_epoch = self.schedule.final_epoch(self.state.epoch, self.state.batches, self.state.step)
 
     # What a task defines: its model, data, step and checkpoint.
@@ -582,13 +608,16 @@ class TrainingLoop:
     def run(self):
         self.announce()
         with self.display, resume_lib.stop_requests() as self.stop_signals:
-            # Every epoch advances; a new one takes a step. An epoch whose steps are all taken but
-            # which has not ended (stopped or killed during its validation or saving) only ends.
-            while self.state.step < self.schedule.total_steps or self.state.batches:
-                epoch = self.state.epoch
-                if self.state.step < self.schedule.total_steps:
-                    self.train_epoch(epoch)
-                self.end_epoch(epoch)
+            try:
+                # Every epoch advances; a new one takes a step. An epoch whose steps are all taken but
+                # which has not ended (stopped or killed during its validation or saving) only ends.
+                while self.state.step < self.schedule.total_steps or self.state.batches:
+                    epoch = self.state.epoch
+                    if self.state.step < self.schedule.total_steps:
+                        self.train_epoch(epoch)
+                    self.end_epoch(epoch)
+            finally:
+                self.log.close()
         distributed.cleanup(self.ctx)
         self.report_skipped()
         return self.result()
@@ -635,20 +664,27 @@ class TrainingLoop:
         state = self.state
         loss_sum, images, token_sum = self.ctx.sum(state.running, state.seen - self.display.seen_at_start,
                                                    state.tokens)  # over all processes
-        self.display.step_done(epoch, self.final_epoch, loss_sum / max(token_sum, 1),
-                               self.optimizer.param_groups[0]["lr"], images)
+        loss, lr, rate = loss_sum / max(token_sum, 1), self.optimizer.param_groups[0]["lr"], images / self.display.seconds()
+        self.display.step_done(epoch, self.final_epoch, loss, lr, rate)
+        self.log.step(state.step, loss, lr, rate)
 
     def end_epoch(self, epoch):
         """The epoch's record; rank 0 validates and writes the checkpoints, history and resume
         state while the other processes wait."""
-        loss_sum, token_sum = self.ctx.sum(self.state.running, self.state.tokens)
-        record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": loss_sum / max(token_sum, 1)}
+        loss_sum, token_sum, images = self.ctx.sum(self.state.running, self.state.tokens,
+                                                   self.state.seen - self.display.seen_at_start)
+        seconds = self.display.seconds()
+        record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": loss_sum / max(token_sum, 1),
+                  **timing_record(seconds, images, self.optimizer.param_groups[0]["lr"])}
         self.state.history.append(record)
         self.state.next_epoch()
         if self.ctx.is_main:
             if self.val is not None:
+                started = time.perf_counter()
                 record.update(self.validate())
+                record["val_seconds"] = round(time.perf_counter() - started, 3)
             self.write_epoch(record)
+            self.log.epoch(self.state.step, record)
             self.display.print_record(record)
         self.ctx.barrier()
         if self.stop_signals:
