@@ -142,7 +142,7 @@ def write_thumbnails(rows, image_paths, references, folder, progress):
         name = f"{index:05d}.jpg"
         image.save(folder / name, format="JPEG", quality=85)
         images.append(ReportImage(row["stem"], f"{folder.name}/{name}", row["caption"], references[row["stem"]],
-                                  row["cider"], row["clipscore"]))
+                                  row["cider"], row.get("clipscore")))
         progress.advance(task)
     return images
 
@@ -212,15 +212,18 @@ def build_report(out, inputs, registry, console=None):
 def assemble(work, inputs, references, image_paths, registry, console):
     """Everything the page shows, written into ``work``; returns the ``Report``."""
     pred_path, loaded, source = captions_for(inputs, references, image_paths, registry, work, console)
-    scored = evaluate_predictions(pred_path, inputs.annotations_path, inputs.image_dir, clipscore=inputs.clipscore,
-                                  clip_model=inputs.clip_model, batch_size=inputs.batch_size,
-                                  per_image_path=work / "scores.csv", console=console)
+    clip_options = {"model": inputs.clip_model, "batch_size": inputs.batch_size}
+    options = {"clipscore": {k: v for k, v in clip_options.items() if v is not None}} if inputs.clipscore else {}
+    scored = evaluate_predictions(pred_path, inputs.annotations_path, registry, inputs.image_dir, options=options,
+                                  no_clipscore=not inputs.clipscore, per_image_path=work / "scores.csv")
     evaluation = scored.evaluation
     scores = {"CIDEr": evaluation.cider.score}
-    if evaluation.clipscore:
+    clip_model = None
+    if "clipscore" in evaluation.scores:
         scores["CLIPScore"] = evaluation.clipscore.score
+        clip_model = evaluation.clipscore.details.get("clip_model")
     title = f"vlcap report: {inputs.run_dir if inputs.run_dir is not None else inputs.predictions_path}"
-    report = Report(title, source, [], scores, evaluation.clip_model)
+    report = Report(title, source, [], scores, clip_model)
     with progress_bar(console=console) as progress:
         report.images = write_thumbnails(scored.rows, image_paths, references, work / "images", progress)
         report.attention = draw_best_and_worst(loaded, report.images, image_paths, inputs.top, registry,

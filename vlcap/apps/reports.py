@@ -10,6 +10,7 @@ import json
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from vlcap.core.console import text
 
