@@ -284,12 +284,14 @@ def inspect(checkpoint, as_json):
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="vlcap-demo", show_default=True,
               help="Folder for the synthetic data, the runs and the decoder.")
-@click.option("--steps", type=int, default=300, show_default=True, help="Training steps per method.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps per run (connector x method).")
 @click.option("--peft", "methods", multiple=True, help="Only these methods (default: every installed one).")
-def demo(out, steps, methods):
-    """Train every PEFT method on a synthetic shapes set with the tiny preset, offline."""
+@click.option("--connector", "connectors", multiple=True,
+              help="Only these connectors (default: every installed one: cross-attention and visual-tokens).")
+def demo(out, steps, methods, connectors):
+    """Train every PEFT method under every connector on a synthetic shapes set with the tiny preset, offline."""
     from vlcap.apps.demo import run_demo
-    run_demo(Path(out), registry(), console, steps=steps, methods=methods or None)
+    run_demo(Path(out), registry(), console, steps=steps, methods=methods or None, connectors=connectors or None)
 
 
 @main.command()
@@ -443,7 +445,8 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 @click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, **options):
-    """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR."""
+    """Draw each generated word's attention over the image (the cross-attention, or with the visual-tokens
+    connector the self-attention to the image tokens): one PNG per image in OUT_DIR."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
     strategy, decoding = decoding_request(strategy, assignments, num_beams)
