@@ -79,7 +79,7 @@ def checked_device(name):
 # The flags that set one config key each, by parameter name (--config and --set reach every key).
 # A flag that is not given (None) sets nothing, so the preset's or config file's value stays.
 TRAIN_FLAGS = {
-    "peft": "peft.method", "encoder": "model.encoder", "decoder_weights": "model.decoder_weights",
+    "connector": "connector.name", "peft": "peft.method", "encoder": "model.encoder", "decoder_weights": "model.decoder_weights",
     "train_json": "data.train_json", "train_images": "data.train_images",
     "val_json": "data.val_json", "val_images": "data.val_images",
     "feature_cache": "data.feature_cache", "cache_features": "data.cache_features",
@@ -144,10 +144,10 @@ def config_flag(table, *decls, **attrs):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON objects instead of a table.")
 @click.option("--hooks", is_flag=True, help="Show each plugin module: its package and the hooks it implements.")
 @click.option("--options", is_flag=True,
-              help="Show each plugin's options (what --set NAME=VALUE or peft.options.NAME sets) with their "
-                   "types and defaults.")
+              help="Show each plugin's options (what --set NAME=VALUE, peft.options.NAME or connector.options.NAME "
+                   "sets) with their types and defaults.")
 def list_plugins(as_json, hooks, options):
-    """List the installed PEFT methods, decoding strategies and metrics."""
+    """List the installed connectors, PEFT methods, decoding strategies and metrics."""
     if hooks and options:
         raise VlcapError("--hooks and --options are two views of the plugins; pass one of them")
     reg = registry()
@@ -173,7 +173,9 @@ def train_flag(*decls, **attrs):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML run config.")
 @click.option("--preset", type=click.Choice(sorted(config_lib.PRESETS)), default="full", show_default=True,
               help="'tiny': test ViT + random 2-layer GPT-2, runs offline in minutes.")
-@train_flag("--peft", help="PEFT method (see `vlcap list-plugins`).")
+@train_flag("--connector", help="How the image reaches the decoder: cross-attention or visual-tokens (see "
+           "`vlcap list-plugins`); options with --set connector.options.KEY=VALUE.")
+@train_flag("--peft", help="PEFT method (see `vlcap list-plugins`); none: the connector alone trains.")
 @train_flag("--encoder", help="timm ViT name, e.g. vit_large_patch14_clip_224.openai.")
 @train_flag("--decoder-weights", type=click.Path(dir_okay=False), help="The course's decoder_model.bin.")
 @train_flag("--train-json", type=click.Path(dir_okay=False),
@@ -207,7 +209,7 @@ def train_flag(*decls, **attrs):
                  "optimizer and schedule start fresh.")
 @click.pass_context
 def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **flags):
-    """Train a captioner: only the cross-attention, projection and PEFT parameters learn."""
+    """Train a captioner: only the connector (projection, cross-attention) and PEFT parameters learn."""
     checked_device(flags["device"])
     from vlcap.apps import training
     if resume_dir:

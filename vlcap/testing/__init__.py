@@ -12,9 +12,13 @@ through the pytest plugin vlcap installs (``pytest --vlcap-plugin NAME``, see
         check_peft_method("prompt", check)
 
 Every check builds the ``tiny`` preset (random weights, offline) with the plugin's default
-options, except ``budget``, which builds the full-size model as shapes only. A check a plugin
+options, except ``budget``, which builds the full-size model as shapes only. The PEFT and
+decoding checks run under every installed connector; ``check_connector`` checks a connector
+plugin itself (with no PEFT method). A check a plugin
 does not claim (``merge`` without ``can_merge``, ``zero_init`` without ``zero_init``) skips.
 """
-from vlcap.testing.kit import (DECODING_CHECKS, PEFT_CHECKS, check_decoding_strategy, check_peft_method)
+from vlcap.testing.kit import (CONNECTOR_CHECKS, DECODING_CHECKS, PEFT_CHECKS, check_connector,
+                               check_decoding_strategy, check_peft_method)
 
-__all__ = ["PEFT_CHECKS", "DECODING_CHECKS", "check_peft_method", "check_decoding_strategy"]
+__all__ = ["PEFT_CHECKS", "DECODING_CHECKS", "CONNECTOR_CHECKS", "check_peft_method", "check_decoding_strategy",
+           "check_connector"]

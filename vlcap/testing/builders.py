@@ -23,10 +23,12 @@ def tiny_config(method="lora", **sections):
     return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}, sections])
 
 
-def tiny_captioner(method, registry=None, **options):
+def tiny_captioner(method, registry=None, connector=None, **options):
     """``(captioner, tokenizer)``: the tiny preset with ``method`` applied with ``options`` (its
-    ``peft.options``), random weights; ``registry`` defaults to the installed plugins."""
-    cfg = tiny_config(method, peft={"method": method, "options": options})
+    ``peft.options``), random weights; ``registry`` defaults to the installed plugins, ``connector``
+    (a name) to the default one."""
+    cfg = tiny_config(method, peft={"method": method, "options": options},
+                      **({"connector": {"name": connector}} if connector else {}))
     captioner = build_captioner(cfg, registry or installed_registry()).captioner
     return captioner, tokenizer_for(cfg)
 
@@ -53,11 +55,16 @@ def perturb_trainable(captioner, std=0.3, seed=0):
     return captioner
 
 
+def connector_config(method, connector):
+    """The tiny preset with PEFT method ``method`` and connector ``connector`` (a name)."""
+    return tiny_config(method, connector={"name": connector})
+
+
 @functools.lru_cache(maxsize=None)
-def decoding_captioner(method, registry):
+def decoding_captioner(method, registry, connector):
     """A perturbed tiny captioner (shared by the decoding checks, which never change it) whose end
     token is likely enough that captions end at varying lengths."""
-    cfg = tiny_config(method)
+    cfg = connector_config(method, connector)
     captioner = build_captioner(cfg, registry).captioner
     perturb_trainable(captioner)
     tokenizer = tokenizer_for(cfg)

@@ -1,4 +1,6 @@
-"""The checks of the conformance kit (see ``vlcap.testing``)."""
+"""The checks of the conformance kit (see ``vlcap.testing``). Every check takes the plugin's name,
+the registry and the connector (a name) to run under: ``check_peft_method`` and
+``check_decoding_strategy`` run each check under every installed connector."""
 import tempfile
 
 import pytest
@@ -11,17 +13,17 @@ from vlcap.core.model.checkpoint import load_checkpoint, save_checkpoint
 from vlcap.core.model.peft import PeftMethod, check_budget, count_parameters, is_pretrained
 from vlcap.core.plugins import PluginEntry, Registry, registry as installed_registry
 from vlcap.core.train.trainer import prepare_model
-from vlcap.testing.builders import (FULL_SIZE_ENCODER, IMAGES, MAX_LENGTH, decoding_captioner, generate, perturb_trainable,
-                                    pixels_for, tiny_config, token_ids)
+from vlcap.testing.builders import (FULL_SIZE_ENCODER, IMAGES, MAX_LENGTH, connector_config, decoding_captioner,
+                                    generate, perturb_trainable, pixels_for, token_ids)
 
 # --- PEFT method checks -----------------------------------------------------------------
 
-def check_gradients(name, registry):
+def check_gradients(name, registry, connector):
     """Only the method's and the core's new parameters train; the pretrained ones stay frozen and
     get no gradient; every trainable tensor gets a non-zero gradient from the loss. The trainable
     parameters are perturbed first: at a zero init (LoRA's B, the cross-attention output) the
     parameters behind it get exactly zero gradient, which would hide a tensor that is not wired in."""
-    captioner = build_captioner(tiny_config(name), registry).captioner
+    captioner = build_captioner(connector_config(name, connector), registry).captioner
     perturb_trainable(captioner, std=0.05)
     pixels = pixels_for(captioner, 2)
     ids = token_ids(2, 7, captioner.decoder.cfg.vocab_size)
@@ -34,14 +36,22 @@ def check_gradients(name, registry):
             assert p.grad is not None, f"{pname} is trainable but does not reach the loss"
             assert p.grad.abs().sum() > 0, f"{pname} is trainable but its gradient is zero"
     counts = count_parameters(captioner)
-    assert counts.groups.get("peft", (0, 0))[0] > 0, f"PEFT method '{name}' added no trainable parameter"
+    check_adds_parameters(name, registry, counts)
     assert counts.groups["encoder"][0] == counts.groups["decoder"][0] == 0
 
 
-def check_save_load(name, registry):
+def check_adds_parameters(name, registry, counts):
+    added = counts.groups.get("peft", (0, 0))[0]
+    if registry.get("peft", name).adds_parameters:
+        assert added > 0, f"PEFT method '{name}' added no trainable parameter"
+    else:
+        assert added == 0, f"PEFT method '{name}' claims adds_parameters=False but added {added:,}"
+
+
+def check_save_load(name, registry, connector):
     """A saved checkpoint loads into a captioner with exactly the same logits."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = tiny_config(name)
+        cfg = connector_config(name, connector)
         tokenizer, captioner, method, cfg = prepare_model(cfg, registry, tmp)
         perturb_trainable(captioner, std=0.05).eval()
         path = f"{tmp}/checkpoint.safetensors"
@@ -54,12 +64,12 @@ def check_save_load(name, registry):
                 f"'{name}': logits of the loaded checkpoint differ from the saved model's"
 
 
-def check_merge(name, registry):
+def check_merge(name, registry, connector):
     """Where the method claims ``can_merge``, merged logits and captions equal unmerged ones."""
     method = registry.get("peft", name)
     if not method.can_merge:
         pytest.skip(f"PEFT method '{name}' does not claim can_merge")
-    cfg = tiny_config(name)
+    cfg = connector_config(name, connector)
     captioner = build_captioner(cfg, registry).captioner
     perturb_trainable(captioner, std=0.05).eval()
     tokenizer = tokenizer_for(cfg)
@@ -76,17 +86,17 @@ def check_merge(name, registry):
     assert generate(captioner, tokenizer, greedy, {}, cached=True, images=2) == captions
 
 
-def check_beam1_is_greedy(name, registry):
+def check_beam1_is_greedy(name, registry, connector):
     """Beam search with one beam is greedy decoding."""
-    captioner, tokenizer = decoding_captioner(name, registry)
+    captioner, tokenizer = decoding_captioner(name, registry, connector)
     greedy = generate(captioner, tokenizer, registry.get("decoding", "greedy"), {}, cached=True)
     assert generate(captioner, tokenizer, registry.get("decoding", "beam"), {"num_beams": 1}, cached=True) == greedy
 
 
-def check_cached_decoding(name, registry):
+def check_cached_decoding(name, registry, connector):
     """The decoding cache equals full recompute: next-token logits through expand and reorder,
     and the captions of greedy and 3-beam search."""
-    captioner, tokenizer = decoding_captioner(name, registry)
+    captioner, tokenizer = decoding_captioner(name, registry, connector)
     decoder = captioner.decoder
     ids = token_ids(IMAGES * 2, 6, decoder.cfg.vocab_size)
     with torch.inference_mode():
@@ -109,33 +119,35 @@ def check_cached_decoding(name, registry):
             generate(captioner, tokenizer, strategy, options, cached=False), f"cached {strategy.name} differs"
 
 
-def check_budget_at_full_size(name, registry):
+def check_budget_at_full_size(name, registry, connector):
     """With its default options, on GPT-2 small and the largest course encoder, the model stays
     within the 35M trainable-parameter budget (built as shapes only, like ``train --dry-run``)."""
-    cfg = config_lib.resolve("full", overrides=[{"peft": {"method": name}, "model": {"encoder": FULL_SIZE_ENCODER}}])
+    cfg = config_lib.resolve("full", overrides=[{"peft": {"method": name}, "connector": {"name": connector},
+                                                 "model": {"encoder": FULL_SIZE_ENCODER}}])
     captioner = build_captioner(cfg, registry, meta=True).captioner
     counts = count_parameters(captioner)
-    assert counts.groups.get("peft", (0, 0))[0] > 0
-    check_budget(counts.trainable, what=f"'{name}' with its default options at full size")
+    check_adds_parameters(name, registry, counts)
+    check_budget(counts.trainable, what=f"'{name}' with its default options under connector '{connector}' at full size")
 
 
 class _NoMethod(PeftMethod):
-    name = "none"
+    name = "kit-none"
 
     def apply(self, captioner, config):
         pass
 
 
-def check_zero_init(name, registry):
+def check_zero_init(name, registry, connector):
     """Where the method claims ``zero_init``, a freshly applied method leaves the output unchanged."""
     if not registry.get("peft", name).zero_init:
         pytest.skip(f"PEFT method '{name}' does not claim zero_init")
-    base = build_captioner(tiny_config("none"), Registry([PluginEntry("none", "peft", "kit", "0", "", _NoMethod())])).captioner
-    captioner = build_captioner(tiny_config(name), registry).captioner
+    base_registry = Registry([PluginEntry("kit-none", "peft", "kit", "0", "", _NoMethod()),
+                              *registry.entries("connector")])
+    base = build_captioner(connector_config("kit-none", connector), base_registry).captioner
+    captioner = build_captioner(connector_config(name, connector), registry).captioner
     with torch.no_grad():
-        # Let the image matter (the cross-attention output starts at zero), the same in both.
-        for p in base.decoder.h[0].cross_attn.c_proj.parameters():
-            p.normal_(std=0.05)
+        # Let the image matter (a cross-attention output starts at zero), the same in both.
+        perturb_trainable(base, std=0.05)
         captioner.load_state_dict(base.state_dict(), strict=False)
         pixels, ids = pixels_for(base, 2), token_ids(2, 7, base.decoder.cfg.vocab_size)
         torch.testing.assert_close(captioner.eval()(pixels, ids), base.eval()(pixels, ids))
@@ -157,10 +169,10 @@ PEFT_CHECKS = {
 DECODING_METHOD = "prefix"  # its prefix keys/values sit in the cache, the hardest case for one
 
 
-def check_valid_output(name, registry):
+def check_valid_output(name, registry, connector):
     """With its default options the strategy returns, per image, a list of token ids of the
     vocabulary, at most ``max_length`` long, without the end token."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry, connector)
     out = generate(captioner, tokenizer, registry.get("decoding", name), {}, cached=True)
     assert isinstance(out, list) and len(out) == IMAGES, f"'{name}' must return one token list per image"
     for tokens in out:
@@ -169,9 +181,9 @@ def check_valid_output(name, registry):
         assert tokenizer.eot_id not in tokens
 
 
-def check_strategy_cached_equals_recompute(name, registry):
+def check_strategy_cached_equals_recompute(name, registry, connector):
     """The strategy gives the same captions through the cache as with full recompute."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry, connector)
     strategy = registry.get("decoding", name)
     assert generate(captioner, tokenizer, strategy, {}, cached=True) == \
         generate(captioner, tokenizer, strategy, {}, cached=False)
@@ -183,26 +195,48 @@ DECODING_CHECKS = {
 }
 
 
+# A connector's checks: the PEFT checks that concern it, with no PEFT method ("none", vlcap's
+# own), so only the connector trains. Every PEFT method is checked under every connector above.
+CONNECTOR_METHOD = "none"
+CONNECTOR_CHECKS = {check: PEFT_CHECKS[check]
+                    for check in ("gradients", "save_load", "beam1_is_greedy", "cached_decoding", "budget")}
+
+
 _passed = set()
 
 
-def _run(checks, kind, name, check, registry):
+def _run(checks, kind, name, check, registry, connector=None):
+    """Run ``check`` for plugin ``name`` under ``connector`` (None: every installed one)."""
     if check not in checks:
         raise ValueError(f"unknown check '{check}'; the kit has {', '.join(checks)}")
-    key = (kind, name, check, id(registry))
-    if key in _passed:  # the same plugin code, the same check: once per process is enough
-        return
     registry = registry or installed_registry()
     registry.get(kind, name)  # an unknown name fails here, listing the installed ones
-    checks[check](name, registry)
-    _passed.add(key)
+    if connector is not None:
+        registry.get("connector", connector)
+    for each in [connector] if connector is not None else registry.names("connector"):
+        key = (kind, name, check, each, id(registry))
+        if key in _passed:  # the same plugin code, the same check: once per process is enough
+            continue
+        if kind == "connector":
+            checks[check](CONNECTOR_METHOD, registry, name)
+        else:
+            checks[check](name, registry, each)
+        _passed.add(key)
 
 
-def check_peft_method(name, check, registry=None):
-    """Run one kit check (a key of ``PEFT_CHECKS``) against the installed PEFT method ``name``."""
-    _run(PEFT_CHECKS, "peft", name, check, registry)
+def check_peft_method(name, check, registry=None, connector=None):
+    """Run one kit check (a key of ``PEFT_CHECKS``) against the installed PEFT method ``name``,
+    under ``connector`` (a name; default: under every installed connector)."""
+    _run(PEFT_CHECKS, "peft", name, check, registry, connector)
 
 
-def check_decoding_strategy(name, check, registry=None):
-    """Run one kit check (a key of ``DECODING_CHECKS``) against the installed strategy ``name``."""
-    _run(DECODING_CHECKS, "decoding", name, check, registry)
+def check_decoding_strategy(name, check, registry=None, connector=None):
+    """Run one kit check (a key of ``DECODING_CHECKS``) against the installed strategy ``name``,
+    under ``connector`` (a name; default: under every installed connector)."""
+    _run(DECODING_CHECKS, "decoding", name, check, registry, connector)
+
+
+def check_connector(name, check, registry=None):
+    """Run one kit check (a key of ``CONNECTOR_CHECKS``) against the installed connector ``name``,
+    with no PEFT method, so only the connector trains."""
+    _run(CONNECTOR_CHECKS, "connector", name, check, registry, connector=name)

@@ -1,10 +1,11 @@
 """vlcap's pytest plugin (entry point ``pytest11``, loaded by pytest wherever vlcap is installed).
 
-It adds ``--vlcap-plugin NAME`` (repeatable) and parametrises four arguments any test may take:
+It adds ``--vlcap-plugin NAME`` (repeatable) and parametrises six arguments any test may take:
 
 - ``vlcap_peft_method``: the installed PEFT methods named by ``--vlcap-plugin`` (default: all),
 - ``vlcap_peft_check``: every key of ``vlcap.testing.PEFT_CHECKS``,
-- ``vlcap_decoding_strategy`` / ``vlcap_decoding_check``: the same for decoding strategies.
+- ``vlcap_decoding_strategy`` / ``vlcap_decoding_check``: the same for decoding strategies,
+- ``vlcap_connector`` / ``vlcap_connector_check``: the same for connectors.
 
 So the whole kit, for whichever plugins are asked for, is::
 
@@ -16,6 +17,9 @@ So the whole kit, for whichever plugins are asked for, is::
     def test_decoding_conformance(vlcap_decoding_strategy, vlcap_decoding_check):
         check_decoding_strategy(vlcap_decoding_strategy, vlcap_decoding_check)
 
+    def test_connector_conformance(vlcap_connector, vlcap_connector_check):
+        check_connector(vlcap_connector, vlcap_connector_check)
+
 and ``pytest --vlcap-plugin prompt`` runs it for ``prompt`` only. (The kit itself is imported
 only when a test asks for these arguments, so other projects' test runs do not pay for it.)
 """
@@ -24,25 +28,26 @@ import pytest
 ARGUMENTS = {  # argument -> (plugin kind, the argument naming the checks for it)
     "vlcap_peft_method": ("peft", "vlcap_peft_check"),
     "vlcap_decoding_strategy": ("decoding", "vlcap_decoding_check"),
+    "vlcap_connector": ("connector", "vlcap_connector_check"),
 }
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("vlcap", "vlcap plugin conformance kit")
     group.addoption("--vlcap-plugin", action="append", default=[], metavar="NAME",
-                    help="Run the vlcap conformance kit for this installed PEFT method or decoding "
-                         "strategy only (repeatable; default: every installed one).")
+                    help="Run the vlcap conformance kit for this installed PEFT method, decoding "
+                         "strategy or connector only (repeatable; default: every installed one).")
 
 
 def pytest_configure(config):
     names = config.getoption("vlcap_plugin")
     if names:  # checked up front, so a typo is a usage error rather than an empty test run
         from vlcap.core.plugins import registry
-        everything = set(registry().names("peft")) | set(registry().names("decoding"))
+        everything = {name for kind in ARGUMENTS.values() for name in registry().names(kind[0])}
         unknown = [n for n in names if n not in everything]
         if unknown:
-            raise pytest.UsageError(f"--vlcap-plugin {', '.join(unknown)}: not an installed PEFT method or "
-                                    f"decoding strategy; installed: {', '.join(sorted(everything))}")
+            raise pytest.UsageError(f"--vlcap-plugin {', '.join(unknown)}: not an installed PEFT method, "
+                                    f"decoding strategy or connector; installed: {', '.join(sorted(everything))}")
 
 
 def selected(config, kind):
@@ -56,8 +61,9 @@ def pytest_generate_tests(metafunc):
     wanted = set(ARGUMENTS) | {check for _, check in ARGUMENTS.values()}
     if not wanted & set(metafunc.fixturenames):
         return
-    from vlcap.testing import DECODING_CHECKS, PEFT_CHECKS
-    checks = {"vlcap_peft_check": PEFT_CHECKS, "vlcap_decoding_check": DECODING_CHECKS}
+    from vlcap.testing import CONNECTOR_CHECKS, DECODING_CHECKS, PEFT_CHECKS
+    checks = {"vlcap_peft_check": PEFT_CHECKS, "vlcap_decoding_check": DECODING_CHECKS,
+              "vlcap_connector_check": CONNECTOR_CHECKS}
     for argument, (kind, check_argument) in ARGUMENTS.items():
         if argument in metafunc.fixturenames:
             metafunc.parametrize(argument, selected(metafunc.config, kind))

@@ -1,6 +1,7 @@
 """Caption images with a trained checkpoint (what `vlcap caption`, hw3_2.sh and the demo run)."""
 from dataclasses import dataclass
 
+from vlcap.core.model.captioner import check_context
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
 from vlcap.core.data import find_images, iterate_images
@@ -41,6 +42,7 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
     if batch_size < 1:
         raise VlcapError(f"--batch-size: must be >= 1, got {batch_size}")
     decoding, options, max_length = resolve_decoding(loaded.config.decoding, registry, strategy, options, max_length)
+    check_context(loaded.captioner, "--max-length", max_length)
     device = next(loaded.captioner.parameters()).device
     dtype = autocast_dtype(loaded.config.train.amp, device)
     predictions, bad = {}, []

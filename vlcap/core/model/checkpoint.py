@@ -28,6 +28,7 @@ from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, VlcapWarning, few
 from vlcap.core.model.peft import check_budget, config_dict, count_parameters
 from vlcap.core.model.tokenizer import Tokenizer
+from vlcap.core.plugins import KINDS
 
 FORMAT = "vlcap.trainable.v1"
 ENCODER_FEATURES = ("encoder_width", "encoder_tokens")
@@ -50,12 +51,12 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     check_budget(trainable, what=f"{path}: the model")
     state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
     saved_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(export_config)))
-    entry = registry.entry("peft", method.name)
     count = sum(t.numel() for t in state.values())
     metadata = {
         "format": FORMAT,
         "config": json.dumps(config_lib.to_dict(saved_cfg)),
-        "peft": json.dumps({"name": entry.name, "package": entry.package, "version": entry.version}),
+        "peft": plugin_record(registry.entry("peft", method.name)),
+        "connector": plugin_record(registry.entry("connector", cfg.connector.name)),
         "encoder": cfg.model.encoder,
         # What the encoder built from the config gave (not in the config): the projection and the
         # cross-attention were trained on tokens of this width and number.
@@ -76,6 +77,15 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     return count
 
 
+def plugin_record(entry):
+    """What a checkpoint records of a plugin it needs (its options are in the config)."""
+    return json.dumps({"name": entry.name, "package": entry.package, "version": entry.version})
+
+
+# Checkpoints written before connectors were plugins joined the image by cross-attention.
+LEGACY_CONNECTOR = {"name": "cross-attention", "package": "vlcap", "version": ""}
+
+
 def read_metadata(path):
     path = Path(path)
     if not path.is_file():
@@ -91,6 +101,7 @@ def read_metadata(path):
     try:
         metadata["config"] = json.loads(metadata["config"])
         metadata["peft"] = json.loads(metadata["peft"])
+        metadata["connector"] = json.loads(metadata["connector"]) if "connector" in metadata else LEGACY_CONNECTOR
         metadata["parameters"] = int(metadata["parameters"])
         for key in ENCODER_FEATURES:
             if key in metadata:  # absent from checkpoints written before they were recorded
@@ -105,9 +116,10 @@ def read_metadata(path):
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                     for k, v in metadata["training"].items()):
                 raise ValueError("training is not a mapping of names to numbers")
-        if not (isinstance(metadata["peft"], dict) and all(isinstance(metadata["peft"].get(k), str)
-                                                           for k in ("name", "package", "version"))):
-            raise ValueError("peft needs name, package and version strings")
+        for kind in ("peft", "connector"):
+            if not (isinstance(metadata[kind], dict) and all(isinstance(metadata[kind].get(k), str)
+                                                             for k in ("name", "package", "version"))):
+                raise ValueError(f"{kind} needs name, package and version strings")
     except (KeyError, ValueError) as exc:
         raise VlcapError(f"{path}: damaged vlcap metadata ({type(exc).__name__}: {exc})") from None
     metadata["shapes"] = shapes
@@ -121,7 +133,7 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     path = Path(path)
     metadata = read_metadata(path)
     cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
-    check_peft_plugin(path, metadata["peft"], cfg, registry)
+    check_plugins(path, metadata, cfg, registry)
     weights = decoder_weights or cfg.model.decoder_weights
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
@@ -142,20 +154,30 @@ def check_tokenizer(path, metadata, tokenizer):
                          f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
 
 
-def check_peft_plugin(path, peft, cfg, registry):
-    """The PEFT method is looked up in the registry by name, never imported from what the file
-    says; a missing one names its package, another version of it is a warning."""
-    if peft["name"] != cfg.peft.method:
-        raise VlcapError(f"{path}: metadata names PEFT method '{peft['name']}' but its config says "
-                         f"'{cfg.peft.method}'; the file was altered")
-    if peft["name"] not in registry.names("peft"):
-        raise VlcapError(f"{path}: needs PEFT method '{peft['name']}' from package '{peft['package']}' "
-                         f"(version {peft['version']}), which is not installed; pip install {peft['package']}")
-    installed = registry.entry("peft", peft["name"])
-    if (installed.package, installed.version) != (peft["package"], peft["version"]):
-        warnings.warn(f"{path}: made with PEFT method '{peft['name']}' from {peft['package']} {peft['version']}, "
-                      f"loading it with {installed.package} {installed.version}; if its outputs differ, "
-                      f"pip install {peft['package']}=={peft['version']}", VlcapWarning, stacklevel=3)
+def check_plugins(path, metadata, cfg, registry):
+    """The checkpoint's PEFT method and connector, each as ``check_plugin`` checks it."""
+    check_plugin(path, "peft", metadata["peft"], cfg.peft.method, registry)
+    check_plugin(path, "connector", metadata["connector"], cfg.connector.name, registry)
+
+
+def check_plugin(path, kind, recorded, configured, registry):
+    """A plugin a checkpoint needs (``recorded``: name, package, version) is looked up in the
+    registry by name, never imported from what the file says; a missing one names its package,
+    another version of it is a warning (a checkpoint older than the record is not warned about)."""
+    label = KINDS[kind][1]
+    if recorded["name"] != configured:
+        raise VlcapError(f"{path}: metadata names {label} '{recorded['name']}' but its config says "
+                         f"'{configured}'; the file was altered")
+    if recorded["name"] not in registry.names(kind):
+        version = f" (version {recorded['version']})" if recorded["version"] else ""
+        raise VlcapError(f"{path}: needs {label} '{recorded['name']}' from package '{recorded['package']}'{version}, "
+                         f"which is not installed; pip install {recorded['package']}")
+    installed = registry.entry(kind, recorded["name"])
+    if recorded["version"] and (installed.package, installed.version) != (recorded["package"], recorded["version"]):
+        warnings.warn(f"{path}: made with {label} '{recorded['name']}' from {recorded['package']} "
+                      f"{recorded['version']}, loading it with {installed.package} {installed.version}; if its "
+                      f"outputs differ, pip install {recorded['package']}=={recorded['version']}", VlcapWarning,
+                      stacklevel=4)
 
 
 def check_parameter_count(path, metadata):
@@ -219,7 +241,10 @@ def init_trainable(path, captioner, cfg, tokenizer, registry):
     are taken: the new run's optimizer, schedule and counters start fresh."""
     metadata = read_metadata(path)
     saved_cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
-    check_peft_plugin(path, metadata["peft"], saved_cfg, registry)
+    check_plugins(path, metadata, saved_cfg, registry)
+    if saved_cfg.connector.name != cfg.connector.name:
+        raise VlcapError(f"{path}: trained with connector '{saved_cfg.connector.name}', but this run uses "
+                         f"'{cfg.connector.name}'; pass --connector {saved_cfg.connector.name} to start from it")
     if saved_cfg.peft.method != cfg.peft.method:
         raise VlcapError(f"{path}: trained with PEFT method '{saved_cfg.peft.method}', but this run uses "
                          f"'{cfg.peft.method}'; pass --peft {saved_cfg.peft.method} to start from it")
