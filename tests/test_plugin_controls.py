@@ -164,4 +164,4 @@ def test_pytest_option_runs_the_kit_for_the_named_plugin_only():
     assert "adapter" not in result.stdout and "prefix" not in result.stdout
     result = pytest_run("--vlcap-plugin", "nope")
     assert result.returncode == 4  # pytest's usage error
-    assert "--vlcap-plugin nope: not an installed PEFT method or decoding strategy" in result.stderr
+    assert "--vlcap-plugin nope: not an installed PEFT method, decoding strategy or connector" in result.stderr
