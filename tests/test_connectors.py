@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import data_overrides, install_package, tiny_config, vlcap_cli
+from conftest import SHARED, data_overrides, install_package, needs_shared, tiny_config, vlcap_cli
 from vlcap.apps.visualize import Target, visualize
 from vlcap.core.errors import VlcapError
 from vlcap.core.infer.decoding import generate_tokens, next_token_model
@@ -250,3 +250,23 @@ def test_hook_register_connectors(tmp_path, site, small_synthetic):
     beam = registry.get("decoding", "beam")
     assert generate_tokens(loaded.captioner, pixels, loaded.tokenizer, beam, {"num_beams": 2}, 5) == \
         generate_tokens(loaded.captioner, pixels, loaded.tokenizer, beam, {"num_beams": 2}, 5, cached=False)
+
+
+@needs_shared
+def test_visual_tokens_on_real_photos_train_caption_evaluate_visualize(tmp_path):
+    """The README's commands with --connector visual-tokens on real photos (the tiny preset)."""
+    data, out = SHARED / "data/flickr8k_1k", tmp_path / "run"
+    trained = vlcap_cli("train", "--preset", "tiny", "--connector", "visual-tokens", "--peft", "lora",
+                        "--train-json", data / "train.json", "--train-images", data / "images_train",
+                        "--max-steps", 2, "--batch-size", 8, "--set", "train.metrics=[]", "--out", out)
+    assert trained.exit_code == 0, trained.output
+    pred = tmp_path / "pred.json"
+    captioned = vlcap_cli("caption", data / "images_val", "--checkpoint", out / "best.safetensors", "--out", pred,
+                          "--max-length", 5, "--num-beams", 2)
+    assert captioned.exit_code == 0, captioned.output
+    evaluated = vlcap_cli("evaluate", "--pred", pred, "--annotations", data / "val.json", "--no-clipscore", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    drawn = vlcap_cli("visualize", SHARED / "data/hw3_p3_images", "--checkpoint", out / "best.safetensors",
+                      "--out-dir", tmp_path / "maps", "--max-length", 4, "--save-npz")
+    assert drawn.exit_code == 0, drawn.output
+    assert len(list((tmp_path / "maps").glob("*.png"))) == len(list((SHARED / "data/hw3_p3_images").iterdir()))
