@@ -106,6 +106,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--peft", default="lora")
+    parser.add_argument("--connector", default="cross-attention", help="cross-attention or visual-tokens")
     parser.add_argument("--images", type=int, default=32, help="images per batch-32 run (and per larger batches)")
     parser.add_argument("--single-images", type=int, default=4, help="images for the batch-1 runs")
     parser.add_argument("--batch-sizes", default="1,32")
@@ -121,14 +122,15 @@ def main():
     device = resolve_device(args.device)
     dtype = autocast_dtype(args.amp, device)
     registry = load_registry()
-    cfg = config_lib.resolve("tiny", overrides=[SIZES[args.size], {"peft": {"method": args.peft}}])
+    cfg = config_lib.resolve("tiny", overrides=[SIZES[args.size], {"peft": {"method": args.peft},
+                                                                    "connector": {"name": args.connector}}])
     captioner = build_captioner(cfg, registry).captioner
     captioner.to(device)
     start_id = tokenizer_for(cfg).eot_id
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     d = cfg.model.decoder
     console.print(f"decoder {d.n_layer} layers x {d.n_embd} wide ({args.size}), encoder {cfg.model.encoder}, "
-                  f"peft {args.peft}, {device}, amp {dtype}, {torch.get_num_threads()} threads, "
+                  f"connector {args.connector}, peft {args.peft}, {device}, amp {dtype}, {torch.get_num_threads()} threads, "
                   f"max length {args.max_length}")
 
     table = Table(title=f"decoding speed: naive full recompute vs cached ({args.size}, {device})")
