@@ -152,8 +152,10 @@ def test_visual_tokens_train_caption_inspect_and_old_checkpoints(tmp_path, small
     trained = vlcap_cli("train", "--preset", "tiny", "--connector", "visual-tokens", "--peft", "lora",
                         "--set", "connector.options.grid=4", "--set", "connector.options.dropout=0.1",
                         "--train-json", small_synthetic / "train.json", "--train-images", small_synthetic / "images_train",
-                        "--max-steps", 2, "--batch-size", 8, "--set", "train.metrics=[]", "--out", run)
+                        "--max-steps", 2, "--batch-size", 8, "--set", "train.metrics=[]", "--out", run,
+                        "--cache-features", "--set", "train.length_buckets=true")  # from the encoder's cached tokens
     assert trained.exit_code == 0, trained.output
+    assert (run / "feature_cache" / "manifest.json").exists()
     checkpoint = run / "best.safetensors"
     inspected = vlcap_cli("inspect", checkpoint)
     assert "visual-tokens (vlcap" in inspected.output and '"grid": 4' in inspected.output
@@ -270,3 +272,10 @@ def test_visual_tokens_on_real_photos_train_caption_evaluate_visualize(tmp_path)
                       "--out-dir", tmp_path / "maps", "--max-length", 4, "--save-npz")
     assert drawn.exit_code == 0, drawn.output
     assert len(list((tmp_path / "maps").glob("*.png"))) == len(list((SHARED / "data/hw3_p3_images").iterdir()))
+
+
+def test_init_from_a_checkpoint_of_the_other_connector_is_one_line(run_dir, registry):
+    from vlcap.core.model.checkpoint import init_trainable
+    built = build(registry)
+    with pytest.raises(VlcapError, match="trained with connector 'cross-attention'.*pass --connector cross-attention"):
+        init_trainable(run_dir / "best.safetensors", built.captioner, built.config, Tokenizer(), registry)
