@@ -366,8 +366,65 @@ def checkpoint_options(command):
     """--checkpoint and --decoder-weights, for the commands that load a trained captioner."""
     command = click.option("--decoder-weights", type=click.Path(dir_okay=False),
                            help="decoder_model.bin (default: the path the checkpoint recorded).")(command)
-    return click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
-                        help="A checkpoint from `vlcap train`.")(command)
+    return click.option("--checkpoint", type=click.Path(dir_okay=False),
+                        help="A checkpoint from `vlcap train` (or --hf-model instead).")(command)
+
+
+def hf_options(command):
+    """--hf-model and its --prompt, --quantize, --first-sentence: a pretrained transformers model
+    instead of a checkpoint (vlcap.apps.hf_captioning)."""
+    for option in reversed([
+            click.option("--hf-model", help="A pretrained transformers image-text-to-text model instead of --checkpoint: "
+                         "hub id (e.g. llava-hf/llava-1.5-7b-hf) or local folder; needs pip install \"vlcap[hf]\"."),
+            click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+                         help="--hf-model's instruction, put with the image through its chat template (caption: "
+                              "repeat to compare prompts). --set takes transformers' GenerationConfig keys there."),
+            click.option("--quantize", type=click.Choice(["4bit", "8bit"]),
+                         help="--hf-model in 4-/8-bit weights (bitsandbytes, CUDA only).")]):
+        command = option(command)
+    return command
+
+
+def comparison_options(command):
+    """caption --hf-model's settings grid, --out-dir, --report and what it scores against."""
+    for option in reversed([
+            click.option("--first-sentence", is_flag=True, help="--hf-model: keep the answer's first sentence only."),
+            click.option("--grid", "grid_file", type=click.Path(dir_okay=False),
+                         help="--hf-model: a YAML grid of settings to compare (prompt: [...], num_beams: [1, 2], ...) "
+                              "instead of --prompt/--set."),
+            click.option("--out-dir", type=click.Path(file_okay=False),
+                         help="--hf-model with several settings or --report: one setting-N.json per setting, "
+                              "settings.json, report.json/.csv."),
+            click.option("--report", is_flag=True, help="--hf-model: score every setting (CIDEr, CLIPScore) against "
+                         "--annotations and tabulate them."),
+            click.option("--annotations", "annotations_path", type=click.Path(dir_okay=False),
+                         help="--report: the reference captions (COCO-style JSON); its images are the ones captioned."),
+            click.option("--images", "image_dir", type=click.Path(file_okay=False),
+                         help="--report: the folder of the annotated images (default IMAGES_DIR)."),
+            click.option("--clip-model", help="--report: CLIP for CLIPScore, as for evaluate.")]):
+        command = option(command)
+    return command
+
+
+# caption's options that only --hf-model takes, by parameter name.
+HF_ONLY_FLAGS = {"prompts": "--prompt", "quantize": "--quantize", "first_sentence": "--first-sentence",
+                 "grid_file": "--grid", "out_dir": "--out-dir", "report": "--report",
+                 "annotations_path": "--annotations", "image_dir": "--images", "clip_model": "--clip-model"}
+
+
+def refuse_given(given, reason):
+    """One line naming the options in ``given`` (flag -> value) that were set but ``reason``
+    makes meaningless."""
+    set_flags = [flag for flag, value in given.items() if value not in (None, False, ())]
+    if set_flags:
+        raise VlcapError(f"{', '.join(set_flags)}: {reason}")
+
+
+def model_source(checkpoint, hf_model):
+    """Exactly one of --checkpoint and --hf-model."""
+    if bool(checkpoint) == bool(hf_model):
+        raise VlcapError("pass --checkpoint CKPT (a vlcap checkpoint) or --hf-model MODEL (a pretrained transformers "
+                         "model), one of them")
 
 
 def decoding_options(command):
@@ -379,7 +436,8 @@ def decoding_options(command):
                               "checkpoint's default; refused beside another --decoding)."),
             click.option("--max-length", type=int, help="Most tokens per caption (default: the checkpoint's decoding.max_length)."),
             click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-                         help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable).")]):
+                         help="A decoding strategy option, e.g. --set length_penalty=0.8 or min_length=3 (repeatable); "
+                              "with --hf-model a GenerationConfig key, e.g. --set max_new_tokens=30.")]):
         command = option(command)
     return command
 
@@ -406,31 +464,70 @@ def decoding_request(strategy, assignments, num_beams):
 @main.command()
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @checkpoint_options
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions JSON {file stem: caption}.")
+@hf_options
+@click.option("--out", type=click.Path(dir_okay=False), help="Predictions JSON {file stem: caption}.")
 @decoding_options
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per decoding batch.")
+@comparison_options
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per decoding batch (default 32; 8 with --hf-model).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Leave unreadable images out and exit 0.")
 def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, max_length, assignments,
-            batch_size, device, skip_bad_images):
-    """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON."""
+            batch_size, device, skip_bad_images, hf_model, **hf):
+    """Caption every jpg/jpeg/png/webp image in IMAGES_DIR into a {file stem: caption} JSON, with a
+    trained checkpoint or a pretrained transformers model (--hf-model; several --prompt/--set: compare them)."""
+    # hf: hf_options' and comparison_options' values, for --hf-model
     device = checked_device(device)
-    from vlcap.core.infer.captioning import caption_folder
-    strategy, options = decoding_request(strategy, assignments, num_beams)
-    result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
-                            strategy=strategy, options=options, max_length=max_length,
-                            batch_size=batch_size, device=device, console=err_console)
-    for message in result.bad_images:
+    model_source(checkpoint, hf_model)
+    if hf_model:
+        refuse_given({"--decoder-weights": decoder_weights, "--decoding": strategy, "--max-length": max_length},
+                     "these are a checkpoint's; with --hf-model use --set (e.g. --set max_new_tokens=30)")
+        settings = [*assignments, *([f"num_beams={num_beams}"] if num_beams is not None else [])]
+        bad_images, written = caption_hf(images_dir, hf_model, out, settings, batch_size or 8, device, **hf)
+    else:
+        refuse_given({HF_ONLY_FLAGS[name]: value for name, value in hf.items()}, "these go with --hf-model")
+        if not out:
+            raise VlcapError("no prediction file: pass --out pred.json")
+        from vlcap.core.infer.captioning import caption_folder
+        strategy, options = decoding_request(strategy, assignments, num_beams)
+        result = caption_folder(images_dir, checkpoint, out, registry(), decoder_weights=decoder_weights,
+                                strategy=strategy, options=options, max_length=max_length,
+                                batch_size=batch_size or 32, device=device, console=err_console)
+        bad_images, written = result.bad_images, out
+        console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
+    for message in bad_images:
         err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
-    if result.bad_images and not skip_bad_images:
-        raise VlcapError(f"{len(result.bad_images)} unreadable image(s) listed above have no caption in {out}; "
+    if bad_images and not skip_bad_images:
+        raise VlcapError(f"{len(bad_images)} unreadable image(s) listed above have no caption in {written}; "
                          "fix or remove them, or pass --skip-bad-images")
+
+
+def caption_hf(images_dir, model, out, assignments, batch_size, device, *, prompts, quantize, first_sentence,
+               grid_file, out_dir, report, annotations_path, image_dir, clip_model):
+    """`caption --hf-model`: one setting into --out, or several (and --report) into --out-dir.
+    Returns (unreadable image messages, where the captions went)."""
+    from vlcap.apps import hf_comparison
+    settings = hf_comparison.settings_grid(prompts, assignments, grid_file)
+    hf_comparison.check_outputs(settings, out, out_dir, report, annotations_path, image_dir, clip_model)
+    if len(settings) == 1 and not report:
+        from vlcap.apps.hf_captioning import caption_folder_with_hf
+        setting, = settings
+        result = caption_folder_with_hf(images_dir, model, out, setting.prompt, setting.options, device=device,
+                                        quantize=quantize, first_sentence=first_sentence, batch_size=batch_size,
+                                        console=err_console)
+        console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
+        return result.bad_images, out
+    comparison = hf_comparison.compare_settings(
+        images_dir, model, out_dir, settings, device=device, quantize=quantize, first_sentence=first_sentence,
+        batch_size=batch_size, annotations_path=annotations_path, image_dir=image_dir, clip_model=clip_model,
+        console=err_console)
+    console.print(reports.comparison_table(comparison))
+    return comparison.bad_images, out_dir
 
 
 @main.command()
 @click.argument("images", nargs=-1, type=click.Path())
 @checkpoint_options
+@hf_options
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs (and .npz).")
 @decoding_options
 @click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer (negative: from the last).")
@@ -446,15 +543,32 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
 @click.option("--bottom", type=int, default=1, show_default=True, help="How many of the worst images to draw.")
 @click.option("--clip-model", help="CLIP for --rank-by (default: $VLCAP_CLIP_MODEL, else ViT-B/32 as the course).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, **options):
+def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, hf_model, prompts, quantize,
+              **options):
     """Draw each generated word's attention over the image (the cross-attention, or with the visual-tokens
-    connector the self-attention to the image tokens): one PNG per image in OUT_DIR."""
+    connector the self-attention to the image tokens): one PNG per image in OUT_DIR (with --hf-model: the
+    answer's attention to the image tokens)."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
-    strategy, decoding = decoding_request(strategy, assignments, num_beams)
-    from vlcap.apps.visualize import draw_attention_maps
-    drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device, strategy=strategy,
-                                options=decoding, console=err_console, **options)
+    model_source(checkpoint, hf_model)
+    if hf_model:
+        refuse_given({"--decoder-weights": options.pop("decoder_weights"), "--decoding": strategy,
+                      "--max-length": options.pop("max_length")},
+                     "these are a checkpoint's; with --hf-model use --set (e.g. --set max_new_tokens=30)")
+        if len(prompts) > 1:
+            raise VlcapError("visualize draws one prompt's answer: give --prompt once")
+        from vlcap.apps.hf_attention import draw_hf_attention_maps
+        from vlcap.apps.hf_comparison import parse_assignments
+        settings = [*assignments, *([f"num_beams={num_beams}"] if num_beams is not None else [])]
+        generation = {key: values[-1] for key, values in parse_assignments(settings).items()}
+        drawn = draw_hf_attention_maps(images, hf_model, out_dir, prompts[0] if prompts else None, generation,
+                                       device=device, quantize=quantize, console=err_console, **options)
+    else:
+        refuse_given({"--prompt": prompts, "--quantize": quantize}, "these go with --hf-model")
+        strategy, decoding = decoding_request(strategy, assignments, num_beams)
+        from vlcap.apps.visualize import draw_attention_maps
+        drawn = draw_attention_maps(images, checkpoint, out_dir, registry(), device=device, strategy=strategy,
+                                    options=decoding, console=err_console, **options)
     for figure in drawn:
         panels = f"{figure.panels} panel{'s' * (figure.panels != 1)}"
         note = f" ({figure.note})" if figure.note else ""

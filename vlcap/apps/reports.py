@@ -190,3 +190,27 @@ def truncation_warning(result):
 def checkpoint_json(summary):
     """``vlcap inspect --json``: a ``CheckpointSummary``'s metadata and its tensors' shapes."""
     return {**summary.metadata, "tensors": {k: list(v) for k, v in sorted(summary.shapes.items())}}
+
+
+def comparison_table(comparison):
+    """``vlcap caption --hf-model`` with several settings or ``--report``: one row per setting
+    (CIDEr and CLIPScore when scored, the best of each in bold; its generation options and
+    prompt, never cut), then where the files are."""
+    scored = comparison.clip_model is not None
+    title = f"{comparison.model}: {len(comparison.results)} setting(s) on {comparison.images:,} images"
+    if scored:
+        title += f", CLIPScore with CLIP {comparison.clip_model}"
+    scores = ("CIDEr", "CLIPScore") if scored else ()
+    table = _table(title, ("setting", *scores, "captions", "generation", "prompt"), right=(*scores, "captions"))
+    for column in table.columns[-2:]:
+        column.overflow = "fold"
+    best = {name: max((getattr(r, name) for r in comparison.results), default=None) for name in ("cider", "clipscore")}
+    for r in comparison.results:
+        cells = [f"{'[bold]' if getattr(r, name) == best[name] else ''}{getattr(r, name):.4f}"
+                 for name in ("cider", "clipscore")] if scored else []
+        table.add_row(r.setting.name, *cells, str(r.captions), Text(r.setting.generation.replace(" ", "\n")),
+                      Text(r.setting.prompt))
+    files = f"predictions: {comparison.out_dir}/setting-N.json; settings: {comparison.out_dir}/settings.json"
+    if scored:
+        files += f"; scores: {comparison.out_dir}/report.json, report.csv"
+    return Group(table, Text(files))
