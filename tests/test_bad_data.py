@@ -88,6 +88,12 @@ def caption_file(path, images, annotations):
     ([{"id": "1", "file_name": "a.jpg"}], [], "id '1' is not an integer"),
     ([{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1, "caption": None}], "caption None is not a string"),
     ([{"id": 1}], [], "malformed entry"),
+    # a file_name may not leave the images folder
+    ([{"id": 1, "file_name": "../secret.jpg"}], [], "file_name '../secret.jpg' leaves the images folder"),
+    ([{"id": 1, "file_name": "/etc/passwd"}], [], "file_name '/etc/passwd' leaves the images folder"),
+    ([{"id": 1, "file_name": "a/../../b.jpg"}], [], "leaves the images folder"),
+    ([{"id": 1, "file_name": ""}], [], "leaves the images folder"),
+    ([{"id": 2 ** 70, "file_name": "a.jpg"}], [], r"id 11805916207174113034\.\.\. is not a 64-bit integer"),
 ])
 def test_bad_annotations_are_one_line_errors(tmp_path, images, annotations, message):
     with pytest.raises(VlcapError, match=message):
@@ -142,3 +148,15 @@ def test_duplicate_ids_through_the_cli(tmp_path):
                  "--out", tmp_path / "run")
     assert result.exit_code == 1
     assert f"Error: {tmp_path / 'train.json'}: image id(s) listed more than once in 'images': 7" in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"images": [{"id": ' + "9" * 5000 + ', "file_name": "a.jpg"}], "annotations": []}', "not usable JSON"),
+    ('{"images": [{"id": 1, "file_name": "\\ud800.jpg"}], "annotations": []}', "not valid Unicode"),
+    ('{"images": ' + "[" * 100000 + "]" * 100000 + ', "annotations": []}', "nested too deeply"),
+])
+def test_hostile_json_is_one_line(tmp_path, text, message):
+    path = tmp_path / "captions.json"
+    path.write_text(text)
+    with pytest.raises(VlcapError, match=message):
+        load_captions(path)

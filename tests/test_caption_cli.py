@@ -55,7 +55,7 @@ def test_unreadable_images_are_warned_listed_and_fail_unless_skipped(tmp_path, r
 
 @pytest.mark.parametrize("args, message", [
     (["--decoding", "nope"], "unknown decoding strategy 'nope'"),
-    (["--decoding", "beam", "--set", "beams=3"], "unknown key(s) beams"),
+    (["--decoding", "beam", "--set", "beams=3"], "unknown key decoding.options.beams"),
     (["--decoding", "top_p", "--set", "p=2"], "decoding.options.p"),
 ])
 def test_bad_decoding_options_fail_in_one_line_and_write_nothing(tmp_path, run_dir, images, args, message):

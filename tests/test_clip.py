@@ -57,3 +57,21 @@ def test_bad_model_names_and_files_are_one_line_errors(tmp_path):
     bad.write_text("not a model")
     with pytest.raises(VlcapError, match="not an OpenAI-format CLIP checkpoint"):
         load_clip(str(bad), device="cpu")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: {**sd, "evil": Payload()}, lambda sd: {"state_dict": Payload()}])
+def test_a_clip_file_with_pickled_code_is_refused_whatever_torchs_default(tmp_path, capsys, monkeypatch, wrap):
+    real_load = torch.load
+    # as torch < 2.6 behaves: unpickling unless asked not to
+    monkeypatch.setattr(torch, "load", lambda *a, **k: real_load(*a, **{"weights_only": False, **k}))
+    path = tmp_path / "clip.pt"
+    real_save_sd = tiny_clip_model(seed=1).state_dict()
+    torch.save(wrap(real_save_sd), path)
+    with pytest.raises(VlcapError, match="not an OpenAI-format CLIP checkpoint"):
+        load_clip(str(path), device="cpu")
+    assert "pickled code ran" not in capsys.readouterr().out

@@ -231,14 +231,13 @@ def test_training_reports_cider_and_selects_by_it(tmp_path, synthetic, registry)
 
 
 @pytest.mark.parametrize("train_options, message", [
-    ({"metrics": "cider"}, r"train.metrics must be a list of metric names"),
+    ({"metrics": "cider"}, r"train.metrics = 'cider': expected a list of text"),
     ({"metrics": ["bleu"]}, r"unknown metric 'bleu'; installed: cider, clipscore"),
     ({"metrics": [], "best_metric": "cider"}, r"train.best_metric=cider is not computed"),
 ])
 def test_bad_metric_choices_fail_before_training(tmp_path, synthetic, registry, train_options, message):
-    cfg = tiny_config("lora", **data_overrides(synthetic), train=train_options)
     with pytest.raises(VlcapError, match=message):
-        train(cfg, tmp_path / "run", registry)
+        train(tiny_config("lora", **data_overrides(synthetic), train=train_options), tmp_path / "run", registry)
     assert not (tmp_path / "run/last.safetensors").exists()
 
 

@@ -1,6 +1,7 @@
 """The frozen-encoder feature cache: same training as from images, and stale caches refused."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -74,7 +75,7 @@ def cached_images(tmp_path, synthetic):
 def train_from_cache(root, *extra):
     return cli("train", "--preset", "tiny", "--train-json", root / "train.json", "--train-images",
                root / "images_train", "--feature-cache", root / "cache", "--out", root / "run",
-               "--max-steps", 1, *extra)
+               "--max-steps", 1, "--overwrite", *extra)
 
 
 def test_a_cache_of_another_encoder_is_refused(cached_images):
@@ -119,3 +120,33 @@ def test_an_existing_cache_is_never_overwritten(tmp_path, synthetic):
     (tmp_path / "c").mkdir()
     with pytest.raises(VlcapError, match="already exists"):
         feature_cache.write_feature_cache(None, synthetic / "images_train", tmp_path / "c")
+
+
+def test_unreadable_images_are_skipped_when_caching_as_in_training(tmp_path, synthetic):
+    shutil.copytree(synthetic / "images_train", tmp_path / "images_train")
+    shutil.copy(synthetic / "train.json", tmp_path / "train.json")
+    broken = tmp_path / "images_train" / "train_0002.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    result = cli("cache-features", "--preset", "tiny", "--images", tmp_path / "images_train", "--out", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable image(s) were skipped" in result.output and "cached 23 images" in result.output
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert list(manifest["unreadable"]) == ["train_0002.png"] and "train_0002.png" not in manifest["images"]
+    trained = train_from_cache(tmp_path, "--batch-size", 120)  # one step over all: its captions are skipped
+    assert trained.exit_code == 0, trained.output
+    assert "unreadable image(s) were skipped: " in trained.output and "train_0002.png" in trained.output
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "features.npy").unlink(), "features.npy is missing"),
+    (lambda c: (c / "features.npy").write_bytes((c / "features.npy").read_bytes()[:1000]), "damaged or truncated"),
+    (lambda c: (c / "manifest.json").write_text(json.dumps({**json.loads((c / "manifest.json").read_text()),
+                                                             "images": None})), "manifest.json: damaged"),
+    (lambda c: (c / "manifest.json").write_text('{"format": "vlcap-feature-cache/1"}'), "manifest.json: damaged"),
+    (lambda c: (c / "manifest.json").write_text("[" * 100000), "manifest.json: (not valid JSON|unreadable)"),
+])
+def test_a_damaged_cache_is_one_line(cached_images, damage, message):
+    damage(cached_images / "cache")
+    result = train_from_cache(cached_images)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and re.search(message, result.output), result.output

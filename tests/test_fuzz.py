@@ -1,6 +1,7 @@
 """Property tests: the annotation loader gives a CaptionSet or a VlcapError for any input, and
 the prediction/CSV writers round-trip any text, atomically."""
 import csv
+import errno
 import json
 import os
 import signal
@@ -116,3 +117,43 @@ def test_a_kill_at_any_moment_leaves_the_old_or_the_new_file(tmp_path):
     process.wait()
     assert next(iter(json.loads(path.read_text()).values())).split()[0] in {"old", "new"}
     assert seen <= {"old", "new"}
+
+
+def test_outputs_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_predictions(tmp_path / "a.json", {"a": "x"})
+        os.umask(0o077)
+        write_predictions(tmp_path / "b.json", {"a": "x"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "a.json").chmod(0o640)
+    write_predictions(tmp_path / "a.json", {"a": "y"})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("failure, message", [
+    (OSError(errno.ENOSPC, "No space left on device"), "cannot write \\(No space left on device\\); the disk is full"),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4480 vs 4374"),
+     "cannot write \\(the writer stopped part-way: .* free on that disk\\)"),
+])
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, failure, message):
+    from vlcap.core.atomic import atomic_write
+    path = tmp_path / "last.safetensors"
+    with pytest.raises(VlcapError, match=f"{path}: {message}"):
+        with atomic_write(path) as f:
+            f.write(b"partial")
+            raise failure
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["/proc/vlcap-test/pred.json", "/proc/pred.json", "{tmp}/file/pred.json"])
+def test_unwritable_places_are_one_line(tmp_path, where):
+    (tmp_path / "file").write_text("a file, not a folder")
+    path = where.format(tmp=tmp_path)
+    with pytest.raises(VlcapError, match=f"^{path}: cannot write"):
+        write_predictions(path, {"a": "x"})
+    assert os.listdir(tmp_path) == ["file"]
+

@@ -1,5 +1,7 @@
 """A NaN/inf loss or gradient stops the run naming the step and batch, and never overwrites the
 last good resume state or checkpoint with non-finite weights."""
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -53,8 +55,16 @@ def test_non_finite_step_stops_and_keeps_the_last_good_state(tmp_path, registry,
     assert all(torch.isfinite(t).all() for t in last.values())
 
     monkeypatch.undo()
-    result = train(cfg, run_dir, registry, resume=True)
-    assert result.steps == 4 and [r["epoch"] for r in result.history] == [1, 2]
+    # the advice is a command that works: resume with a lower learning rate
+    advice = str(error.value).split("continue with a lower learning rate: vlcap ")[1].split()
+    assert advice == ["train", "--resume", str(run_dir), "--lr", f"{cfg.train.lr / 10:g}"]
+    result = CliRunner().invoke(main, advice)
+    assert result.exit_code == 0, result.output
+    assert f"lr: {cfg.train.lr / 10}" in (run_dir / "config.yaml").read_text()
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, 2), (2, 4)]
+    refused = CliRunner().invoke(main, ["train", "--resume", str(run_dir), "--lr", "-1"])
+    assert refused.output.strip().endswith("train.lr = -1.0: expected a finite number > 0")
 
 
 def test_absurd_learning_rate_fails_in_one_line(tmp_path, small_synthetic):
@@ -63,4 +73,5 @@ def test_absurd_learning_rate_fails_in_one_line(tmp_path, small_synthetic):
         "train", "--preset", "tiny", "--train-json", d / "train.json", "--train-images", d / "images_train",
         "--out", tmp_path / "run", "--lr", 1e6, "--max-steps", 5, "--set", "train.warmup_steps=0")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "became" in result.output and "lower train.lr" in result.output, result.output
+    assert "became" in result.output and "lower train.lr (e.g. --lr 100000)" in result.output, result.output
+

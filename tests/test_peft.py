@@ -60,7 +60,7 @@ def test_prefix_changes_attention_and_trains(registry, batch):
 
 
 @pytest.mark.parametrize("method, options, message", [
-    ("lora", {"rank": 4}, r"unknown key\(s\) rank"),
+    ("lora", {"rank": 4}, r"unknown key peft.options.rank; known: r, alpha"),
     ("lora", {"targets": ["q", "x"]}, "targets"),
     ("adapter", {"placement": "middle"}, "placement"),
     ("adapter", {"layers": [7]}, "out of range"),

@@ -105,9 +105,9 @@ def option_rows(table, plugin):
 
 def test_list_plugins_options_shows_types_and_defaults():
     table = plugin_options()
-    assert option_rows(table, "lora") == [("r", "int", "8"), ("alpha", "int", "16"), ("dropout", "float", "0.05"),
-                                          ("targets", "list", '["q", "v"]'), ("layers", "Union[str, list]", '"all"')]
-    assert ("num_beams", "int", "3") in option_rows(table, "beam")
+    rows = [(name, kind.split()[0], default) for name, kind, default in option_rows(table, "lora") if name]
+    assert rows == [("r", "int", "8"), ("alpha", "int", "16"), ("dropout", "float", "0.05"),
+                    ("targets", "list[str]", '["q", "v"]'), ("layers", "Union[str,", '"all"')]
     assert ("max_length", "Optional[int]", "null") in option_rows(table, "beam")
     assert option_rows(table, "greedy") == [("(no options)", "", "")]
     assert option_rows(table, "cider") == [("(no options)", "", "")]  # metrics have no config_class
@@ -117,8 +117,9 @@ def test_list_plugins_options_json():
     entries = {e["name"]: e for e in json.loads(plugin_options("--json"))}
     lora = {o["name"]: o for o in entries["lora"]["options"]}
     assert list(lora) == ["r", "alpha", "dropout", "targets", "layers"]
-    assert lora["targets"] == {"name": "targets", "type": "list", "default": ["q", "v"], "required": False}
-    assert {"name": "num_beams", "type": "int", "default": 3, "required": False} in entries["beam"]["options"]
+    assert lora["targets"] == {"name": "targets", "type": "list[str]", "default": ["q", "v"], "required": False}
+    assert lora["dropout"]["type"] == "float >= 0, < 1"  # the range the option is checked against
+    assert {"name": "num_beams", "type": "int >= 1, <= 256", "default": 3, "required": False} in entries["beam"]["options"]
     assert entries["greedy"]["options"] == [] and entries["greedy"]["kind"] == "decoding"
 
 
@@ -144,3 +145,64 @@ def test_plugin_option_table_prints_names_and_defaults_as_text():
     console = Console(record=True, width=200)
     console.print(plugin_options_table([PluginEntry("odd[x]", "peft", "pkg", "1", "", Odd())]))
     assert option_rows(console.export_text(), "odd[x]") == [("style", "str", '"[bold]x"')]
+
+
+FAILING_PLUGINS = """
+import vlcap
+from vlcap.api import DecodingStrategy, Metric, PeftMethod
+
+class Broken(PeftMethod):
+    name = "broken"
+    def apply(self, captioner, config):
+        raise KeyError("c_attn")
+
+class BrokenDecoding(DecodingStrategy):
+    name = "broken_decoding"
+    def generate(self, model, config, *, start_id, end_id, max_length):
+        return 1 / 0
+
+class BrokenMetric(Metric):
+    name = "broken_metric"
+    def compute(self, predictions, references, image_paths):
+        raise RuntimeError("scorer crashed\\nwith a second line")
+
+@vlcap.hookimpl
+def register_peft_methods(register):
+    register(Broken())
+
+@vlcap.hookimpl
+def register_decoding_strategies(register):
+    register(BrokenDecoding())
+
+@vlcap.hookimpl
+def register_metrics(register):
+    register(BrokenMetric())
+
+@vlcap.hookimpl
+def register_metric(register):  # a typo: not a vlcap hook
+    pass
+"""
+
+
+def test_plugin_failures_at_run_time_name_the_plugin_and_its_package(site):
+    from vlcap.core.errors import VlcapWarning
+    from vlcap.core.model.captioner import build_captioner
+    from vlcap.core.plugins import plugin_call
+    from vlcap.testing.builders import generate, tiny_captioner, tiny_config
+    install_package(site, "vlcap-broken", "vlcap_broken", FAILING_PLUGINS)
+    with pytest.warns(VlcapWarning, match="plugin 'vlcap_broken' of package 'vlcap-broken' implements 'register_metric', "
+                                          "which is not a vlcap hook.*did you mean register_metrics\\?"):
+        registry = load_registry()
+    with pytest.raises(VlcapError, match=r"^PEFT method 'broken' of package 'vlcap-broken' 0.3 failed in apply: "
+                                         r"KeyError: 'c_attn'; this is a fault of that plugin"):
+        build_captioner(tiny_config("broken"), registry, meta=True)
+    captioner, tokenizer = tiny_captioner("lora", registry)
+    with pytest.raises(VlcapError, match="^decoding strategy 'broken_decoding' of package 'vlcap-broken' 0.3 failed "
+                                         "in generate: ZeroDivisionError"):
+        generate(captioner, tokenizer, registry.get("decoding", "broken_decoding"), {}, cached=True, images=1)
+    metric = registry.get("metric", "broken_metric")
+    with pytest.raises(VlcapError, match="^metric 'broken_metric' of package 'vlcap-broken' 0.3 failed in compute: "
+                                         "RuntimeError: scorer crashed;") as error:
+        with plugin_call(metric, "compute"):  # as the trainer's validation calls every metric
+            metric.compute({}, {}, [])
+    assert "\n" not in str(error.value)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import vlcap_cli
+from conftest import data_overrides, vlcap_cli
+from vlcap.core.config import resolve
 from vlcap.core.errors import VlcapError
 from vlcap.core.train.resume import load_state, state_path
 
@@ -82,3 +83,25 @@ def test_damaged_or_hostile_resume_state_is_refused(tmp_path, capsys, content):
     with pytest.raises(VlcapError, match="damaged resume state"):
         load_state(tmp_path)
     assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_a_kill_during_the_last_validation_is_resumable(tmp_path, small_synthetic, registry, monkeypatch):
+    from vlcap.core.train import trainer
+    out = tmp_path / "run"
+    cfg = resolve("tiny", overrides=[data_overrides(small_synthetic), {
+        "train": {"epochs": 1, "batch_size": 8, "save_every": 1, "metrics": []}}])
+
+    def killed(self):
+        raise KeyboardInterrupt  # what a kill leaves: the final step's resume state, no checkpoints
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "validate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg, out, registry)
+    assert load_state(out)["step"] == 5 and not (out / "last.safetensors").exists()
+
+    result = run("train", "--resume", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "last.safetensors").exists() and (out / "best.safetensors").exists()
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, 5)] and "val_loss" in history[0]
+    assert "already finished (5 of 5 steps)" in run("train", "--resume", out).output

@@ -41,6 +41,7 @@ from vlcap.core.model.peft import (PeftMethod, is_pretrained, keep_frozen, proje
                                    swap_linear, trainable_state)
 from vlcap.core.model.tokenizer import IGNORE_INDEX, Tokenizer
 from vlcap.core.plugins import registry
+from vlcap.core.validation import Ge, Gt, Interval, Le, Lt
 from vlcap.testing.builders import perturb_trainable, pixels_for, tiny_captioner, tiny_config, token_ids
 
 _KIT = ("check_peft_method", "check_decoding_strategy", "check_connector", "PEFT_CHECKS", "DECODING_CHECKS",
@@ -51,6 +52,8 @@ __all__ = [
     "hookimpl", "registry", "VlcapError", "VlcapWarning",
     # connectors
     "Connector", "ImagePrefix", "ImageTokens", "add_cross_attention",
+    # option ranges: typing.Annotated[int, Ge(1)] in a config_class (checked where options enter)
+    "Ge", "Gt", "Le", "Lt", "Interval",
     # PEFT methods
     "PeftMethod", "swap_linear", "project_image_tokens", "select_layers", "trainable_state", "is_pretrained",
     "keep_frozen", "split_heads", "merge_heads",

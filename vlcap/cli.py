@@ -18,6 +18,7 @@ from rich.console import Console
 import vlcap
 from vlcap.apps import reports
 from vlcap.core import config as config_lib
+from vlcap.core.console import safe, say
 from vlcap.core.errors import VlcapError, VlcapWarning
 
 console = Console()
@@ -27,7 +28,7 @@ err_console = Console(stderr=True)
 def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """vlcap's own warnings as one line on stderr; anyone else's as Python prints them."""
     if issubclass(category, VlcapWarning):
-        err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        say(err_console, f"warning: {message}", "yellow")
     else:
         _default(message, category, filename, lineno, file, line)
 
@@ -41,7 +42,7 @@ class VlcapGroup(click.Group):
                 warnings.showwarning = show_warning
                 return super().invoke(ctx)
         except VlcapError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(safe(exc)) from None
 
 
 @click.group(cls=VlcapGroup)
@@ -197,18 +198,21 @@ def train_flag(*decls, **attrs):
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set peft.options.r=16 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Build the model (shapes only), print parameter counts, exit.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out (its resume state and checkpoints) instead of refusing.")
 @train_flag("--feature-cache", type=click.Path(file_okay=False),
             help="Train from this cache of the encoder's tokens (see `vlcap cache-features`).")
 @train_flag("--cache-features", is_flag=True, default=None,
             help="Build the feature cache first (at --feature-cache, default OUT/feature_cache) unless it exists.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the stopped run in this directory with its own config.yaml; only --device, and "
-                   "--epochs/--max-steps to extend a stopped or finished run, may be given too.")
+              help="Continue the stopped run in this directory with its own config.yaml; only --device, --lr "
+                   "(a new peak learning rate, e.g. after a NaN stop), and --epochs/--max-steps to extend a "
+                   "stopped or finished run, may be given too.")
 @train_flag("--init-from", type=click.Path(dir_okay=False),
             help="Start a new run from this checkpoint's trainable weights (same PEFT method and shapes); "
                  "optimizer and schedule start fresh.")
 @click.pass_context
-def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **flags):
+def train(ctx, config_file, preset, out, assignments, dry_run, overwrite, resume_dir, **flags):
     """Train a captioner: only the connector (projection, cross-attention) and PEFT parameters learn."""
     checked_device(flags["device"])
     from vlcap.apps import training
@@ -226,7 +230,7 @@ def train(ctx, config_file, preset, out, assignments, dry_run, resume_dir, **fla
     if not out:
         raise VlcapError("no run directory: pass --out DIR")
     from vlcap.core.train import trainer
-    print_training(trainer.train(cfg, out, registry(), console=err_console))
+    print_training(trainer.train(cfg, out, registry(), console=err_console, overwrite=overwrite))
 
 
 def refuse_options_on_resume(ctx, resume_dir):
@@ -243,8 +247,8 @@ def print_training(result):
     """The trainer's result in one line, printed by the main process only."""
     from vlcap.core.train.distributed import is_main_process
     if is_main_process():
-        console.print(f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
-                      f"(best) and {result.last_checkpoint} (last)")
+        say(console, f"trained {result.steps} steps; {result.saved:,} parameters saved to {result.best_checkpoint} "
+                     f"(best) and {result.last_checkpoint} (last)")
 
 
 @main.command("cache-features")
@@ -257,7 +261,7 @@ def print_training(result):
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Config override, as for train.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Precision the tokens are stored in.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per encoder pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def cache_features(image_dir, out, preset, config_file, assignments, dtype, batch_size, device, **flags):
     """Run the frozen encoder over every image in a folder once; `train --feature-cache` reads the tokens."""
@@ -267,7 +271,7 @@ def cache_features(image_dir, out, preset, config_file, assignments, dtype, batc
     from vlcap.apps.training import cache_encoder_features
     cache = cache_encoder_features(cfg, image_dir, out, dtype=dtype, batch_size=batch_size, device=device,
                                    console=err_console)
-    console.print(f"cached {len(cache.rows):,} images -> {cache.path}", markup=False, highlight=False)
+    say(console, f"cached {len(cache.rows):,} images -> {cache.path}")
 
 
 @main.command()
@@ -311,7 +315,7 @@ def demo(out, steps, methods, connectors):
 @click.option("--plot-top5", type=int, metavar="N", help="Save top-5 bar charts for N sampled images into --out-dir.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Folder for the --plot-top5 PNGs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which images --plot-top5 samples.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images per CLIP pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per CLIP pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--skip-bad-images", is_flag=True, help="Classify the readable images instead of failing on unreadable ones.")
 def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir, device, **options):
@@ -322,11 +326,11 @@ def classify(images_dir, labels_file, out, templates, report, plot_top5, out_dir
     result = run_classification(images_dir, labels_file, templates, out=out, report=report, plot_top5=plot_top5,
                                 out_dir=out_dir, device=device, console=err_console, **options)
     if out:
-        err_console.print(f"{len(result.files)} predictions written to {out}", markup=False, highlight=False)
+        say(err_console, f"{len(result.files)} predictions written to {out}")
     if report:
         console.print(reports.classification_table(result))
     if plot_top5:
-        err_console.print(f"top-5 plots of {result.plotted} images written to {out_dir}", markup=False, highlight=False)
+        say(err_console, f"top-5 plots of {result.plotted} images written to {out_dir}")
 
 
 @main.command()
@@ -353,13 +357,13 @@ def evaluate(pred_path, annotations_path, image_dir, no_clipscore, clip_model, b
                                   console=err_console)
     warning = reports.truncation_warning(result)
     if warning:
-        err_console.print(warning)
+        err_console.print(warning, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(reports.evaluation_json(result), indent=2))
         return
     console.print(reports.evaluation_tables(result, pred_path, annotations_path, top_k))
     if per_image_path:
-        console.print(f"per-image scores: {per_image_path}", markup=False, highlight=False)
+        say(console, f"per-image scores: {per_image_path}")
 
 
 def checkpoint_options(command):
@@ -493,9 +497,9 @@ def caption(images_dir, checkpoint, decoder_weights, out, strategy, num_beams, m
                                 strategy=strategy, options=options, max_length=max_length,
                                 batch_size=batch_size or 32, device=device, console=err_console)
         bad_images, written = result.bad_images, out
-        console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
+        say(console, f"wrote {len(result.predictions)} captions to {out}")
     for message in bad_images:
-        err_console.print(f"  unreadable: {message}", markup=False, highlight=False, soft_wrap=True)
+        say(err_console, f"  unreadable: {message}")
     if bad_images and not skip_bad_images:
         raise VlcapError(f"{len(bad_images)} unreadable image(s) listed above have no caption in {written}; "
                          "fix or remove them, or pass --skip-bad-images")
@@ -514,7 +518,7 @@ def caption_hf(images_dir, model, out, assignments, batch_size, device, *, promp
         result = caption_folder_with_hf(images_dir, model, out, setting.prompt, setting.options, device=device,
                                         quantize=quantize, first_sentence=first_sentence, batch_size=batch_size,
                                         console=err_console)
-        console.print(f"wrote {len(result.predictions)} captions to {out}", markup=False, highlight=False)
+        say(console, f"wrote {len(result.predictions)} captions to {out}")
         return result.bad_images, out
     comparison = hf_comparison.compare_settings(
         images_dir, model, out_dir, settings, device=device, quantize=quantize, first_sentence=first_sentence,
@@ -572,8 +576,7 @@ def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, dev
     for figure in drawn:
         panels = f"{figure.panels} panel{'s' * (figure.panels != 1)}"
         note = f" ({figure.note})" if figure.note else ""
-        console.print(f"{figure.png}: {panels}, \"{figure.caption}\"{note}", markup=False, highlight=False,
-                      soft_wrap=True)
+        say(console, f"{figure.png}: {panels}, \"{figure.caption}\"{note}")
 
 
 if __name__ == "__main__":

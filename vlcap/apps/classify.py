@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from vlcap.core.atomic import atomic_write
 from vlcap.core.data import find_images, iterate_images, load_image, read_json
 from vlcap.core.eval import clip as clip_lib
+from vlcap.core.console import say
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.outputs import write_csv
 from vlcap.core.progress import progress_bar
@@ -105,7 +106,7 @@ def encode_images(clip, paths, batch_size=128, console=None):
         task = progress.add_task("images", total=len(paths))
         for pixels, indices, unreadable in iterate_images(paths, clip.preprocess, batch_size, clip.device):
             for item in unreadable:
-                progress.console.print(f"warning: {item.message}", markup=False, highlight=False, soft_wrap=True)
+                say(progress.console, f"warning: {item.message}")
                 bad.append((item.path.name, item.message))
             if pixels is not None:
                 chunks.append(clip.encode_images(pixels).cpu())

@@ -13,6 +13,7 @@ from vlcap.core import config as config_lib
 from vlcap.core.model.captioner import tokenizer_for
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.data import load_captions
+from vlcap.core.console import say, text
 from vlcap.core.errors import VlcapError
 from vlcap.core.progress import progress_bar
 from vlcap.core.model.course_weights import save_course_weights
@@ -33,7 +34,7 @@ def usable_metrics(names, registry, console):
             registry.get("metric", name).check()
             usable.append(name)
         except VlcapError as exc:
-            console.print(f"[yellow]demo: skipping {name}: {exc}[/]")
+            say(console, f"demo: skipping {name}: {exc}", "yellow")
     return usable
 
 
@@ -76,8 +77,8 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, connectors=Non
     decoder_weights = out_dir / "decoder_model.bin"
     lm_loss = pretrain_decoder(config_lib.resolve("tiny"), load_captions(data / "train.json").captions, decoder_weights,
                                steps=max(steps // 3, 1), console=console)
-    console.print(f"demo: tiny GPT-2 trained as a language model on the training captions (loss {lm_loss:.2f}), "
-                  f"frozen from here on -> {decoder_weights}")
+    say(console, f"demo: tiny GPT-2 trained as a language model on the training captions (loss {lm_loss:.2f}), "
+        f"frozen from here on -> {decoder_weights}")
     val = load_captions(data / "val.json")
     references = val.references()
     paths = [data / "images_val" / name for name in sorted(val.images.values())]
@@ -86,12 +87,13 @@ def run_demo(out_dir, registry, console, steps=300, methods=None, connectors=Non
     for connector in connectors or registry.names("connector"):
         for method in methods or registry.names("peft"):
             result = train(demo_config(connector, method, data, decoder_weights, steps, metric_names),
-                           out_dir / "runs" / connector / method, registry, console)
+                           out_dir / "runs" / connector / method, registry, console,
+                           overwrite=True)  # a demo run again replaces its own runs
             runs[(connector, method)] = (result, caption_with_best(result, paths, registry, console))
     console.print(samples_table(runs, paths[:examples], references))
     console.print(results_table(runs, references, metric_names, steps))
-    console.print("'exact': share of held-out images whose caption equals one of its five references. "
-                  f"Checkpoints and configs are under {out_dir / 'runs'}.")
+    say(console, "'exact': share of held-out images whose caption equals one of its five references. "
+        f"Checkpoints and configs are under {out_dir / 'runs'}.")
 
 
 def demo_config(connector, method, data, decoder_weights, steps, metric_names):
@@ -130,7 +132,8 @@ def results_table(runs, references, metric_names, steps):
     for (connector, method), (result, predictions) in runs.items():
         best = result.best
         cells = [f"{best.get(name, float('nan')):.3f}" for name in ("train_loss", "val_loss", *metric_names)]
-        table.add_row(connector, method, f"{result.trainable:,}", f"{result.best_checkpoint.stat().st_size / 1024:.0f} KiB",
+        table.add_row(text(connector), text(method), f"{result.trainable:,}",
+                      f"{result.best_checkpoint.stat().st_size / 1024:.0f} KiB",
                       str(best["epoch"]), *cells, f"{exact_share(predictions, references):.0%}")
     return table
 
@@ -138,7 +141,8 @@ def results_table(runs, references, metric_names, steps):
 def samples_table(runs, paths, references):
     table = Table(title="held-out captions (from the reloaded best checkpoints)")
     for column in ("image", "reference", *(f"{connector}\n{method}" for connector, method in runs)):
-        table.add_column(column)
+        table.add_column(text(column))
     for path in paths:
-        table.add_row(path.name, references[path.stem][0], *(predictions[path.stem] for _, predictions in runs.values()))
+        table.add_row(text(path.name), text(references[path.stem][0]),
+                      *(text(predictions[path.stem]) for _, predictions in runs.values()))
     return table

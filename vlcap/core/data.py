@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vlcap.core.errors import VlcapError, few
+from vlcap.core.errors import VlcapError, VlcapWarning, few
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -50,9 +50,18 @@ def read_json(path, what, expected, hint=""):
     if not text.strip():
         raise VlcapError(f"{path}: the {what} is empty; expected {expected}")
     try:
-        return json.loads(text)
+        data = json.loads(text)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (\ud800) is not text
     except json.JSONDecodeError as exc:
         raise VlcapError(f"{path}: not valid JSON ({exc}); expected {expected}") from None
+    except UnicodeEncodeError:
+        raise VlcapError(f"{path}: holds a string that is not valid Unicode (a lone surrogate escape such as "
+                         f"\\ud800); expected {expected}") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise VlcapError(f"{path}: not usable JSON ({exc}); expected {expected}") from None
+    except RecursionError:
+        raise VlcapError(f"{path}: nested too deeply to be JSON vlcap reads; expected {expected}") from None
+    return data
 
 
 def load_captions(json_path):
@@ -61,7 +70,7 @@ def load_captions(json_path):
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise VlcapError(f"{path}: expected {{\"images\": [...], \"annotations\": [...]}} (COCO-style captions)")
     try:
-        image_entries = [(entry_id(item, "id"), entry_text(item, "file_name")) for item in data["images"]]
+        image_entries = [(entry_id(item, "id"), entry_file_name(item)) for item in data["images"]]
         captions = [(entry_id(a, "image_id"), entry_text(a, "caption")) for a in data["annotations"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise VlcapError(f"{path}: malformed entry ({type(exc).__name__}: {exc}); images need an integer id + "
@@ -87,15 +96,26 @@ def load_captions(json_path):
 def entry_id(entry, key):
     value = entry[key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key} {value!r} is not an integer")
+        raise TypeError(f"{key} {repr(value)[:40]} is not an integer")
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{key} {str(value)[:20]}... is not a 64-bit integer")
     return value
 
 
 def entry_text(entry, key):
     value = entry[key]
     if not isinstance(value, str):
-        raise TypeError(f"{key} {value!r} is not a string")
+        raise TypeError(f"{key} {repr(value)[:40]} is not a string")
     return value
+
+
+def entry_file_name(entry):
+    """An image's ``file_name``: a path inside the images folder (no ``..``, not absolute)."""
+    name = entry_text(entry, "file_name")
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name:
+        raise ValueError(f"file_name {name[:60]!r} leaves the images folder; give a name inside it")
+    return name
 
 
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grey PNG/TIFF ("I" in older Pillow)
@@ -130,6 +150,22 @@ def load_image(path):
         raise VlcapError(f"{path}: refused as a possible decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL reports broken files as any of these
         raise VlcapError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+def unreadable_images(paths):
+    """``{path: message}`` for each image in ``paths`` that cannot be opened as an image (missing,
+    not an image, a damaged header or PNG structure), checked without decoding the pixels, so a
+    whole validation set is checked in seconds before training."""
+    bad = {}
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image.verify()
+        except Exception as exc:  # PIL reports broken files as many kinds of exception
+            bad[path] = f"{path}: unreadable image ({type(exc).__name__}: {exc})"
+    return bad
 
 
 @dataclass(frozen=True)
@@ -213,6 +249,20 @@ def iterate_images(paths, transform, batch_size, device, *, unreadable=SKIP, num
         yield ImageBatch(None if pixels is None else pixels.to(device, non_blocking=True), indices, bad)
 
 
+def text_name(name):
+    """A file name as text every output can hold: itself, or, where it is not valid UTF-8 (Python
+    keeps such bytes as lone surrogates, which no UTF-8 file or terminal takes), its bytes with
+    the invalid ones written as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte (from a JSON \\ud800 escape)
+            return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def find_images(folder, unique_stems=False):
     """The image files in ``folder`` (jpg/jpeg/png/webp, any case), sorted by name. With
     ``unique_stems`` (outputs keyed by file stem, as the course's captions are), two files with one
@@ -223,7 +273,11 @@ def find_images(folder, unique_stems=False):
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise VlcapError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-    shared = sorted(stem for stem, n in Counter(p.stem for p in paths).items() if n > 1)
+    for path in paths:
+        if text_name(path.name) != path.name:
+            warnings.warn(f"{folder}: the file name {text_name(path.name)} is not valid UTF-8; its outputs are "
+                          f"keyed {text_name(path.stem)!r}", VlcapWarning, stacklevel=2)
+    shared = sorted(stem for stem, n in Counter(text_name(p.stem) for p in paths).items() if n > 1)
     if unique_stems and shared:
         raise VlcapError(f"{folder}: several images share the file stem(s) {few(shared)}; outputs are "
                          "keyed by stem, so rename or remove the duplicates")

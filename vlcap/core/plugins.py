@@ -15,12 +15,15 @@ Controls (environment, read when the registry loads):
 - ``VLCAP_TRACE_PLUGINS=1`` (``vlcap --trace-plugins``) logs every hook call to stderr, through
   pluggy's hook-call monitoring.
 """
+import contextlib
 import dataclasses
+import difflib
 import functools
 import importlib
 import os
 import re
 import sys
+import typing
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -30,6 +33,7 @@ import pluggy
 import vlcap
 from vlcap.core import hookspecs
 from vlcap.core.errors import VlcapError, VlcapWarning
+from vlcap.core.validation import bounds_of, hints
 
 ENTRY_POINT_GROUP = "vlcap"
 BUILTIN_PACKAGE = "vlcap"
@@ -69,10 +73,14 @@ class PluginOption:
 
 
 def type_name(annotation):
-    """A field annotation as users read it: ``int``, ``Optional[int]``, ``Union[str, list]``."""
+    """A field annotation as users read it: ``int``, ``Optional[int]``, ``Union[str, list]``,
+    ``int >= 1, <= 256`` (the range of an ``Annotated`` type)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        bounds = bounds_of(annotation.__metadata__)
+        return ", ".join([type_name(typing.get_args(annotation)[0]), *bounds]).replace(", ", " ", 1)
     if isinstance(annotation, type):
         return annotation.__name__
-    return str(annotation).replace("typing.", "")
+    return re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", str(annotation).replace("typing.", ""))
 
 
 def plugin_options(obj):
@@ -82,13 +90,14 @@ def plugin_options(obj):
     if config_class is None or not dataclasses.is_dataclass(config_class):
         return ()
     options = []
+    types = hints(config_class)
     for f in dataclasses.fields(config_class):
         if f.default is not dataclasses.MISSING:
-            options.append(PluginOption(f.name, type_name(f.type), f.default))
+            options.append(PluginOption(f.name, type_name(types[f.name]), f.default))
         elif f.default_factory is not dataclasses.MISSING:
-            options.append(PluginOption(f.name, type_name(f.type), f.default_factory()))
+            options.append(PluginOption(f.name, type_name(types[f.name]), f.default_factory()))
         else:
-            options.append(PluginOption(f.name, type_name(f.type), None, required=True))
+            options.append(PluginOption(f.name, type_name(types[f.name]), None, required=True))
     return tuple(options)
 
 
@@ -211,6 +220,42 @@ def check_name_clashes(sources):
                              f"'{packages[1]}'; uninstall one of them")
 
 
+# id(registered object) -> (kind, package, version): who provided a plugin object, for the
+# message when its code fails at run time (filled as plugins register; the registry keeps the
+# objects alive).
+PROVIDERS = {}
+
+
+@contextlib.contextmanager
+def plugin_call(obj, action):
+    """Run plugin code (``action``: what it was asked to do, e.g. ``apply``): any exception but a
+    ``VlcapError`` becomes one ``VlcapError`` line naming the plugin and its package, as a
+    failure while loading does."""
+    try:
+        yield
+    except VlcapError:
+        raise
+    except Exception as exc:
+        kind, package, version = PROVIDERS.get(id(obj), (None, "?", ""))
+        label = KINDS[kind][1] if kind else "plugin"
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise VlcapError(f"{label} '{getattr(obj, 'name', type(obj).__name__)}' of package '{package}' {version} "
+                         f"failed in {action}: {type(exc).__name__}: {detail}; this is a fault of that plugin "
+                         "(vlcap --trace-plugins logs its hook calls)") from exc
+
+
+def warn_unknown_hooks(pm, plugin, source):
+    """A hook implementation whose name no vlcap hook has is never called: warn, naming the closest."""
+    known = [name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), "vlcap_spec", None)]
+    for caller in pm.get_hookcallers(plugin) or ():
+        if caller.spec is None:
+            close = difflib.get_close_matches(caller.name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            warnings.warn(f"plugin '{source.name}' of package '{source.package}' implements '{caller.name}', which is "
+                          f"not a vlcap hook, so it is never called; {hint}hooks: {', '.join(sorted(known))}",
+                          VlcapWarning, stacklevel=3)
+
+
 class PluginFailure(Exception):
     """A plugin raised while importing or registering; carries the one-line message."""
 
@@ -260,6 +305,7 @@ def load_plugins(strict=None, trace=None):
             skip_or_raise(message, strict, exc)
             modules.append(PluginModule(name, source.module, package, version, error=f"{type(exc).__name__}: {exc}"))
             continue
+        warn_unknown_hooks(pm, plugin, source)
         hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin)))
         modules.append(PluginModule(name, source.module, package, version, hooks))
     return pm, modules
@@ -309,6 +355,7 @@ def registered_by(pm, module):
             description = getattr(obj, "description", "") or (obj.__doc__ or "").strip()
             own[(kind, name)] = PluginEntry(name, kind, module.package, module.version,
                                             description.splitlines()[0] if description else "", obj)
+            PROVIDERS[id(obj)] = (kind, module.package, module.version)
 
         pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
     return own

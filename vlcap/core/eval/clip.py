@@ -61,6 +61,38 @@ class Clip:
         return self.model.visual.conv1.weight.dtype
 
 
+def read_clip_state(path):
+    """The weights of an OpenAI-format CLIP file, never unpickled whatever torch's default: the
+    TorchScript archive OpenAI distributes (read by ``torch.jit.load``), else a state dict read
+    with ``weights_only=True`` (plain tensors only; optionally under ``state_dict`` with
+    ``module.`` prefixes, as open_clip accepts)."""
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not a TorchScript archive
+        pass
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
+    if not isinstance(state, dict):
+        raise TypeError(f"holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def openai_clip(source, precision, device):
+    """open_clip's ``load_openai_model`` with the file read by ``read_clip_state`` (open_clip
+    falls back to ``torch.load`` with torch's default, which before torch 2.6 unpickles)."""
+    from open_clip.openai import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, build_model_from_openai_state_dict,
+                                  download_pretrained_from_url, get_cast_dtype, get_pretrained_url)
+    url = get_pretrained_url(source, "openai")
+    path = download_pretrained_from_url(url) if url else source
+    model = build_model_from_openai_state_dict(read_clip_state(path), cast_dtype=get_cast_dtype(precision))
+    model = model.to(device)
+    if precision != "fp16":
+        model.float()
+    model.visual.image_mean, model.visual.image_std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    return model
+
+
 def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
     """Load an OpenAI CLIP model by name or from a local OpenAI-format file onto ``device``: a
     ``torch.device`` or a name ``resolve_device`` takes (None: CUDA when there is a GPU, else CPU);
@@ -69,7 +101,6 @@ def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
     As ``clip.load``: fp16 weights on CUDA, fp32 on CPU.
     """
     import open_clip
-    from open_clip.openai import load_openai_model
     from open_clip.transform import image_transform
 
     name = clip_model_name(name_or_path, default)
@@ -86,7 +117,7 @@ def load_clip(name_or_path=None, device=None, default="ViT-B/32"):
     try:
         with warnings.catch_warnings():  # open_clip tries torch.jit.load first, which warns it is deprecated
             warnings.simplefilter("ignore", FutureWarning)
-            model = load_openai_model(source, precision=precision, device=device)
+            model = openai_clip(source, precision, device)
     except (OSError, ConnectionError) as exc:  # download failed: offline, proxy, ...
         raise VlcapError(f"could not fetch CLIP '{name}' ({type(exc).__name__}); connect once so it is cached, "
                          "or pass a local OpenAI-format checkpoint with --clip-model PATH") from exc

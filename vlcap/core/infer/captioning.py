@@ -4,8 +4,10 @@ from dataclasses import dataclass
 from vlcap.core.model.captioner import check_context
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
-from vlcap.core.data import find_images, iterate_images
+from vlcap.core.validation import Positive, check
+from vlcap.core.data import find_images, iterate_images, text_name
 from vlcap.core.infer.decoding import caption_images
+from vlcap.core.console import say
 from vlcap.core.errors import VlcapError
 from vlcap.core.outputs import write_predictions
 from vlcap.core.progress import progress_bar
@@ -32,6 +34,8 @@ def resolve_decoding(decoding_cfg, registry, strategy=None, options=None, max_le
     name, options = decoding_choice(decoding_cfg, strategy, options)
     decoding = registry.get("decoding", name)
     plugin_config(decoding, options, "decoding.options")
+    if max_length is not None:
+        check(Positive, max_length, "--max-length")
     return decoding, options, max_length or decoding_cfg.max_length
 
 
@@ -51,14 +55,13 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
         for pixels, indices, unreadable in iterate_images(paths, loaded.captioner.encoder.transform(), batch_size,
                                                           device):
             for item in unreadable:
-                progress.console.print(f"warning: {item.message}; skipped", markup=False, highlight=False,
-                                       soft_wrap=True)
+                say(progress.console, f"warning: {item.message}; skipped")
                 bad.append(item.message)
             if pixels is not None:
                 with autocast(device, dtype):
                     captions = caption_images(loaded.captioner, pixels, loaded.tokenizer,
                                               decoding, options, max_length)
-                predictions.update(zip((paths[i].stem for i in indices), captions))
+                predictions.update(zip((text_name(paths[i].stem) for i in indices), captions))
             progress.advance(task, len(indices) + len(unreadable))
     return Captions(predictions, bad)
 

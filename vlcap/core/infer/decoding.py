@@ -11,6 +11,7 @@ import torch
 
 from vlcap.core.config import plugin_config
 from vlcap.core.model.kv_cache import DecoderCache
+from vlcap.core.plugins import plugin_call
 from vlcap.core.runtime import evaluating
 
 
@@ -134,8 +135,9 @@ def generate_tokens(captioner, pixels, tokenizer, strategy, options=None, max_le
     with evaluating(captioner), torch.inference_mode():
         memory = captioner.encode(pixels)
         model = next_token_model(captioner.decoder, memory, cached)
-        return strategy.generate(model, config, start_id=tokenizer.eot_id,
-                                 end_id=tokenizer.eot_id, max_length=max_length)
+        with plugin_call(strategy, "generate"):
+            return strategy.generate(model, config, start_id=tokenizer.eot_id,
+                                     end_id=tokenizer.eot_id, max_length=max_length)
 
 
 def caption_images(captioner, pixels, tokenizer, strategy, options=None, max_length=30, cached=True):

@@ -26,12 +26,20 @@ from vlcap.core.model.course_weights import decoder_fingerprint
 from vlcap.core.model.captioner import build_captioner, tokenizer_for
 from vlcap.core.config import RunConfig, plugin_config
 from vlcap.core.errors import VlcapError, VlcapWarning, few
+from vlcap.core.plugins import plugin_call
 from vlcap.core.model.peft import check_budget, config_dict, count_parameters
 from vlcap.core.model.tokenizer import Tokenizer
 from vlcap.core.plugins import KINDS
 
 FORMAT = "vlcap.trainable.v1"
 ENCODER_FEATURES = ("encoder_width", "encoder_tokens")
+# What names in a checkpoint may look like (its metadata is untrusted): a plugin name, a
+# distribution name as PEP 508 allows it, a version, and a plain timm model name (no ``hf-hub:``
+# or ``local-dir:`` scheme, no path: a file must not choose where vlcap loads weights from).
+PLUGIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+PACKAGE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._\-]{0,98}[A-Za-z0-9])?")
+VERSION = re.compile(r"[A-Za-z0-9.+!_\-]{1,64}")
+TIMM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}(\.[A-Za-z0-9_\-]{1,100})?")
 
 
 @dataclass
@@ -49,7 +57,8 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     kept in the metadata for ``vlcap inspect``. Returns the number of parameters saved."""
     trainable = count_parameters(captioner).trainable
     check_budget(trainable, what=f"{path}: the model")
-    state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
+    with plugin_call(method, "export"):
+        state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
     saved_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(export_config)))
     count = sum(t.numel() for t in state.values())
     metadata = {
@@ -101,7 +110,12 @@ def read_metadata(path):
     try:
         metadata["config"] = json.loads(metadata["config"])
         metadata["peft"] = json.loads(metadata["peft"])
-        metadata["connector"] = json.loads(metadata["connector"]) if "connector" in metadata else LEGACY_CONNECTOR
+        check_names(metadata["peft"])
+        if "connector" in metadata:
+            metadata["connector"] = json.loads(metadata["connector"])
+            check_names(metadata["connector"])
+        else:
+            metadata["connector"] = LEGACY_CONNECTOR
         metadata["parameters"] = int(metadata["parameters"])
         for key in ENCODER_FEATURES:
             if key in metadata:  # absent from checkpoints written before they were recorded
@@ -120,10 +134,51 @@ def read_metadata(path):
             if not (isinstance(metadata[kind], dict) and all(isinstance(metadata[kind].get(k), str)
                                                              for k in ("name", "package", "version"))):
                 raise ValueError(f"{kind} needs name, package and version strings")
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise VlcapError(f"{path}: damaged vlcap metadata ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise VlcapError(f"{path}: damaged vlcap metadata (nested too deeply)") from None
     metadata["shapes"] = shapes
     return metadata
+
+
+def check_names(peft):
+    """The PEFT entry's name, package and version are plain names (they are shown in messages and
+    looked up in the registry, never imported or put into a command)."""
+    if not isinstance(peft, dict):
+        return
+    for key, pattern in (("name", PLUGIN_NAME), ("package", PACKAGE_NAME), ("version", VERSION)):
+        if isinstance(peft.get(key), str) and not pattern.fullmatch(peft[key]):
+            raise ValueError(f"plugin {key} {peft[key][:40]!r} is not a valid {key}")
+
+
+def check_encoder_name(path, cfg):
+    """The encoder a checkpoint names must be a plain timm model name; a scheme (``hf-hub:``,
+    ``local-dir:``) or a path would let a file choose where weights load from."""
+    if not TIMM_NAME.fullmatch(cfg.model.encoder):
+        raise VlcapError(f"{path}: names encoder {cfg.model.encoder[:60]!r}, which is not a plain timm model name; "
+                         "a checkpoint may not load an encoder from a hub or a folder")
+
+
+def check_shapes_before_building(path, metadata, cfg, registry):
+    """Build the model the metadata describes as shapes only (no memory) and compare its trainable
+    tensors with the file's, so a metadata that asks for a huge model is refused before anything
+    is allocated."""
+    try:
+        captioner = build_captioner(cfg, registry, meta=True).captioner
+    except VlcapError as exc:
+        raise VlcapError(f"{path}: its metadata describes a model that cannot be built ({exc})") from None
+    differences = shape_differences(metadata["shapes"], captioner)
+    if differences:
+        raise VlcapError(f"{path}: does not match the model its metadata describes ({differences[0]})")
+
+
+def check_decoding(path, cfg, registry):
+    """The decoding defaults a checkpoint carries are valid options of an installed strategy (a
+    strategy that is not installed here is named when captioning asks for it)."""
+    if cfg.decoding.strategy in registry.names("decoding"):
+        plugin_config(registry.get("decoding", cfg.decoding.strategy), cfg.decoding.options,
+                      f"{path} metadata: decoding.options")
 
 
 def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
@@ -134,12 +189,15 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu"):
     metadata = read_metadata(path)
     cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
     check_plugins(path, metadata, cfg, registry)
+    check_encoder_name(path, cfg)
+    check_decoding(path, cfg, registry)
     weights = decoder_weights or cfg.model.decoder_weights
     if weights is None:
         raise VlcapError(f"{path}: no decoder weights recorded; pass --decoder-weights PATH/decoder_model.bin")
     tokenizer = tokenizer_for(cfg)
     check_tokenizer(path, metadata, tokenizer)
     check_parameter_count(path, metadata)
+    check_shapes_before_building(path, metadata, cfg, registry)
     captioner, method, _ = build_captioner(cfg, registry, decoder_weights=weights)
     check_encoder_features(path, metadata, captioner.encoder)
     check_decoder_fingerprint(path, metadata, captioner.decoder, weights)
@@ -171,13 +229,13 @@ def check_plugin(path, kind, recorded, configured, registry):
     if recorded["name"] not in registry.names(kind):
         version = f" (version {recorded['version']})" if recorded["version"] else ""
         raise VlcapError(f"{path}: needs {label} '{recorded['name']}' from package '{recorded['package']}'{version}, "
-                         f"which is not installed; pip install {recorded['package']}")
+                         "which is not installed; install that package if you trust the checkpoint's source "
+                         "(vlcap list-plugins shows what is installed)")
     installed = registry.entry(kind, recorded["name"])
     if recorded["version"] and (installed.package, installed.version) != (recorded["package"], recorded["version"]):
         warnings.warn(f"{path}: made with {label} '{recorded['name']}' from {recorded['package']} "
                       f"{recorded['version']}, loading it with {installed.package} {installed.version}; if its "
-                      f"outputs differ, pip install {recorded['package']}=={recorded['version']}", VlcapWarning,
-                      stacklevel=4)
+                      "outputs differ, install the version it was made with", VlcapWarning, stacklevel=4)
 
 
 def check_parameter_count(path, metadata):

@@ -48,6 +48,10 @@ def read_course_state(path):
                          "expected the course's decoder_model.bin") from exc
     if not isinstance(state, dict):
         raise VlcapError(f"{path}: holds a {type(state).__name__}, not a state dict; expected decoder_model.bin")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise VlcapError(f"{path}: {str(key)[:60]!r} holds a {type(value).__name__}, not a tensor; "
+                             "expected the course's decoder_model.bin")
     state = {k: v for k, v in state.items() if not k.endswith(MASK_BUFFER_SUFFIXES)}
     return {k: v.t() if k.endswith(CONV1D_SUFFIXES) else v for k, v in state.items()}
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from vlcap.core.config import plugin_config
 from vlcap.core.errors import VlcapError
+from vlcap.core.plugins import plugin_call
 from vlcap.core.model.gpt2 import CROSS_ATTENTION_FORMS, CrossAttention
 
 MAX_TRAINABLE = 35_000_000
@@ -84,7 +85,8 @@ def apply_peft(captioner, method, options):
     """Run ``method`` on ``captioner``, then set trainability (of the connector's parameters too,
     applied before). Returns the method's config."""
     config = plugin_config(method, options, "peft.options")
-    method.apply(captioner, config)
+    with plugin_call(method, "apply"):
+        method.apply(captioner, config)
     check_cross_attention_forms(captioner, method)
     for p in captioner.parameters():
         p.requires_grad_(not is_pretrained(p))

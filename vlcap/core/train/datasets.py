@@ -81,5 +81,7 @@ class CachedCaptionDataset(Dataset):
 
     def __getitem__(self, index):
         file_name, input_ids, labels = self.items[index]
+        if file_name in self.cache.unreadable:  # skipped when the cache was built, as training skips it
+            return Unreadable(Path(file_name), self.cache.unreadable[file_name])
         tokens = torch.from_numpy(self.cache.features[self.cache.rows[file_name]].astype(np.float32))
         return tokens, torch.tensor(input_ids), torch.tensor(labels)

@@ -4,7 +4,8 @@ once and memory-mapped, so training reads tokens instead of running the ViT ever
 A cache is a directory:
     features.npy    (images, tokens, width) float16 (or float32), read as a numpy memmap
     manifest.json   what produced the tokens (encoder, weights fingerprint, timm version,
-                    preprocessing) and, per image file, its row and the size + mtime_ns it had
+                    preprocessing) and, per image file, its row and the size + mtime_ns it had;
+                    ``unreadable``: the files that could not be read (skipped, as training skips them)
 
 Training refuses a cache whose encoder, weights, preprocessing or image files differ from the run's.
 """
@@ -20,8 +21,9 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from vlcap.core.console import say
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import IMAGE_SUFFIXES, RAISE, iterate_images
+from vlcap.core.data import IMAGE_SUFFIXES, iterate_images
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.progress import progress_bar
 
@@ -87,12 +89,23 @@ def write_feature_cache(encoder, image_dir, out, dtype="float16", batch_size=32,
                 "dtype": dtype, "shape": list(shape),
                 "images": {name: [row, *file_stamp(image_dir / name)] for row, name in enumerate(names)}}
     batches = iterate_images([image_dir / n for n in names], encoder.transform(), batch_size, torch.device(device),
-                             unreadable=RAISE, num_workers=num_workers)
+                             num_workers=num_workers)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype, shape=shape)
-        encode_into(features, encoder, batches, console)
+        unreadable = encode_into(features, encoder, batches, console)
         del features
+        if len(unreadable) == len(names):
+            raise VlcapError(f"{image_dir}: none of its {len(names)} image(s) can be read "
+                             f"({next(iter(unreadable.values()))})")
+        manifest["unreadable"] = {}
+        for path, message in unreadable.items():
+            name = Path(path).relative_to(image_dir).as_posix()
+            manifest["unreadable"][name] = message
+            del manifest["images"][name]
+        if unreadable and console is not None:
+            say(console, f"{len(unreadable)} unreadable image(s) were skipped (training skips their captions): "
+                f"{few(sorted(manifest['unreadable']), 3)}", "yellow")
         with atomic_write(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f)
         os.replace(tmp, out)
@@ -108,25 +121,27 @@ def check_disk_space(out, shape, dtype, console):
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if console is not None:
-        console.print(f"feature cache: {shape[0]:,} images x {shape[1]} tokens x {shape[2]} {dtype} = "
-                      f"{human_bytes(needed)} on disk ({human_bytes(free)} free at {out.parent})")
+        say(console, f"feature cache: {shape[0]:,} images x {shape[1]} tokens x {shape[2]} {dtype} = "
+            f"{human_bytes(needed)} on disk ({human_bytes(free)} free at {out.parent})")
     if needed > free:
         raise VlcapError(f"{out}: the feature cache needs {human_bytes(needed)} but only {human_bytes(free)} "
                          f"is free on that disk; choose another --out")
 
 
 def encode_into(features, encoder, batches, console):
-    """Fill the memory-mapped ``features`` row by row with the encoder's tokens of ``batches``."""
-    row = 0
+    """Fill the memory-mapped ``features`` (row i: image i) with the encoder's tokens of
+    ``batches``; returns ``{path: message}`` of the images that could not be read (rows left zero)."""
+    unreadable = {}
     with progress_bar("encode images", console, disable=console is None) as progress:
         task = progress.add_task("encode images", total=len(features))
-        for pixels, _, _ in batches:
-            with torch.no_grad():
-                tokens = encoder(pixels).float().cpu().numpy()
-            features[row:row + len(tokens)] = tokens
-            row += len(tokens)
-            progress.update(task, advance=len(tokens))
+        for batch in batches:
+            unreadable.update((item.path, item.message) for item in batch.unreadable)
+            if batch.pixels is not None:
+                with torch.no_grad():
+                    features[batch.indices] = encoder(batch.pixels).float().cpu().numpy()
+            progress.update(task, advance=len(batch.indices) + len(batch.unreadable))
     features.flush()
+    return unreadable
 
 
 class FeatureCache:
@@ -142,10 +157,43 @@ class FeatureCache:
                              "`vlcap cache-features`") from None
         except json.JSONDecodeError:
             raise VlcapError(f"{self.path}/manifest.json: not valid JSON; rebuild the cache") from None
-        if self.manifest.get("format") != FORMAT:
-            raise VlcapError(f"{self.path}: not a {FORMAT} cache (format {self.manifest.get('format')!r}); rebuild it")
-        self.rows = {name: entry[0] for name, entry in self.manifest["images"].items()}
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise VlcapError(f"{self.path}/manifest.json: unreadable ({type(exc).__name__}); rebuild the cache") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            format_name = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise VlcapError(f"{self.path}: not a {FORMAT} cache (format {format_name!r}); rebuild it")
+        self.rows, self.unreadable = self.check_manifest()
         self._features = None
+        self.check_features()
+
+    def check_manifest(self):
+        """``(rows, unreadable)`` from a manifest whose every entry has the right type; a damaged
+        one is one line."""
+        m = self.manifest
+        images, unreadable, shape = m.get("images"), m.get("unreadable", {}), m.get("shape")
+        whole = (isinstance(images, dict) and isinstance(unreadable, dict) and m.get("dtype") in DTYPES
+                 and isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)
+                 and all(isinstance(e, list) and len(e) == 3 and all(type(n) is int for n in e) and 0 <= e[0] < shape[0]
+                         for e in images.values())
+                 and all(isinstance(v, str) for v in unreadable.values())
+                 and all(isinstance(m.get(k), v) for k, v in (("encoder", str), ("fingerprint", str),
+                                                              ("transform", dict), ("tokens", int), ("width", int))))
+        if not whole:
+            raise VlcapError(f"{self.path}/manifest.json: damaged (entries missing or of the wrong type); "
+                             "rebuild the cache with `vlcap cache-features`")
+        return {name: entry[0] for name, entry in images.items()}, unreadable
+
+    def check_features(self):
+        """features.npy is there, whole, and of the manifest's shape and dtype."""
+        try:
+            features = np.load(self.path / "features.npy", mmap_mode="r")
+        except FileNotFoundError:
+            raise VlcapError(f"{self.path}: features.npy is missing; rebuild the cache with `vlcap cache-features`") from None
+        except (OSError, ValueError) as exc:  # truncated: numpy cannot map the length its header states
+            raise VlcapError(f"{self.path}/features.npy: damaged or truncated ({exc}); rebuild the cache") from None
+        if list(features.shape) != self.manifest["shape"] or features.dtype != np.dtype(self.manifest["dtype"]):
+            raise VlcapError(f"{self.path}/features.npy: holds {features.dtype} {list(features.shape)} but the "
+                             f"manifest says {self.manifest['dtype']} {self.manifest['shape']}; rebuild the cache")
 
     @property
     def features(self):
@@ -172,11 +220,11 @@ class FeatureCache:
         """Refuse if any of ``names`` (files under ``image_dir`` that ``where`` uses) is not cached
         or has changed on disk since."""
         image_dir = Path(image_dir)
-        missing = sorted(n for n in names if n not in self.rows)
+        missing = sorted(n for n in names if n not in self.rows and n not in self.unreadable)
         if missing:
             raise VlcapError(f"{self.path}: {len(missing)} image(s) of {where} are not in the cache: "
                              f"{few(missing)}; rebuild it with `vlcap cache-features --images {image_dir}`")
-        changed = sorted(n for n in names if file_stamp(image_dir / n) != self.manifest["images"][n][1:])
+        changed = sorted(n for n in names if n in self.rows and file_stamp(image_dir / n) != self.manifest["images"][n][1:])
         if changed:
             raise VlcapError(f"{self.path}: {len(changed)} image file(s) in {image_dir} changed since they were "
                              f"cached: {few(changed)}; rebuild the cache")

@@ -9,7 +9,7 @@ previous state intact, and read back with ``torch.load(weights_only=True)``: pla
 and tensors only, no pickled code. The trainable-only safetensors files stay the exchange format.
 """
 import contextlib
-import dataclasses
+import os
 import random
 import signal
 import threading
@@ -26,6 +26,50 @@ from vlcap.core.config import RunConfig
 from vlcap.core.errors import VlcapError
 
 STATE_FILE = Path("resume") / "state.pt"
+LOCK_FILE = ".vlcap-train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold ``run_dir`` for one training run: a second run into it (or a resume of it) while the
+    first is alive is one line naming the first one's PID. The lock is the kernel's (``flock``),
+    so a killed run leaves no stale lock; the file keeps the holder's PID for the message. Under
+    torchrun only rank 0 takes it (the other processes write nothing there)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise VlcapError(f"{run_dir}: in use by another vlcap train (PID {holder}); wait for it to end, "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def refuse_replacing(run_dir, overwrite):
+    """A new run into ``run_dir`` would delete the resume state of the run already there (and
+    overwrite its checkpoints): refused unless ``overwrite``; with it the old state goes."""
+    path = state_path(run_dir)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise VlcapError(f"{run_dir}: holds another run (its resume state {path}); continue it with "
+                         f"vlcap train --resume {run_dir}, choose another --out, or pass --overwrite to replace it")
+    path.unlink()
 
 
 def state_path(run_dir):
@@ -147,7 +191,8 @@ def resume_config(run_dir, train_overrides=None):
     refused = sorted(set(overrides) - set(config_lib.RESUMABLE_TRAIN_KEYS))
     if refused:
         raise VlcapError(f"{run_dir}: a resumed run cannot change train.{', train.'.join(refused)}")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+    return config_lib.from_dict(RunConfig, config_lib.merge(config_lib.to_dict(cfg), {"train": overrides}),
+                                where=f"{path} with the command line's values")
 
 
 def already_trained(run_dir, step, total_steps, train_cfg, length_changed):

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -40,9 +41,11 @@ from vlcap.core.train import resume as resume_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.model.captioner import CaptionLoss, build_captioner, check_context, tokenizer_for
 from vlcap.core.model.checkpoint import init_trainable, save_checkpoint
-from vlcap.core.data import check_images_exist, iterate_images, load_captions
+from vlcap.core.data import check_images_exist, iterate_images, load_captions, unreadable_images
 from vlcap.core.infer.decoding import caption_images
-from vlcap.core.errors import VlcapError, few
+from vlcap.core.console import say
+from vlcap.core.errors import VlcapError, VlcapWarning, few
+from vlcap.core.plugins import plugin_call
 from vlcap.core.progress import progress_bar, progress_task
 from vlcap.core.runtime import autocast, autocast_dtype, evaluating, resolve_device
 from vlcap.core.train.datasets import CachedCaptionDataset, CaptionDataset, collate_captions
@@ -65,11 +68,16 @@ class TrainResult:
     best: Optional[dict] = None  # the history record best_checkpoint was saved at
 
 
-def train(cfg, run_dir, registry, console=None, resume=False, new_length=False):
-    """Train ``cfg`` into ``run_dir``. With ``resume``, continue from ``run_dir``'s resume state
-    (``cfg`` must be that run's config, see ``resume.resume_config``); ``new_length``: ``cfg``
-    gives the run a new train.epochs / train.max_steps, which must be longer than what it trained."""
-    return Trainer(cfg, run_dir, registry, console, resume, new_length).run()
+def train(cfg, run_dir, registry, console=None, resume=False, new_length=False, overwrite=False):
+    """Train ``cfg`` into ``run_dir``, which the run holds (``resume.run_lock``) until it ends.
+    With ``resume``, continue from ``run_dir``'s resume state (``cfg`` must be that run's config,
+    see ``resume.resume_config``); ``new_length``: ``cfg`` gives the run a new train.epochs /
+    train.max_steps, which must be longer than what it trained. A new run into a directory that
+    holds another run's resume state is refused unless ``overwrite``."""
+    with resume_lib.run_lock(run_dir):
+        if not resume:
+            resume_lib.refuse_replacing(run_dir, overwrite)
+        return Trainer(cfg, run_dir, registry, console, resume, new_length).run()
 
 
 # --- Model and data -------------------------------------------------------------------------
@@ -162,11 +170,25 @@ def training_loader(train_set, loader_args, ctx, train_cfg):
                       **{k: v for k, v in loader_args.items() if k != "batch_size"})
 
 
+def check_validation_images(captions, image_dir, json_path):
+    """Before training, not after the first epoch: validation with no readable image is one line;
+    some unreadable ones are a warning naming them (validation skips them, as training does)."""
+    names = sorted(set(captions.images.values()))
+    bad = unreadable_images([Path(image_dir) / name for name in names])
+    if bad and len(bad) == len(names):
+        raise VlcapError(f"{json_path}: none of its {len(names)} validation image(s) in {image_dir} can be read "
+                         f"({next(iter(bad.values()))}); fix them or leave out --val-json")
+    if bad:
+        warnings.warn(f"{len(bad)} of {len(names)} validation image(s) cannot be read and are left out of "
+                      f"validation: {few(sorted(p.name for p in bad), 3)}", VlcapWarning, stacklevel=2)
+
+
 def validation_data(cfg, transform, tokenizer, device, loader_args):
     """The validation set. Images listed without captions cannot be scored: the validation loss
     has nothing of theirs, and metrics caption only images with references."""
     val_captions, val_set = caption_dataset(cfg.data.val_json, cfg.data.val_images, transform, tokenizer,
                                             cfg.data.max_caption_tokens)
+    check_validation_images(val_captions, cfg.data.val_images, cfg.data.val_json)
     references = val_captions.references()
     names = sorted(n for n in set(val_captions.images.values()) if Path(n).stem in references)
     image_paths = [Path(cfg.data.val_images) / name for name in names[:cfg.train.max_val_images]]
@@ -290,22 +312,29 @@ class NumericalGuard:
     """Stops the run at the first NaN/inf loss or gradient norm, naming the step and batch, and
     keeps non-finite weights from overwriting the last good resume state or checkpoint."""
 
-    def __init__(self, state_file, ctx, amp):
-        self.state_file, self.ctx, self.amp = state_file, ctx, amp
+    def __init__(self, state_file, ctx, amp, lr):
+        self.state_file, self.ctx, self.amp, self.lr = state_file, ctx, amp, lr
 
     def last_good(self):
-        return f"the last good state is {self.state_file}" if self.state_file.exists() else "no state was saved yet"
+        """Where the last good state is and what to do: a command that works (a resumed run may
+        lower its learning rate), or starting again lower when nothing was saved yet."""
+        lower = f"{self.lr / 10:g}"
+        if not self.state_file.exists():
+            return f"no state was saved yet; start again with a lower train.lr (e.g. --lr {lower})"
+        run_dir = self.state_file.parent.parent
+        return (f"the last good state is {self.state_file}; continue with a lower learning rate: "
+                f"vlcap train --resume {run_dir} --lr {lower}")
 
     def check_loss(self, loss, where):
         # Under DDP a non-finite loss stops every process at the gradient-norm check instead (the
         # gradients are all-reduced): one process stopping alone would strand the others.
         if not self.ctx.enabled and not torch.isfinite(loss):
-            raise NonFinite(f"loss became {loss.item()} at {where}; {self.last_good()}; "
-                            "lower train.lr or set train.amp=off")
+            raise NonFinite(f"loss became {loss.item()} at {where}; {self.last_good()}"
+                            f"{'' if self.amp.dtype is None else ' (or start again with train.amp=off)'}")
 
     def check_gradient_norm(self, norm, where):
         if not self.amp.skips_overflowing_steps and not torch.isfinite(norm):  # fp16's scaler skips such steps
-            raise NonFinite(f"gradient norm became {float(norm)} at {where}; {self.last_good()}; lower train.lr")
+            raise NonFinite(f"gradient norm became {float(norm)} at {where}; {self.last_good()}")
 
     def check_weights(self, named_parameters, step):
         """Before a checkpoint is written."""
@@ -359,8 +388,12 @@ def validation_metrics(captioner, val, tokenizer, cfg, registry, device, dtype, 
     if not predictions:
         raise VlcapError(f"no validation image could be read: {few(sorted(unreadable), 2)}")
     references = {stem: val.references[stem] for stem in predictions}
-    return {name: float(registry.get("metric", name).compute(predictions, references, val.paths))
-            for name in cfg.train.metrics}
+    scores = {}
+    for name in cfg.train.metrics:
+        metric = registry.get("metric", name)
+        with plugin_call(metric, "compute"):
+            scores[name] = float(metric.compute(predictions, references, val.paths))
+    return scores
 
 
 def selection_key(cfg, registry, has_val):
@@ -435,8 +468,8 @@ class TrainingDisplay:
                              stats=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.1f} img/s")
 
     def print_record(self, record):
-        self.progress.console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in record.items()))
+        say(self.progress.console, "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in record.items()))
 
 
 # --- The trainer -----------------------------------------------------------------------------
@@ -454,14 +487,13 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = resume_lib.state_path(self.run_dir)
         saved = resume_lib.load_state(self.run_dir) if resume else None
-        if not resume:  # a new run here makes an old resume state meaningless (and misleading)
-            self.state_file.unlink(missing_ok=True)
+        cfg = config_lib.absolute_paths(cfg)  # config.yaml and the checkpoints work from any directory
         seed_everything(cfg.train.seed)
         self.ctx, self.device = distributed.init(resolve_device(cfg.train.device))
         # Rank 0 alone logs, shows progress and writes the run directory.
         self.console = console if self.ctx.is_main else Console(quiet=True)
         self.amp = MixedPrecision(cfg.train.amp, self.device)
-        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp)
+        self.guard = NumericalGuard(self.state_file, self.ctx, self.amp, cfg.train.lr)
         self.build_model_and_data(cfg, initialise=saved is None)
         self.selection = Selection(*selection_key(self.cfg, registry, self.val is not None))
         self.warn_about_captions()
@@ -510,10 +542,10 @@ class Trainer:
     def warn_about_captions(self):
         dataset = self.train_loader.dataset
         if dataset.truncated:
-            self.console.print(f"[yellow]{dataset.truncated} training caption(s) longer than "
-                               f"{self.cfg.data.max_caption_tokens} tokens were truncated[/]")
+            say(self.console, f"{dataset.truncated} training caption(s) longer than "
+                f"{self.cfg.data.max_caption_tokens} tokens were truncated", "yellow")
         if dataset.empty:
-            self.console.print(f"[yellow]{dataset.empty} empty training caption(s) were left out[/]")
+            say(self.console, f"{dataset.empty} empty training caption(s) were left out", "yellow")
 
     def build_optimizer(self):
         self.named_trainable = [(n, p) for n, p in self.captioner.named_parameters() if p.requires_grad]
@@ -527,7 +559,7 @@ class Trainer:
         rate of its step on this run's schedule (re-planned over a new length)."""
         state = resume_lib.restore_training(saved, self.captioner, self.optimizer, self.scheduler, self.amp.scaler,
                                             self.state_file)
-        if state.step >= self.schedule.total_steps:
+        if state.step >= self.schedule.total_steps and not state.batches:  # its last epoch ended and was saved
             raise resume_lib.already_trained(self.run_dir, state.step, self.schedule.total_steps, self.cfg.train,
                                              new_length)
         return state
@@ -535,9 +567,12 @@ class Trainer:
     def run(self):
         self.announce()
         with self.display, resume_lib.stop_requests() as self.stop_signals:
-            while self.state.step < self.schedule.total_steps:  # every epoch advances; a new one takes a step
+            # Every epoch advances; a new one takes a step. An epoch whose steps are all taken but
+            # which has not ended (stopped or killed during its validation or saving) only ends.
+            while self.state.step < self.schedule.total_steps or self.state.batches:
                 epoch = self.state.epoch
-                self.train_epoch(epoch)
+                if self.state.step < self.schedule.total_steps:
+                    self.train_epoch(epoch)
                 self.end_epoch(epoch)
         distributed.cleanup(self.ctx)
         self.report_skipped()
@@ -661,15 +696,14 @@ class Trainer:
         if not self.resumed and self.cfg.train.init_from:
             resumed = f" (starting from {self.cfg.train.init_from})"
         cache = f" (from feature cache {self.cache.path})" if self.cache else ""
-        self.console.print(f"[bold]vlcap train[/] {self.cfg.connector.name} + {self.cfg.peft.method} on "
-                           f"{self.device}{processes}: "
-                           f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
-                           f"captions, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}{cache}")
+        say(self.console, f"vlcap train {self.cfg.connector.name} + {self.cfg.peft.method} on {self.device}{processes}: "
+            f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
+            f"captions, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}{cache}")
 
     def report_skipped(self):
         unreadable, skipped = sorted(self.state.unreadable), self.state.skipped_batches
         if unreadable:
-            self.console.print(f"[yellow]{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}[/]")
+            say(self.console, f"{len(unreadable)} unreadable image(s) were skipped: {few(unreadable, 3)}", "yellow")
         if skipped:
-            self.console.print(f"[yellow]{skipped} batch(es) were skipped by every process: a process had no "
-                               "readable image in its share of them[/]")
+            say(self.console, f"{skipped} batch(es) were skipped by every process: a process had no "
+                "readable image in its share of them", "yellow")

@@ -1,19 +1,19 @@
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 
-from vlcap.api import DecodingStrategy, VlcapError, ban_repeated_ngrams, length_normalised
+from vlcap.api import DecodingStrategy, Ge, Le, ban_repeated_ngrams, length_normalised
 
 
 @dataclass
 class BeamConfig:
-    num_beams: int = 3
+    num_beams: Annotated[int, Ge(1), Le(256)] = 3
     length_penalty: float = 1.0  # finished captions rank by log-prob / length ** length_penalty
-    min_length: int = 0  # the end token is banned before this many tokens
-    max_length: Optional[int] = None  # None: decoding.max_length
-    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in a caption
+    min_length: Annotated[int, Ge(0)] = 0  # the end token is banned before this many tokens
+    max_length: Optional[Annotated[int, Ge(1), Le(65536)]] = None  # None: decoding.max_length
+    no_repeat_ngram_size: Annotated[int, Ge(0)] = 0  # > 0: no n-gram of this size appears twice in a caption
     early_stopping: bool = False  # stop an image as soon as it has num_beams finished captions
 
 
@@ -23,8 +23,6 @@ class BeamSearch(DecodingStrategy):
     config_class = BeamConfig
 
     def generate(self, model, config, *, start_id, end_id, max_length):
-        if config.num_beams < 1:
-            raise VlcapError(f"decoding.options.num_beams: must be >= 1, got {config.num_beams}")
         max_length = config.max_length or max_length
         B, K = model.images, config.num_beams
         model.expand(K)

@@ -1,13 +1,13 @@
 """What the sampling strategies (top_k, top_p) share: temperature, seed and the loop."""
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
-from vlcap.api import DecodingStrategy, VlcapError, decode_token_by_token, make_generator, sample
+from vlcap.api import DecodingStrategy, Gt, decode_token_by_token, make_generator, sample
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 1.0
+    temperature: Annotated[float, Gt(0)] = 1.0
     seed: Optional[int] = None  # same seed, same model, same images: the same captions
 
 
@@ -16,12 +16,7 @@ class SamplingStrategy(DecodingStrategy):
         """``logits`` with the tokens this strategy never samples set to -inf."""
         raise NotImplementedError
 
-    def check(self, config):
-        if config.temperature <= 0:
-            raise VlcapError(f"decoding.options.temperature: must be > 0, got {config.temperature}")
-
     def generate(self, model, config, *, start_id, end_id, max_length):
-        self.check(config)
         generator = make_generator(config.seed, model.device)
         return decode_token_by_token(
             model, lambda logits: sample(self.keep(logits.float(), config), config.temperature, generator),

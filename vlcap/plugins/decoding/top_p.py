@@ -1,25 +1,21 @@
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from vlcap.api import VlcapError
+from vlcap.api import Interval
 from vlcap.plugins.decoding.sampling import SamplingConfig, SamplingStrategy
 
 
 @dataclass
 class TopPConfig(SamplingConfig):
-    p: float = 0.9
+    p: Annotated[float, Interval(gt=0, le=1)] = 0.9
 
 
 class NucleusSampling(SamplingStrategy):
     name = "top_p"
     description = "Nucleus (top-p) sampling: draw from the smallest set of tokens holding probability p"
     config_class = TopPConfig
-
-    def check(self, config):
-        super().check(config)
-        if not 0 < config.p <= 1:
-            raise VlcapError(f"decoding.options.p: must be in (0, 1], got {config.p}")
 
     def keep(self, logits, config):
         # The nucleus is taken from the temperature-scaled distribution that is sampled from.

@@ -1,5 +1,7 @@
 from dataclasses import dataclass
-from typing import Union
+from typing import Annotated, Literal, Union
+
+from vlcap.api import Ge, Le
 
 # The sub-layers whose output can pass through an adapter, by their block slot.
 SLOTS = {"attn": "post_attn", "cross_attn": "post_cross_attn", "mlp": "post_mlp"}
@@ -12,6 +14,6 @@ PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",), "houlsby+cross":
 @dataclass
 class AdapterConfig:
     placement: Union[str, list] = "houlsby"  # a name of PLACEMENTS, or a list of SLOTS keys
-    reduction: int = 16  # bottleneck width = n_embd // reduction
-    activation: str = "gelu"
+    reduction: Annotated[int, Ge(1), Le(16384)] = 16  # bottleneck width = n_embd // reduction
+    activation: Literal["gelu", "relu", "silu"] = "gelu"  # the keys of layer.ACTIVATIONS
     layers: Union[str, list] = "all"

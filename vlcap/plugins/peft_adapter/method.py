@@ -1,6 +1,6 @@
 from vlcap.api import PeftMethod, VlcapError, select_layers
 from vlcap.plugins.peft_adapter.config import PLACEMENTS, SLOTS, AdapterConfig
-from vlcap.plugins.peft_adapter.layer import ACTIVATIONS, Adapter
+from vlcap.plugins.peft_adapter.layer import Adapter
 
 
 class AdapterMethod(PeftMethod):
@@ -11,8 +11,6 @@ class AdapterMethod(PeftMethod):
 
     def apply(self, captioner, config):
         sublayers = placement_sublayers(config.placement)
-        if config.activation not in ACTIVATIONS:
-            raise VlcapError(f"peft.options.activation: '{config.activation}' is not one of {', '.join(ACTIVATIONS)}")
         decoder = captioner.decoder
         width = decoder.cfg.n_embd
         if not 1 <= config.reduction <= width:

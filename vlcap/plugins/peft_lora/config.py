@@ -1,5 +1,7 @@
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Annotated, Union
+
+from vlcap.api import Ge, Gt, Interval, Le
 
 # q/k/v: the slices of the fused self-attention c_attn; attn_proj: its output projection; mlp: both
 # MLP linears. cross_q/cross_k/cross_v/cross_proj: a cross-attention connector's projections, whose
@@ -12,8 +14,8 @@ TARGETS = SELF_TARGETS + tuple(CROSS_TARGETS)
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: list = field(default_factory=lambda: ["q", "v"])  # of TARGETS; q+v is the LoRA paper's choice
+    r: Annotated[int, Ge(1), Le(16384)] = 8
+    alpha: Annotated[int, Gt(0)] = 16
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # of TARGETS; q+v is the LoRA paper's choice
     layers: Union[str, list] = "all"

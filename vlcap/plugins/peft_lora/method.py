@@ -17,8 +17,6 @@ class LoraMethod(PeftMethod):
         unknown = sorted(set(config.targets) - set(TARGETS))
         if unknown or not config.targets:
             raise VlcapError(f"peft.options.targets: {unknown or 'empty'} is not valid; choose from {', '.join(TARGETS)}")
-        if config.r < 1:
-            raise VlcapError(f"peft.options.r: rank must be >= 1, got {config.r}")
         decoder = captioner.decoder
         width = decoder.cfg.n_embd
         # merge_weights=False: loralib would otherwise merge/unmerge on every eval()/train()

@@ -1,7 +1,7 @@
 import dataclasses
 import functools
 
-from vlcap.api import PeftMethod, VlcapError, select_layers, trainable_state
+from vlcap.api import PeftMethod, select_layers, trainable_state
 from vlcap.plugins.peft_prefix.config import PrefixConfig
 from vlcap.plugins.peft_prefix.layer import PrefixTable
 
@@ -12,8 +12,6 @@ class PrefixMethod(PeftMethod):
     config_class = PrefixConfig
 
     def apply(self, captioner, config):
-        if config.length < 1:
-            raise VlcapError(f"peft.options.length: must be >= 1, got {config.length}")
         decoder = captioner.decoder
         layers = select_layers(config.layers, decoder.cfg.n_layer)
         table = PrefixTable(len(layers), decoder.cfg.n_head, decoder.cfg.n_embd,
