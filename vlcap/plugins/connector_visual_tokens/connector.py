@@ -1,5 +1,5 @@
 from vlcap.api import Connector, ImagePrefix, ImageTokens, VlcapError
-from vlcap.plugins.connector_visual_tokens.config import PROJECTORS, VisualTokensConfig
+from vlcap.plugins.connector_visual_tokens.config import VisualTokensConfig
 from vlcap.plugins.connector_visual_tokens.layer import Projector
 
 
@@ -11,12 +11,8 @@ class VisualTokensConnector(Connector):
     def apply(self, captioner, config):
         encoder, decoder = captioner.encoder, captioner.decoder
         width = decoder.cfg.n_embd
-        if config.projector not in PROJECTORS:
-            raise VlcapError(f"connector.options.projector: '{config.projector}' is not one of {', '.join(PROJECTORS)}")
-        if config.hidden is not None and config.hidden < 1:
-            raise VlcapError(f"connector.options.hidden: must be >= 1 (or null: the decoder width), got {config.hidden}")
-        if not 0 <= config.dropout < 1:
-            raise VlcapError(f"connector.options.dropout: must be in [0, 1), got {config.dropout}")
+        # projector, hidden and dropout are validated where the options enter (their annotations);
+        # the grid's bound depends on the encoder, so it is checked here.
         rows, cols = encoder.grid_size
         if config.grid is not None and not (isinstance(config.grid, int) and 1 <= config.grid <= min(rows, cols)):
             raise VlcapError(f"connector.options.grid: pools the {rows}x{cols} patch grid, so give 1..{min(rows, cols)} "

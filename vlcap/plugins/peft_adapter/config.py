@@ -13,7 +13,8 @@ PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",), "houlsby+cross":
 
 @dataclass
 class AdapterConfig:
-    placement: Union[str, list] = "houlsby"  # a name of PLACEMENTS, or a list of SLOTS keys
+    # a name of PLACEMENTS, or a list of SLOTS keys
+    placement: Union[Literal[tuple(PLACEMENTS)], list[Literal[tuple(SLOTS)]]] = "houlsby"
     reduction: Annotated[int, Ge(1), Le(16384)] = 16  # bottleneck width = n_embd // reduction
     activation: Literal["gelu", "relu", "silu"] = "gelu"  # the keys of layer.ACTIVATIONS
     layers: Union[str, list] = "all"
