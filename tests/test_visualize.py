@@ -170,7 +170,7 @@ def test_rank_by_clipscore_draws_the_best_and_worst_scored_captions(tmp_path, ru
     (["good.png", "--layer", "2"], "--layer: the decoder has 2 layers, so give -2..1"),
     (["good.png", "--head", "x"], "--head: give 'mean' or a head index"),
     (["good.png", "--head", "4"], "--head: the decoder has 4 heads per layer"),
-    (["good.png", "--decoding", "beam", "--set", "beams=2"], "unknown key(s) beams"),
+    (["good.png", "--decoding", "beam", "--set", "beams=2"], "unknown key decoding.options.beams; did you mean num_beams?"),
     ([], "no images"),
     (["--rank-by", "clipscore", "--pred", "pred.json"], "needs --pred pred.json, --annotations val.json and --images"),
     (["good.png", "--rank-by", "clipscore"], "drop the IMAGES arguments"),
