@@ -49,7 +49,7 @@ def test_values_that_are_not_tensors_are_one_line(tmp_path, registry, no_downloa
     state["ln_f.bias"] = [0.0] * 64
     path = tmp_path / "decoder_model.bin"
     torch.save(state, path)
-    with pytest.raises(VlcapError, match="ln_f.bias holds a list, not a tensor"):
+    with pytest.raises(VlcapError, match="'ln_f.bias' holds a list, not a tensor"):
         build_captioner(tiny_config(), registry, decoder_weights=path)
 
 

@@ -9,7 +9,9 @@ import torch
 from vlcap.api import PeftMethod, perturb_trainable, pixels_for, project_image_tokens, swap_linear, tiny_captioner
 from vlcap.core.errors import VlcapError
 from vlcap.core.infer.decoding import generate_tokens
-from vlcap.core.plugins import PluginEntry, Registry
+from vlcap.core.plugins import PluginEntry, Registry, registry as installed
+
+CONNECTORS = installed().entries("connector")  # the test methods' registries hold the connectors too
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ScaledKeys(PeftMethod):
 def build(hook=True, project=True):
     """A tiny captioner with the test plugin applied (registered in a registry of its own)."""
     method = ScaledKeys()
-    plugins = Registry([PluginEntry(method.name, "peft", "tests", "0", method.description, method)])
+    plugins = Registry([PluginEntry(method.name, "peft", "tests", "0", method.description, method), *CONNECTORS])
     captioner, tokenizer = tiny_captioner(method.name, plugins, hook=hook, project=project)
     perturb_trainable(captioner)  # a fresh cross-attention adds nothing (zero c_proj): make it count
     return captioner, tokenizer, method
@@ -100,7 +102,7 @@ def test_a_replaced_k_left_on_auto_is_refused():
         def apply(self, captioner, config):
             captioner.decoder.h[1].cross_attn.k = loralib.Linear(64, 64, r=2)  # not through swap_linear
 
-    plugins = Registry([PluginEntry("replaces_k", "peft", "tests", "0", "", Replaces())])
+    plugins = Registry([PluginEntry("replaces_k", "peft", "tests", "0", "", Replaces()), *CONNECTORS])
     with pytest.raises(VlcapError, match=r"'replaces_k' replaced \(by loralib\.layers\.Linear\) decoder\.h\.1\."
                                          r"cross_attn\.k but"):
         tiny_captioner("replaces_k", plugins)

@@ -20,18 +20,19 @@ SETTINGS = ["--preset", "tiny", "--peft", "adapter", "--max-steps", 4, "--batch-
             "--set", "train.warmup_steps=1", "--set", "train.grad_accum=2"]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, synthetic, registry):
+@pytest.mark.parametrize("connector", ["cross-attention", "visual-tokens"])
+def test_two_gloo_processes_match_one_process(tmp_path, synthetic, registry, connector):
     """With gradient accumulation: the processes all-reduce once per optimizer step (no_sync on
-    the first micro-batch) and still train what one process does."""
+    the first micro-batch) and still train what one process does, with either connector."""
     data = {"train_json": str(synthetic / "train.json"), "train_images": str(synthetic / "images_train")}
     cfg = tiny_config("adapter", data=data, train={"max_steps": 4, "batch_size": 8, "device": "cpu", "grad_accum": 2,
-                                                    "warmup_steps": 1, "epochs": 1})
+                                                    "warmup_steps": 1, "epochs": 1}, connector={"name": connector})
     single = train(cfg, tmp_path / "one", registry)
 
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "vlcap", "train", *map(str, SETTINGS), "--train-json", data["train_json"],
+               "-m", "vlcap", "train", *map(str, SETTINGS), "--connector", connector, "--train-json", data["train_json"],
                "--train-images", data["train_images"], "--out", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import course_state_dict, load_course_weights, save_course_weights
-from vlcap.core.model.gpt2 import (AttentionProbe, CrossAttention, GPT2Config, GPT2Decoder, attend_and_keep,
-                                   merge_heads, split_heads)
+from vlcap.core.model.gpt2 import (AttentionProbe, CrossAttention, GPT2Config, GPT2Decoder, add_cross_attention,
+                                   attend_and_keep, merge_heads, split_heads)
 from vlcap.core.model.kv_cache import DecoderCache
 
 
@@ -28,7 +28,12 @@ def hf_gpt2():
 
 
 def ours(n_layer=2, n_head=4, n_embd=32, vocab_size=300, block_size=64):
-    return GPT2Decoder(GPT2Config(n_layer, n_head, n_embd, vocab_size, block_size)).eval()
+    """A decoder with cross-attention in every layer (what the cross-attention connector adds)."""
+    cfg = GPT2Config(n_layer, n_head, n_embd, vocab_size, block_size)
+    decoder = GPT2Decoder(cfg)
+    for block in decoder.h:
+        add_cross_attention(block, cfg)
+    return decoder.eval()
 
 
 @pytest.fixture
@@ -185,8 +190,8 @@ def test_a_probe_keeps_its_layers_weights_and_changes_nothing():
     assert list(probe.weights) == [1] and [w.shape for w in probe.weights[1]] == [(3, 4, 7, 20), (3, 4, 4, 20)]
     with pytest.raises(ValueError, match=r"probe layer\(s\) \[2\]"):
         decoder(ids, memory, probe=AttentionProbe([2]))
-    with pytest.raises(ValueError, match="only cross"):
-        AttentionProbe([0], kind="self")
+    with pytest.raises(ValueError, match="only cross, self"):
+        AttentionProbe([0], kind="mlp")
     with pytest.raises(ValueError, match="not incremental decoding"):
         decoder(ids, cache=DecoderCache.build(decoder, memory), probe=AttentionProbe([0]))
 

@@ -232,7 +232,7 @@ def test_maps_lie_on_the_image_grid_and_equal_the_attention_generation_used(tiny
     images = (inputs["input_ids"][0] == image_token_id(hf)).nonzero().squeeze(-1)
     assert len(images) == GRID * GRID
     grid = image_token_grid(hf, len(images))
-    assert (grid.num_prefix_tokens, grid.grid_size) == (0, (GRID, GRID))
+    assert (grid.prefix, grid.grid) == (0, (GRID, GRID))
     for layer in (0, 1):
         for head in (None, 3):
             weights = token_attention(hf, inputs, tokens, layer, head)
@@ -248,7 +248,7 @@ def test_a_kept_cls_token_is_left_out_of_the_grid(tmp_path, photos):
     from vlcap.apps.hf_captioning import chat_prompt, generation_config
     from vlcap.apps.visualize import Target
     hf = hf_model(build_tiny_llava(tmp_path / "full", strategy="full"), attention="eager")
-    assert image_token_grid(hf, GRID * GRID + 1).num_prefix_tokens == 1
+    assert image_token_grid(hf, GRID * GRID + 1).prefix == 1
     drawn = draw_hf_target(hf, Target(photos / "img0.png", "img0"), tmp_path, chat_prompt(hf, "Describe."),
                            generation_config(hf, {"max_new_tokens": 4}), {}, layer=1, head=None, pieces=False,
                            save_npz=True)

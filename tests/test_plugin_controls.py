@@ -75,9 +75,9 @@ def test_load_plugins_env_chooses_packages(site, monkeypatch):
     install_peft_package(site, "vlcap-one", "one")
     install_peft_package(site, "vlcap-two", "two")
     monkeypatch.setenv("VLCAP_LOAD_PLUGINS", "vlcap_one")  # pip's name normalisation applies
-    assert set(load_registry().names("peft")) == {"lora", "adapter", "prefix", "one"}
+    assert set(load_registry().names("peft")) == {"lora", "adapter", "prefix", "none", "one"}
     monkeypatch.setenv("VLCAP_LOAD_PLUGINS", "")
-    assert set(load_registry().names("peft")) == {"lora", "adapter", "prefix"}  # built-ins always load
+    assert set(load_registry().names("peft")) == {"lora", "adapter", "prefix", "none"}  # built-ins always load
     monkeypatch.setenv("VLCAP_LOAD_PLUGINS", "vlcap-two,vlcap-nope")
     with pytest.warns(VlcapWarning, match="VLCAP_LOAD_PLUGINS names vlcap-nope"):
         assert "two" in load_registry().names("peft")
@@ -164,4 +164,5 @@ def test_pytest_option_runs_the_kit_for_the_named_plugin_only():
     assert "adapter" not in result.stdout and "prefix" not in result.stdout
     result = pytest_run("--vlcap-plugin", "nope")
     assert result.returncode == 4  # pytest's usage error
-    assert "--vlcap-plugin nope: not an installed PEFT method, decoding strategy or metric" in result.stderr
+    assert "--vlcap-plugin nope: not an installed PEFT method, decoding strategy, metric or connector" \
+        in result.stderr

@@ -82,7 +82,7 @@ def test_duplicate_entry_point_name_is_not_silently_dropped(site):
 def test_unknown_peft_name_lists_installed_methods():
     result = CliRunner().invoke(main, ["train", "--peft", "nope", "--dry-run", "--preset", "tiny"])
     assert result.exit_code != 0
-    assert "unknown PEFT method 'nope'; installed: adapter, lora, prefix" in result.output
+    assert "unknown PEFT method 'nope'; installed: adapter, lora, none, prefix" in result.output
     assert "Traceback" not in result.output
 
 
@@ -92,7 +92,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def plugin_options(*args):
-    result = CliRunner().invoke(main, ["list-plugins", "--options", *args], terminal_width=200)
+    result = CliRunner().invoke(main, ["list-plugins", "--options", *args], terminal_width=200, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     return result.output
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = {"lora", "adapter", "prefix", "greedy", "beam", "top_k", "top_p", "cider", "clipscore"}
+BUILTINS = {"cross-attention", "visual-tokens", "lora", "adapter", "prefix", "none", "greedy", "beam", "top_k", "top_p", "cider", "clipscore"}
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_yaml_config_and_set_overrides_are_resolved_and_saved(tmp_path, syntheti
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "train.nope=1"], r"config.train: unknown key\(s\) nope"),
+    (["--set", "train.nope=1"], r"unknown key train.nope; known: epochs"),
     (["--set", "oops"], "expected KEY=VALUE"),
     (["--config", "missing.yaml"], "missing.yaml: config file not found"),
     (["--train-json", "missing.json", "--train-images", "."], "missing.json: caption file not found"),
@@ -137,10 +137,13 @@ def test_demo_runs_end_to_end(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--steps", 4, "--peft", "adapter")
     assert result.exit_code == 0, result.output
     assert "vlcap demo" in result.output and "adapter" in result.output
-    assert (tmp_path / "demo/runs/adapter/best.safetensors").exists()
+    for connector in ("cross-attention", "visual-tokens"):  # both designs, trained and reported
+        assert (tmp_path / f"demo/runs/{connector}/adapter/best.safetensors").exists()
+        assert connector in result.output
     # PEFT trained on the language-model-trained decoder, not on a random one
     assert "trained as a language model" in result.output
-    assert str((tmp_path / "demo/decoder_model.bin").resolve()) in (tmp_path / "demo/runs/adapter/config.yaml").read_text()
+    config = (tmp_path / "demo/runs/visual-tokens/adapter/config.yaml").read_text()
+    assert str((tmp_path / "demo/decoder_model.bin").resolve()) in config
 
 
 METRIC_PLUGIN = """

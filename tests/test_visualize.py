@@ -12,6 +12,7 @@ from conftest import SHARED, needs_shared, tiny_config, vlcap_cli
 from vlcap.core.model.attention import group_words, token_attention, word_attention
 from vlcap.core.model.captioner import build_captioner
 from vlcap.core.model.checkpoint import LoadedCaptioner
+from vlcap.core.model.connector import ImageTokens
 from vlcap.core.model.gpt2 import AttentionProbe
 from vlcap.core.eval.clip import load_clip
 from vlcap.core.data import load_captions
@@ -34,6 +35,7 @@ def tiny_captioner(registry, **encoder_kwargs):
         encoder = captioner.encoder
         encoder.vit = timm.create_model("test_vit", pretrained=False, num_classes=0, **encoder_kwargs)
         encoder.num_prefix_tokens = encoder.vit.num_prefix_tokens
+        captioner.image_tokens = ImageTokens.of(encoder)  # the token-wise projection keeps them all
     return LoadedCaptioner(captioner.eval(), Tokenizer(), cfg, method, {})
 
 
@@ -58,7 +60,8 @@ def test_recorded_weights_are_sdpa_s_and_the_ones_each_token_saw_while_decoding(
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
     tokens = ids[0, 1:].tolist()
     for head in (None, 2):
-        weights = token_attention(captioner, pixels, tokens, eot, layer=1, head=head)
+        weights, share = token_attention(captioner, pixels, tokens, eot, layer=1, head=head)
+        assert share is None  # cross-attention attends to nothing but the image
         assert weights.shape == (5, captioner.encoder.num_tokens)
         seen = torch.stack([(w[0].mean(0) if head is None else w[0, head])[-1] for w in record])
         torch.testing.assert_close(weights, seen, atol=1e-5, rtol=1e-5)  # token k was predicted at position k-1
@@ -167,7 +170,7 @@ def test_rank_by_clipscore_draws_the_best_and_worst_scored_captions(tmp_path, ru
     (["good.png", "--layer", "2"], "--layer: the decoder has 2 layers, so give -2..1"),
     (["good.png", "--head", "x"], "--head: give 'mean' or a head index"),
     (["good.png", "--head", "4"], "--head: the decoder has 4 heads per layer"),
-    (["good.png", "--decoding", "beam", "--set", "beams=2"], "unknown key(s) beams"),
+    (["good.png", "--decoding", "beam", "--set", "beams=2"], "unknown key decoding.options.beams; did you mean num_beams?"),
     ([], "no images"),
     (["--rank-by", "clipscore", "--pred", "pred.json"], "needs --pred pred.json, --annotations val.json and --images"),
     (["good.png", "--rank-by", "clipscore"], "drop the IMAGES arguments"),

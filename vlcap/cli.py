@@ -118,7 +118,7 @@ def checked_device(name):
 # The flags that set one config key each, by parameter name (--config and --set reach every key).
 # A flag that is not given (None) sets nothing, so the preset's or config file's value stays.
 TRAIN_FLAGS = {
-    "peft": "peft.method", "encoder": "model.encoder", "decoder_weights": "model.decoder_weights",
+    "connector": "connector.name", "peft": "peft.method", "encoder": "model.encoder", "decoder_weights": "model.decoder_weights",
     "train_json": "data.train_json", "train_images": "data.train_images",
     "val_json": "data.val_json", "val_images": "data.val_images",
     "feature_cache": "data.feature_cache", "cache_features": "data.cache_features",
@@ -183,10 +183,10 @@ def config_flag(table, *decls, **attrs):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON objects instead of a table.")
 @click.option("--hooks", is_flag=True, help="Show each plugin module: its package and the hooks it implements.")
 @click.option("--options", is_flag=True,
-              help="Show each plugin's options (what --set NAME=VALUE or peft.options.NAME sets) with their "
-                   "types and defaults.")
+              help="Show each plugin's options (what --set NAME=VALUE, peft.options.NAME or connector.options.NAME "
+                   "sets) with their types and defaults.")
 def list_plugins(as_json, hooks, options):
-    """List the installed PEFT methods, decoding strategies, metrics and plugin commands."""
+    """List the installed connectors, PEFT methods, decoding strategies, metrics and plugin commands."""
     if hooks and options:
         raise VlcapError("--hooks and --options are two views of the plugins; pass one of them")
     reg = registry()
@@ -226,7 +226,9 @@ def train_flag(*decls, **attrs):
 @click.option("--preset", type=click.Choice(sorted(config_lib.PRESETS)), default="full", show_default=True,
               help="'tiny': test ViT + random 2-layer GPT-2, runs offline in minutes; recipes from the course "
                    "reports: see `vlcap presets`.")
-@train_flag("--peft", help="PEFT method (see `vlcap list-plugins`).")
+@train_flag("--connector", help="How the image reaches the decoder: cross-attention or visual-tokens (see "
+           "`vlcap list-plugins`); options with --set connector.options.KEY=VALUE.")
+@train_flag("--peft", help="PEFT method (see `vlcap list-plugins`); none: the connector alone trains.")
 @train_flag("--encoder", help="timm ViT name, e.g. vit_large_patch14_clip_224.openai.")
 @train_flag("--decoder-weights", type=click.Path(dir_okay=False), help="The course's decoder_model.bin.")
 @train_flag("--train-json", type=click.Path(dir_okay=False),
@@ -263,7 +265,7 @@ def train_flag(*decls, **attrs):
                  "optimizer and schedule start fresh.")
 @click.pass_context
 def train(ctx, config_file, preset, out, assignments, dry_run, overwrite, resume_dir, **flags):
-    """Train a captioner: only the cross-attention, projection and PEFT parameters learn."""
+    """Train a captioner: only the connector (projection, cross-attention) and PEFT parameters learn."""
     checked_device(flags["device"])
     from vlcap.apps import training
     if resume_dir:
@@ -365,12 +367,14 @@ def inspect(checkpoint, as_json):
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="vlcap-demo", show_default=True,
               help="Folder for the synthetic data, the runs and the decoder.")
-@click.option("--steps", type=int, default=300, show_default=True, help="Training steps per method.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps per run (connector x method).")
 @click.option("--peft", "methods", multiple=True, help="Only these methods (default: every installed one).")
-def demo(out, steps, methods):
-    """Train every PEFT method on a synthetic shapes set with the tiny preset, offline."""
+@click.option("--connector", "connectors", multiple=True,
+              help="Only these connectors (default: every installed one: cross-attention and visual-tokens).")
+def demo(out, steps, methods, connectors):
+    """Train every PEFT method under every connector on a synthetic shapes set with the tiny preset, offline."""
     from vlcap.apps.demo import run_demo
-    run_demo(Path(out), registry(), console, steps=steps, methods=methods or None)
+    run_demo(Path(out), registry(), console, steps=steps, methods=methods or None, connectors=connectors or None)
 
 
 @main.command()
@@ -764,8 +768,9 @@ def caption_hf(images_dir, model, out, assignments, batch_size, device, *, promp
 @precision_option(CAPTIONER_PRECISION + " --rank-by's CLIP: as `vlcap evaluate --precision`.")
 def visualize(images, checkpoint, out_dir, strategy, num_beams, assignments, device, hf_model, prompts, quantize,
               precision, **options):
-    """Draw each generated word's cross-attention over the image: one PNG per image in OUT_DIR
-    (with --hf-model: the answer's attention to the image tokens)."""
+    """Draw each generated word's attention over the image (the cross-attention, or with the visual-tokens
+    connector the self-attention to the image tokens): one PNG per image in OUT_DIR (with --hf-model: the
+    answer's attention to the image tokens)."""
     # options: draw_attention_maps's keywords (decoder weights, drawing, --rank-by choice), by name
     device = checked_device(device)
     model_source(checkpoint, hf_model)

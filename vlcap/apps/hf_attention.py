@@ -12,7 +12,6 @@ min..max. The image tokens lie on the vision tower's patch grid (LLaVA-1.5: 576 
 24, its CLS token dropped by the "default" feature strategy), inferred from the vision config.
 """
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +23,7 @@ from vlcap.apps.visualize import Drawn, choose_targets, draw_attention, save_att
 from vlcap.core.data import load_image
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.attention import Word, check_layer, parse_head, patch_grid, word_attention
-
-
-@dataclass
-class ImageTokenGrid:
-    """Where the image tokens' attention lies on the image, as ``patch_grid`` takes it: the
-    first ``num_prefix_tokens`` (a CLS kept by the "full" strategy) are not patches, the rest
-    follow the ``grid_size`` (rows, cols) patch grid in raster order."""
-    num_prefix_tokens: int
-    grid_size: tuple
-
-    @property
-    def num_tokens(self):
-        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+from vlcap.core.model.connector import ImageTokens
 
 
 def image_token_grid(hf, count):
@@ -48,10 +35,10 @@ def image_token_grid(hf, count):
     if isinstance(size, int) and isinstance(patch, int) and patch > 0:
         side = size // patch
         if count - side * side in (0, 1):
-            return ImageTokenGrid(count - side * side, (side, side))
+            return ImageTokens(count - side * side, (side, side))
     side = math.isqrt(count)
     if count and side * side == count:
-        return ImageTokenGrid(0, (side, side))
+        return ImageTokens(0, (side, side))
     raise VlcapError(f"{hf.name}: {count} image tokens do not form one patch grid (several crops or tiles?); attention "
                      "maps need a model that encodes the image as one grid, as LLaVA-1.5 does")
 
@@ -165,8 +152,8 @@ def draw_hf_target(hf, target, out_dir, text, config, options, layer, head, piec
             token_weights=weights.numpy(), token_maps=patch_grid(weights, grid).numpy(),
             words=np.array([w.text for w in words], dtype=str),
             word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
-            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(grid.grid_size),
-            num_prefix_tokens=np.array(grid.num_prefix_tokens), layer=np.array(layer),
+            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(grid.grid),
+            num_prefix_tokens=np.array(grid.prefix), layer=np.array(layer),
             head=np.array("mean" if head is None else str(head)))
     return Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note)
 

@@ -46,7 +46,7 @@ def plugin_options_table(entries):
     """``vlcap list-plugins --options``: one row per option of each plugin (name, type,
     default); a plugin without options gets one row saying so."""
     table = _table("vlcap plugin options (decoding: --set NAME=VALUE; peft: --set peft.options.NAME=VALUE; "
-                   "metric: evaluate --set METRIC.NAME=VALUE)",
+                   "connector: --set connector.options.NAME=VALUE; metric: evaluate --set METRIC.NAME=VALUE)",
                    ("plugin", "kind", "option", "type", "default"))
     for column in table.columns:
         column.overflow = "fold"  # an option's name is what users type: never cut to an ellipsis
@@ -96,9 +96,11 @@ def checkpoint_report(summary):
     if "classes" in summary.metadata:
         return classifier_checkpoint_report(summary)
     meta, cfg = summary.metadata, summary.metadata["config"]
-    peft = meta["peft"]
+    peft, connector = meta["peft"], meta["connector"]
     rows = [("format", meta["format"]), ("vlcap", meta.get("vlcap_version", "")),
-            ("peft", f"{peft['name']} ({peft['package']} {peft['version']})"),
+            ("connector", plugin_text(connector)),
+            ("connector options", json.dumps(cfg.get("connector", {}).get("options", {}))),
+            ("peft", plugin_text(peft)),
             ("peft options", json.dumps(cfg["peft"]["options"])), ("encoder", meta["encoder"]),
             ("encoder features", encoder_features(meta)),
             ("decoder", json.dumps(cfg["model"]["decoder"])), ("decoder weights", str(cfg["model"]["decoder_weights"])),
@@ -137,6 +139,14 @@ def classifier_checkpoint_report(summary):
     for key, value in rows:
         table.add_row(text(key), text(value))
     return Group(table, *(text(f"  {group}: {count:,}") for group, count in sorted(summary.groups.items())))
+
+
+def plugin_text(record):
+    """A plugin a checkpoint needs: "lora (vlcap 0.1.0)"; a record without a version is one a
+    checkpoint older than it implies (the connector: cross-attention, then the only design)."""
+    if not record["version"]:
+        return f"{record['name']} (not recorded: the only design when the checkpoint was written)"
+    return f"{record['name']} ({record['package']} {record['version']})"
 
 
 def encoder_features(metadata):

@@ -17,7 +17,8 @@ def dry_run(cfg, registry, console):
     trainable ones are over the budget. Returns the ``ParameterCount``."""
     captioner = build_captioner(cfg, registry, meta=True).captioner
     counts = count_parameters(captioner)
-    title = f"{cfg.model.encoder} + GPT-2 ({cfg.model.decoder.n_layer} layers) + {cfg.peft.method}"
+    title = (f"{cfg.model.encoder} + {cfg.connector.name} + GPT-2 ({cfg.model.decoder.n_layer} layers) + "
+             f"{cfg.peft.method}")
     console.print(reports.parameter_report(counts, title, MAX_TRAINABLE))
     check_budget(counts.trainable)
     return counts

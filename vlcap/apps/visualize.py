@@ -1,9 +1,10 @@
-"""`vlcap visualize`: per-word cross-attention heat maps over the image, one PNG per image.
+"""`vlcap visualize`: per-word attention heat maps over the image, one PNG per image.
 
 Each figure shows the image as the encoder sees it (its timm transform resizes and crops, and
 the patch grid covers exactly that), titled ``<start>``, then one panel per produced word: that
-word's attention (``vlcap.core.model.attention``) over the patch grid, bilinearly upsampled to the
-image, stretched to its own min..max and blended over the image. ``--rank-by clipscore`` picks the
+word's attention (``vlcap.core.model.attention``: the cross-attention, or with image tokens in the
+decoder's input the self-attention to them) over the patch grid (pooled, if the connector pools
+it), bilinearly upsampled to the image, stretched to its own min..max and blended over the image. ``--rank-by clipscore`` picks the
 best and worst scored images of a prediction file and draws the caption that was scored.
 """
 import math
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 
 from vlcap.core.atomic import atomic_write
 from vlcap.core.model.checkpoint import load_checkpoint
-from vlcap.core.model.attention import (check_layer, group_words, parse_head, patch_grid, token_attention,
-                                  word_attention)
+from vlcap.core.model.attention import (check_layer, group_words, parse_head, patch_grid, probed_attention,
+                                        token_attention, word_attention)
 from vlcap.core.eval.clip import load_clip
 from vlcap.core.data import find_images, load_captions, load_image
 from vlcap.core.infer.decoding import generate_tokens
@@ -136,12 +137,13 @@ def save_attention_npz(path, **arrays):
 
 def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None, max_length=None, layer=-1,
               head="mean", pieces=False, save_npz=False, precision="auto"):
-    """Draw the cross-attention of decoder layer ``layer`` (head ``head``: an index or "mean")
+    """Draw the attention to the image of decoder layer ``layer`` (head ``head``: an index or "mean")
     for each target: the caption decoding produces (``strategy``/``options`` over the
     checkpoint's), or the target's own caption, teacher-forced; computed in ``precision``
     (``runtime.inference_dtype``). Returns one ``Drawn`` per target."""
     cfg = loaded.config
     layer = check_layer(layer, cfg.model.decoder.n_layer)
+    probed_attention(loaded.captioner, layer)  # a layer that does not see the image: one line, before decoding
     head_index = parse_head(head, cfg.model.decoder.n_head)
     decoding = resolve_decoding(cfg.decoding, registry, strategy, options, max_length)
     dtype = inference_dtype(precision, next(loaded.captioner.parameters()).device)
@@ -150,8 +152,9 @@ def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None
 
 
 def target_attention(loaded, target, decoding, layer, head_index, dtype=None):
-    """``(pixels, tokens, weights)``: the target's preprocessed image, its caption's tokens (decoded,
-    or its own caption) and each token's attention over the image tokens."""
+    """``(pixels, tokens, weights, image_share)``: the target's preprocessed image, its caption's
+    tokens (decoded, or its own caption), each token's attention over the image tokens and the
+    share of it that went to the image (``token_attention``)."""
     captioner, tokenizer = loaded.captioner, loaded.tokenizer
     device = next(captioner.parameters()).device
     pixels = captioner.encoder.transform()(load_image(target.path)).to(device)
@@ -160,20 +163,22 @@ def target_attention(loaded, target, decoding, layer, head_index, dtype=None):
             tokens = generate_tokens(captioner, pixels[None], tokenizer, *decoding)[0]
         else:
             tokens = tokenizer.encode(target.caption)
-        weights = token_attention(captioner, pixels, tokens, tokenizer.eot_id, layer, head_index)
-    return pixels, tokens, weights
+        weights, share = token_attention(captioner, pixels, tokens, tokenizer.eot_id, layer, head_index)
+    return pixels, tokens, weights, share
 
 
 def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, save_npz, dtype=None):
     """The PNG (and with ``save_npz`` the arrays) of one target, computed under autocast ``dtype``."""
-    tokenizer, encoder = loaded.tokenizer, loaded.captioner.encoder
-    pixels, tokens, weights = target_attention(loaded, target, decoding, layer, head_index, dtype)
+    tokenizer, encoder, image_tokens = loaded.tokenizer, loaded.captioner.encoder, loaded.captioner.image_tokens
+    pixels, tokens, weights, share = target_attention(loaded, target, decoding, layer, head_index, dtype)
     caption = tokenizer.decode(tokens).strip() if target.caption is None else target.caption
     words = group_words(tokenizer, tokens, pieces)
     per_word = word_attention(weights, words)
-    grids = patch_grid(per_word, encoder)
+    grids = patch_grid(per_word, image_tokens)
     heads = "mean of heads" if head_index is None else f"head {head_index}"
-    title = f"\u201c{caption}\u201d\n{target.note + ' | ' if target.note else ''}cross-attention layer {layer}, {heads}"
+    kind = ("cross-attention" if probed_attention(loaded.captioner, layer) == "cross"
+            else "self-attention to the image tokens")
+    title = f"\u201c{caption}\u201d\n{target.note + ' | ' if target.note else ''}{kind}, layer {layer}, {heads}"
     png = out_dir / f"{target.name}.png"
     panels = draw_attention(encoder.unnormalize(pixels), [w.text for w in words], grids, title, png)
     npz = None
@@ -182,12 +187,13 @@ def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, sa
         save_attention_npz(
             npz, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
             tokens=np.array([w.text for w in group_words(tokenizer, tokens, pieces=True)], dtype=str),
-            token_weights=weights.numpy(), token_maps=patch_grid(weights, encoder).numpy(),
+            token_weights=weights.numpy(), token_maps=patch_grid(weights, image_tokens).numpy(),
             words=np.array([w.text for w in words], dtype=str),
             word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
-            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(encoder.grid_size),
-            num_prefix_tokens=np.array(encoder.num_prefix_tokens), layer=np.array(layer),
-            head=np.array("mean" if head_index is None else str(head_index)))
+            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(image_tokens.grid),
+            num_prefix_tokens=np.array(image_tokens.prefix), layer=np.array(layer),
+            head=np.array("mean" if head_index is None else str(head_index)),
+            **({} if share is None else {"image_share": share.numpy()}))
     return Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note)
 
 
@@ -215,7 +221,7 @@ def choose_targets(images=(), *, rank_by=None, pred_path=None, annotations_path=
 def draw_attention_maps(images, checkpoint, out_dir, registry, *, decoder_weights=None, device="auto", head="mean",
                         rank_by=None, pred_path=None, annotations_path=None, image_dir=None, clip_model=None,
                         top=1, bottom=1, console=None, precision="auto", **drawing):
-    """Draw the cross-attention over each image ``choose_targets`` picks (from ``images``, or
+    """Draw the attention to the image over each image ``choose_targets`` picks (from ``images``, or
     ranked with ``rank_by``; CLIPScore progress on ``console``) into ``out_dir``, with the
     checkpoint loaded on ``device``, computing in ``precision`` (the CLIP ranking too). ``head``
     and ``drawing`` (strategy, options, max_length, layer, pieces, save_npz) are ``visualize``'s.

@@ -71,6 +71,15 @@ class PeftConfig:
 
 
 @dataclass(frozen=True)
+class ConnectorConfig:
+    """How the image tokens reach the decoder: a connector plugin (``vlcap list-plugins``) and its
+    options. "cross-attention" (the course's 2023 design) adds cross-attention blocks to the
+    decoder; "visual-tokens" (ClipCap / LLaVA) places the projected tokens before the text."""
+    name: str = "cross-attention"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train_json: Optional[str] = path_field()
     train_images: Optional[str] = path_field()
@@ -130,6 +139,7 @@ class DecodingConfig:
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -176,10 +186,11 @@ BEAM_3 = {"strategy": "beam", "options": {"num_beams": 3}}
 PRESETS = {
     "full": {},
     # Offline in minutes on a laptop CPU: timm's 64-wide test ViT and a random 2-layer GPT-2
-    # with the real 50,257-token vocabulary.
+    # with the real 50,257-token vocabulary; a context of 256 holds the test ViT's 101 image
+    # tokens before a caption (the visual-tokens connector).
     "tiny": {
         "model": {"encoder": "test_vit", "encoder_pretrained": False, "random_decoder": True,
-                  "decoder": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128}},
+                  "decoder": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 256}},
         "train": {"batch_size": 16, "lr": 5e-3, "warmup_steps": 20, "epochs": 3, "num_workers": 0},
     },
     # Recipes: the settings the course's reports found best (PRESET_NOTES gives each one's source

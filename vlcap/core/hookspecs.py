@@ -19,6 +19,12 @@ hookimpl = pluggy.HookimplMarker("vlcap")
 
 
 @hookspec
+def register_connectors(register):
+    """Register connectors: call ``register(connector)`` with a
+    ``vlcap.core.model.connector.Connector``: how the image tokens reach the decoder."""
+
+
+@hookspec
 def register_peft_methods(register):
     """Register PEFT methods: call ``register(method)`` with a ``vlcap.core.model.peft.PeftMethod``."""
 

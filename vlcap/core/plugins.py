@@ -1,10 +1,10 @@
-"""Plugin discovery: every PEFT method, decoding strategy, metric and command is a plugin module.
+"""Plugin discovery: every connector, PEFT method, decoding strategy, metric and command is a plugin module.
 
 vlcap's own plugin modules (``BUILTIN_PLUGINS``) are registered directly, as simonw's ``llm``
 does with its default plugins, so a source checkout works without ``pip install`` (``PYTHONPATH=.
 python -m vlcap``, ``hw3_2.sh``). They go through the same hooks as everyone else's and are
 listed as package ``vlcap``. Third-party packages come through the ``vlcap`` entry-point group.
-Nothing here knows a method, strategy or metric by name.
+Nothing here knows a connector, method, strategy or metric by name.
 
 Controls (environment, read when the registry loads):
 
@@ -40,6 +40,9 @@ ENTRY_POINT_GROUP = "vlcap"
 BUILTIN_PACKAGE = "vlcap"
 # vlcap's own plugin modules, by the name they are listed under (``list-plugins --hooks``).
 BUILTIN_PLUGINS = {
+    "cross_attention": "vlcap.plugins.connector_cross_attention",
+    "visual_tokens": "vlcap.plugins.connector_visual_tokens",
+    "none": "vlcap.plugins.peft_none",
     "lora": "vlcap.plugins.peft_lora",
     "adapter": "vlcap.plugins.peft_adapter",
     "prefix": "vlcap.plugins.peft_prefix",
@@ -49,6 +52,7 @@ BUILTIN_PLUGINS = {
 
 # kind -> (hook that registers it, what users call it in messages)
 KINDS = {
+    "connector": ("register_connectors", "connector"),
     "peft": ("register_peft_methods", "PEFT method"),
     "decoding": ("register_decoding_strategies", "decoding strategy"),
     "metric": ("register_metrics", "metric"),

@@ -24,10 +24,12 @@ def tiny_config(method="lora", **sections):
     return config_lib.resolve("tiny", overrides=[{"peft": {"method": method}}, sections])
 
 
-def tiny_captioner(method, registry=None, **options):
+def tiny_captioner(method, registry=None, connector=None, **options):
     """``(captioner, tokenizer)``: the tiny preset with ``method`` applied with ``options`` (its
-    ``peft.options``), random weights; ``registry`` defaults to the installed plugins."""
-    cfg = tiny_config(method, peft={"method": method, "options": options})
+    ``peft.options``), random weights; ``registry`` defaults to the installed plugins, ``connector``
+    (a name) to the default one."""
+    cfg = tiny_config(method, peft={"method": method, "options": options},
+                      **({"connector": {"name": connector}} if connector else {}))
     captioner = build_captioner(cfg, registry or installed_registry()).captioner
     return captioner, tokenizer_for(cfg)
 
@@ -54,20 +56,28 @@ def perturb_trainable(captioner, std=0.3, seed=0):
     return captioner
 
 
-def plugin_config_for(method, options=None):
-    """The tiny preset with PEFT method ``method`` and its ``options`` (the kit's checks' config)."""
-    return tiny_config(method, peft={"method": method, "options": dict(options or {})})
+def plugin_config_for(method, options=None, connector=None):
+    """The tiny preset with PEFT method ``method`` and its ``options``, under connector
+    ``connector`` (a name; default: the preset's) -- the kit's checks' config."""
+    return tiny_config(method, peft={"method": method, "options": dict(options or {})},
+                       **({"connector": {"name": connector}} if connector else {}))
 
 
-def decoding_captioner(method, registry, options=None):
+def connector_config(method, connector):
+    """The tiny preset with PEFT method ``method`` (its default options) and connector ``connector``."""
+    return plugin_config_for(method, None, connector)
+
+
+def decoding_captioner(method, registry, options=None, connector=None):
     """A perturbed tiny captioner (shared by the decoding checks, which never change it) whose end
-    token is likely enough that captions end at varying lengths."""
-    return _decoding_captioner(method, registry, json.dumps(options or {}, sort_keys=True))
+    token is likely enough that captions end at varying lengths: PEFT method ``method`` with
+    ``options`` under connector ``connector`` (a name; default: the preset's)."""
+    return _decoding_captioner(method, registry, json.dumps(options or {}, sort_keys=True), connector)
 
 
 @functools.lru_cache(maxsize=None)
-def _decoding_captioner(method, registry, options):
-    cfg = plugin_config_for(method, json.loads(options))
+def _decoding_captioner(method, registry, options, connector):
+    cfg = plugin_config_for(method, json.loads(options), connector)
     captioner = build_captioner(cfg, registry).captioner
     perturb_trainable(captioner)
     tokenizer = tokenizer_for(cfg)

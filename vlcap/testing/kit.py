@@ -1,5 +1,7 @@
-"""The checks of the conformance kit (see ``vlcap.testing``). Every check takes the plugin's
-name, the registry and the plugin's options (its ``config_class`` fields; ``{}``: the defaults)."""
+"""The checks of the conformance kit (see ``vlcap.testing``). Every PEFT and decoding check takes
+the plugin's name, the registry, the plugin's options (its ``config_class`` fields; ``{}``: the
+defaults) and the connector (a name) to run under: ``check_peft_method`` and
+``check_decoding_strategy`` run each check under every installed connector."""
 import hashlib
 import json
 import tempfile
@@ -23,19 +25,20 @@ from vlcap.testing.metric_checks import METRIC_CHECKS
 
 # --- PEFT method checks -----------------------------------------------------------------
 
-def build(name, registry, options):
-    """The tiny preset with PEFT method ``name`` applied with ``options``: ``(captioner, cfg)``."""
-    cfg = plugin_config_for(name, options)
+def build(name, registry, options, connector=None):
+    """The tiny preset with PEFT method ``name`` applied with ``options`` under connector
+    ``connector`` (a name; default: the preset's): ``(captioner, cfg)``."""
+    cfg = plugin_config_for(name, options, connector)
     return build_captioner(cfg, registry).captioner, cfg
 
 
-def check_gradients(name, registry, options):
+def check_gradients(name, registry, options, connector):
     """Only the method's and the core's new parameters, and the pretrained ones it declares in
     ``pretrained_to_train``, train; every other pretrained one stays frozen and gets no gradient;
     every trainable tensor gets a non-zero gradient from the loss. The trainable parameters are
     perturbed first: at a zero init (LoRA's B, the cross-attention output) the parameters behind
     it get exactly zero gradient, which would hide a tensor that is not wired in."""
-    captioner, _ = build(name, registry, options)
+    captioner, _ = build(name, registry, options, connector)
     perturb_trainable(captioner, std=0.05)
     pixels = pixels_for(captioner, 2)
     ids = token_ids(2, 7, captioner.decoder.cfg.vocab_size)
@@ -49,9 +52,19 @@ def check_gradients(name, registry, options):
         assert p.grad is not None, f"{pname} is trainable but does not reach the loss"
         assert p.grad.abs().sum() > 0, f"{pname} is trainable but its gradient is zero"
     counts = count_parameters(captioner)
-    assert counts.groups.get("peft", (0, 0))[0] + declared > 0, \
-        f"PEFT method '{name}' added no trainable parameter and declared no pretrained one to train"
     assert counts.groups["encoder"][0] == 0 and counts.groups["decoder"][0] == declared
+    check_adds_parameters(name, registry, counts)
+
+
+def check_adds_parameters(name, registry, counts):
+    """A method adds trainable parameters or declares pretrained ones to train (the decoder's
+    trainable count), unless it claims ``adds_parameters = False``: then it adds none."""
+    added, declared = counts.groups.get("peft", (0, 0))[0], counts.groups.get("decoder", (0, 0))[0]
+    if registry.get("peft", name).adds_parameters:
+        assert added + declared > 0, \
+            f"PEFT method '{name}' added no trainable parameter and declared no pretrained one to train"
+    else:
+        assert added == 0, f"PEFT method '{name}' claims adds_parameters=False but added {added:,}"
 
 
 def value_digests(params):
@@ -59,17 +72,17 @@ def value_digests(params):
                    for p in params)
 
 
-def check_pretrained_kept(name, registry, options):
+def check_pretrained_kept(name, registry, options, connector):
     """``apply`` keeps every pretrained Parameter object (the core refuses a method that replaced
     one, e.g. ``lin.bias = nn.Parameter(lin.bias.clone())``) and leaves the values of all it does
     not declare in ``pretrained_to_train`` as loaded."""
     try:
-        captioner, cfg = build(name, registry, options)
+        captioner, cfg = build(name, registry, options, connector)
     except VlcapError as exc:
         pytest.fail(f"PEFT method '{name}' could not be applied: {exc}")
     # The same config, seeds and pretrained values, with a method that changes nothing.
-    base = build_captioner(plugin_config_for(name), Registry([PluginEntry(name, "peft", "kit", "0", "", _NoMethod())]))
-    base = base.captioner
+    base_registry = Registry([PluginEntry(name, "peft", "kit", "0", "", _NoMethod()), *registry.entries("connector")])
+    base = build_captioner(plugin_config_for(name, None, connector), base_registry).captioner
     loaded = value_digests(p for p in base.parameters() if is_pretrained(p))
     kept = value_digests(p for p in captioner.parameters() if is_pretrained(p) and not p.requires_grad)
     changed = kept - loaded
@@ -77,10 +90,10 @@ def check_pretrained_kept(name, registry, options):
                         "parameter(s) it does not train (declare them in pretrained_to_train, or leave them)"
 
 
-def check_save_load(name, registry, options):
+def check_save_load(name, registry, options, connector):
     """A saved checkpoint loads into a captioner with exactly the same logits."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = plugin_config_for(name, options)
+        cfg = plugin_config_for(name, options, connector)
         tokenizer, captioner, method, cfg = prepare_model(cfg, registry, tmp)
         perturb_trainable(captioner, std=0.05).eval()
         path = f"{tmp}/checkpoint.safetensors"
@@ -93,12 +106,12 @@ def check_save_load(name, registry, options):
                 f"'{name}': logits of the loaded checkpoint differ from the saved model's"
 
 
-def check_merge(name, registry, options):
+def check_merge(name, registry, options, connector):
     """Where the method claims ``can_merge``, merged logits and captions equal unmerged ones."""
     method = registry.get("peft", name)
     if not method.can_merge:
         pytest.skip(f"PEFT method '{name}' does not claim can_merge")
-    captioner, cfg = build(name, registry, options)
+    captioner, cfg = build(name, registry, options, connector)
     perturb_trainable(captioner, std=0.05).eval()
     tokenizer = tokenizer_for(cfg)
     pixels, ids = pixels_for(captioner, 2), token_ids(2, 7, cfg.model.decoder.vocab_size)
@@ -115,17 +128,17 @@ def check_merge(name, registry, options):
     assert generate(captioner, tokenizer, greedy, {}, cached=True, images=2) == captions
 
 
-def check_beam1_is_greedy(name, registry, options):
+def check_beam1_is_greedy(name, registry, options, connector):
     """Beam search with one beam is greedy decoding."""
-    captioner, tokenizer = decoding_captioner(name, registry, options)
+    captioner, tokenizer = decoding_captioner(name, registry, options, connector)
     greedy = generate(captioner, tokenizer, registry.get("decoding", "greedy"), {}, cached=True)
     assert generate(captioner, tokenizer, registry.get("decoding", "beam"), {"num_beams": 1}, cached=True) == greedy
 
 
-def check_cached_decoding(name, registry, options):
+def check_cached_decoding(name, registry, options, connector):
     """The decoding cache equals full recompute: next-token logits and final hidden states
     through expand and reorder, and the captions of greedy and 3-beam search."""
-    captioner, tokenizer = decoding_captioner(name, registry, options)
+    captioner, tokenizer = decoding_captioner(name, registry, options, connector)
     decoder = captioner.decoder
     ids = token_ids(IMAGES * 2, 6, decoder.cfg.vocab_size)
     with torch.inference_mode():
@@ -152,36 +165,38 @@ def check_cached_decoding(name, registry, options):
             generate(captioner, tokenizer, strategy, strategy_options, cached=False), f"cached {strategy.name} differs"
 
 
-def check_budget_at_full_size(name, registry, options):
-    """With the options given (default: its defaults), on GPT-2 small and the largest course
-    encoder, the model stays within the 35M trainable-parameter budget (built as shapes only,
-    like ``train --dry-run``: ``apply`` runs on the meta device)."""
+def check_budget_at_full_size(name, registry, options, connector):
+    """With the options given (default: its defaults), under the connector, on GPT-2 small and the
+    largest course encoder, the model stays within the 35M trainable-parameter budget (built as
+    shapes only, like ``train --dry-run``: ``apply`` runs on the meta device)."""
     cfg = config_lib.resolve("full", overrides=[{"peft": {"method": name, "options": dict(options)},
-                                                 "model": {"encoder": FULL_SIZE_ENCODER}}])
+                                                 "model": {"encoder": FULL_SIZE_ENCODER}},
+                                                {"connector": {"name": connector}} if connector else {}])
     captioner = build_captioner(cfg, registry, meta=True).captioner
     counts = count_parameters(captioner)
-    assert counts.groups.get("peft", (0, 0))[0] + counts.groups["decoder"][0] > 0
-    check_budget(counts.trainable, what=f"'{name}' with options {options or 'default'} at full size")
+    check_adds_parameters(name, registry, counts)
+    check_budget(counts.trainable, what=f"'{name}' with options {options or 'default'}"
+                                        f"{f' under connector {connector!r}' if connector else ''} at full size")
 
 
 class _NoMethod(PeftMethod):
-    name = "none"
+    name = "kit-none"
 
     def apply(self, captioner, config):
         pass
 
 
-def check_zero_init(name, registry, options):
+def check_zero_init(name, registry, options, connector):
     """Where the method claims ``zero_init``, a freshly applied method leaves the output unchanged."""
     if not registry.get("peft", name).zero_init:
         pytest.skip(f"PEFT method '{name}' does not claim zero_init")
-    none = plugin_config_for("none")
-    base = build_captioner(none, Registry([PluginEntry("none", "peft", "kit", "0", "", _NoMethod())])).captioner
-    captioner, _ = build(name, registry, options)
+    base_registry = Registry([PluginEntry("kit-none", "peft", "kit", "0", "", _NoMethod()),
+                              *registry.entries("connector")])
+    base = build_captioner(plugin_config_for("kit-none", None, connector), base_registry).captioner
+    captioner, _ = build(name, registry, options, connector)
     with torch.no_grad():
-        # Let the image matter (the cross-attention output starts at zero), the same in both.
-        for p in base.decoder.h[0].cross_attn.c_proj.parameters():
-            p.normal_(std=0.05)
+        # Let the image matter (a cross-attention output starts at zero), the same in both.
+        perturb_trainable(base, std=0.05)
         captioner.load_state_dict(base.state_dict(), strict=False)
         pixels, ids = pixels_for(base, 2), token_ids(2, 7, base.decoder.cfg.vocab_size)
         torch.testing.assert_close(captioner.eval()(pixels, ids), base.eval()(pixels, ids))
@@ -204,10 +219,10 @@ PEFT_CHECKS = {
 DECODING_METHOD = "prefix"  # its prefix keys/values sit in the cache, the hardest case for one
 
 
-def check_valid_output(name, registry, options):
+def check_valid_output(name, registry, options, connector):
     """With the options given, the strategy returns, per image, a list of token ids of the
     vocabulary, at most ``max_length`` long, without the end token."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry, connector=connector)
     out = generate(captioner, tokenizer, registry.get("decoding", name), options, cached=True)
     assert isinstance(out, list) and len(out) == IMAGES, f"'{name}' must return one token list per image"
     for tokens in out:
@@ -216,20 +231,20 @@ def check_valid_output(name, registry, options):
         assert tokenizer.eot_id not in tokens
 
 
-def check_strategy_cached_equals_recompute(name, registry, options):
+def check_strategy_cached_equals_recompute(name, registry, options, connector):
     """The strategy gives the same captions through the cache as with full recompute."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry, connector=connector)
     strategy = registry.get("decoding", name)
     assert generate(captioner, tokenizer, strategy, options, cached=True) == \
         generate(captioner, tokenizer, strategy, options, cached=False)
 
 
-def check_documented_interface_only(name, registry, options):
+def check_documented_interface_only(name, registry, options, connector):
     """The strategy uses nothing of the model but the documented ``NextToken`` interface
     (``logits(ids, hidden=...)``, ``expand``, ``reorder``, ``images``, ``device``), used as
     documented: it runs against a proxy that exposes only that, checks every call, and gives the
     same captions as the real model."""
-    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry)
+    captioner, tokenizer = decoding_captioner(DECODING_METHOD, registry, connector=connector)
     strategy = registry.get("decoding", name)
     expected = generate(captioner, tokenizer, strategy, options, cached=True)
     proxy = generate(captioner, tokenizer, strategy, options, cached=True, wrap=InterfaceOnlyNextToken)
@@ -243,20 +258,43 @@ DECODING_CHECKS = {
 }
 
 
+# A connector's checks: the PEFT checks that concern it, with no PEFT method ("none", vlcap's
+# own, with its default options), so only the connector trains. Every PEFT method and decoding
+# strategy is checked under every connector above.
+CONNECTOR_METHOD = "none"
+CONNECTOR_CHECKS = {check: PEFT_CHECKS[check]
+                    for check in ("gradients", "save_load", "beam1_is_greedy", "cached_decoding", "budget")}
+
+
 _passed = set()
 
 
-def _run(checks, kind, name, check, registry, options):
+def _run(checks, kind, name, check, registry, options=None, connector=None):
+    """Run ``check`` for plugin ``name`` with ``options`` (None: the configured ones) under
+    ``connector`` (None: every installed one; PEFT and decoding checks only)."""
     if check not in checks:
         raise ValueError(f"unknown check '{check}'; the kit has {', '.join(checks)}")
-    options = dict(configured_options(name) if options is None else options)
-    key = (kind, name, check, id(registry), json.dumps(options, sort_keys=True, default=repr))
-    if key in _passed:  # the same plugin code, the same check: once per process is enough
-        return
+    options = {} if kind == "connector" else dict(configured_options(name) if options is None else options)
     registry = registry or installed_registry()
     registry.get(kind, name)  # an unknown name fails here, listing the installed ones
-    checks[check](name, registry, options)
-    _passed.add(key)
+    if kind == "metric":
+        connectors = [None]  # a metric scores captions: no model, no connector
+    elif connector is not None:
+        registry.get("connector", connector)
+        connectors = [connector]
+    else:  # a registry without connectors still runs the check (under the preset's default)
+        connectors = registry.names("connector") or [None]
+    for each in connectors:
+        key = (kind, name, check, each, id(registry), json.dumps(options, sort_keys=True, default=repr))
+        if key in _passed:  # the same plugin code, the same check: once per process is enough
+            continue
+        if kind == "connector":
+            checks[check](CONNECTOR_METHOD, registry, options, name)
+        elif kind == "metric":
+            checks[check](name, registry, options)
+        else:
+            checks[check](name, registry, options, each)
+        _passed.add(key)
 
 
 # Options per plugin name for checks called without ``options``: what ``pytest --vlcap-plugin-option``
@@ -268,15 +306,23 @@ def configured_options(name):
     return CONFIGURED_OPTIONS.get(name, {})
 
 
-def check_peft_method(name, check, registry=None, options=None):
+def check_peft_method(name, check, registry=None, options=None, connector=None):
     """Run one kit check (a key of ``PEFT_CHECKS``) against the installed PEFT method ``name``
-    with ``options`` (default: those given by ``--vlcap-plugin-option``, else its defaults)."""
-    _run(PEFT_CHECKS, "peft", name, check, registry, options)
+    with ``options`` (default: those given by ``--vlcap-plugin-option``, else its defaults), under
+    ``connector`` (a name; default: under every installed connector)."""
+    _run(PEFT_CHECKS, "peft", name, check, registry, options, connector)
 
 
-def check_decoding_strategy(name, check, registry=None, options=None):
-    """Run one kit check (a key of ``DECODING_CHECKS``) against the installed strategy ``name``."""
-    _run(DECODING_CHECKS, "decoding", name, check, registry, options)
+def check_decoding_strategy(name, check, registry=None, options=None, connector=None):
+    """Run one kit check (a key of ``DECODING_CHECKS``) against the installed strategy ``name``
+    with ``options``, under ``connector`` (a name; default: under every installed connector)."""
+    _run(DECODING_CHECKS, "decoding", name, check, registry, options, connector)
+
+
+def check_connector(name, check, registry=None):
+    """Run one kit check (a key of ``CONNECTOR_CHECKS``) against the installed connector ``name``,
+    with no PEFT method, so only the connector trains."""
+    _run(CONNECTOR_CHECKS, "connector", name, check, registry, connector=name)
 
 
 def check_metric(name, check, registry=None, options=None):

@@ -1,6 +1,7 @@
 """Caption images with a trained checkpoint (what `vlcap caption`, hw3_2.sh and the demo run)."""
 from dataclasses import dataclass
 
+from vlcap.core.model.captioner import check_context
 from vlcap.core.model.checkpoint import load_checkpoint
 from vlcap.core.config import plugin_config
 from vlcap.core.validation import Positive, check
@@ -48,6 +49,7 @@ def caption_paths(loaded, paths, registry, *, strategy=None, options=None, max_l
     device = next(loaded.captioner.parameters()).device
     dtype = inference_dtype(precision, device)
     decoding, options, max_length = resolve_decoding(loaded.config.decoding, registry, strategy, options, max_length)
+    check_context(loaded.captioner, "--max-length", max_length)
     predictions, bad = {}, []
     with progress_bar("captioning", console) as progress:
         task = progress.add_task("captioning", total=len(paths))

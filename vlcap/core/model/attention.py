@@ -1,17 +1,23 @@
-"""Cross-attention weights on request: which image tokens each produced token looked at.
+"""Attention weights on request: which image tokens each produced token looked at.
 
 Decoding never records anything (and pays nothing for it). Decoding is deterministic given the
 tokens it produced and the decoder is causal, so one teacher-forced forward of ``[start] +
-tokens``, with an ``AttentionProbe`` (``gpt2``) on the layer, recomputes exactly the
-cross-attention every token saw while it was decoded, whatever the strategy (greedy, sampling, the winning beam of a beam search). The weights at input
-position t are the ones that predicted token t+1: the k-th produced token's map comes from
-position k-1, and the end token's map is never needed.
+tokens``, with an ``AttentionProbe`` (``gpt2``) on the layer, recomputes exactly the attention
+every token saw while it was decoded, whatever the strategy (greedy, sampling, the winning beam
+of a beam search). The weights at input position t are the ones that predicted token t+1: the
+k-th produced token's map comes from position k-1, and the end token's map is never needed.
+
+Which attention: a layer with cross-attention (the cross-attention connector) shows it; in a
+decoder that reads the image tokens in its input sequence (the visual-tokens connector) it is the
+self-attention from each text position to the image-token positions, renormalised over them (the
+rest goes to the text and any prompt; its share of the whole is kept as ``image_share``).
 """
 from dataclasses import dataclass
 
 import torch
 
 from vlcap.core.errors import VlcapError
+from vlcap.core.model.captioner import prefill_length
 from vlcap.core.model.gpt2 import AttentionProbe
 from vlcap.core.runtime import evaluating
 
@@ -38,23 +44,46 @@ def parse_head(head, n_head=None):
     return index
 
 
+def probed_attention(captioner, layer):
+    """"cross" or "self": the attention of ``layer`` that reads the image tokens."""
+    decoder = captioner.decoder
+    if decoder.h[layer].cross_attn is not None:
+        return "cross"
+    if decoder.image_prefix is not None:
+        return "self"
+    crossed = [i for i, block in enumerate(decoder.h) if block.cross_attn is not None]
+    raise VlcapError(f"--layer {layer}: that decoder layer has no cross-attention and the image tokens are not in "
+                     f"its input; give one of the layers with cross-attention: {crossed}")
+
+
 def token_attention(captioner, pixels, tokens, start_id, layer, head=None):
-    """``(len(tokens), image tokens)``: the cross-attention of decoder layer ``layer`` (head
-    ``head``, None: the mean over heads) over the image tokens while each of ``tokens`` was
-    predicted for the preprocessed image ``pixels`` ``(3, H, W)``. Rows sum to 1."""
+    """``(weights, image_share)``: ``weights`` ``(len(tokens), image tokens)`` is the attention of
+    decoder layer ``layer`` (head ``head``, None: the mean over heads) over the image tokens while
+    each of ``tokens`` was predicted for the preprocessed image ``pixels`` ``(3, H, W)``, rows
+    summing to 1; ``image_share`` ``(len(tokens),)`` is the part of that attention that went to the
+    image tokens at all (None for cross-attention, which attends to nothing else)."""
+    kind = probed_attention(captioner, layer)
+    block_size, before = captioner.decoder.cfg.block_size, prefill_length(captioner)
+    if before + len(tokens) > block_size:
+        after = f" after {before} positions of image tokens and prompt" if before else ""
+        raise VlcapError(f"a caption of {len(tokens)} tokens does not fit the decoder's context of {block_size}{after}")
     if not tokens:
-        return torch.zeros(0, captioner.encoder.num_tokens)
-    block_size = captioner.decoder.cfg.block_size
-    if len(tokens) > block_size:
-        raise VlcapError(f"a caption of {len(tokens)} tokens does not fit the decoder's context of {block_size}")
+        return torch.zeros(0, captioner.image_tokens.count), None if kind == "cross" else torch.zeros(0)
     with evaluating(captioner), torch.inference_mode():
         memory = captioner.encode(pixels[None])
         ids = torch.tensor([[start_id, *tokens[:-1]]], device=pixels.device)
-        probe = AttentionProbe([layer])
+        probe = AttentionProbe([layer], kind=kind)
         captioner.decoder(ids, memory, probe=probe)
-    weights = probe.weights[layer][0][0]  # (heads, T, image tokens)
-    weights = weights.mean(0) if head is None else weights[head]
-    return weights.float().cpu()
+    weights = probe.weights[layer][0][0]  # (heads, queries, keys)
+    weights = (weights.mean(0) if head is None else weights[head]).float().cpu()
+    if kind == "cross":
+        return weights, None
+    # The image tokens sit right before the text: the last T queries are the text's, and the
+    # M keys before the last T are the image tokens (any kv prefix and prompt come earlier).
+    T, M = ids.size(1), memory.size(1)
+    image = weights[-T:, weights.size(1) - T - M:weights.size(1) - T]
+    share = image.sum(-1)
+    return image / share.clamp(min=torch.finfo(image.dtype).tiny).unsqueeze(-1), share
 
 
 @dataclass
@@ -89,9 +118,10 @@ def word_attention(weights, words):
     return torch.stack([weights[word.pieces].mean(0) for word in words])
 
 
-def patch_grid(weights, encoder):
-    """``(n, image tokens)`` -> ``(n, rows, cols)`` over the patch grid: the leading CLS/register
-    tokens (``encoder.num_prefix_tokens``) are dropped, the patches follow in raster order."""
-    if weights.size(-1) != encoder.num_tokens:
-        raise ValueError(f"{weights.size(-1)} image tokens, but the encoder makes {encoder.num_tokens}")
-    return weights[:, encoder.num_prefix_tokens:].reshape(-1, *encoder.grid_size)
+def patch_grid(weights, image_tokens):
+    """``(n, image tokens)`` -> ``(n, rows, cols)`` over the patch grid of ``image_tokens`` (a
+    captioner's ``ImageTokens``: the encoder's grid, or the grid a connector pooled it to): the
+    leading CLS/register tokens are dropped, the patches follow in raster order."""
+    if weights.size(-1) != image_tokens.count:
+        raise ValueError(f"{weights.size(-1)} image tokens, but the connector makes {image_tokens.count}")
+    return weights[:, image_tokens.prefix:].reshape(-1, *image_tokens.grid)

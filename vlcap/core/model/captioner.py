@@ -1,4 +1,5 @@
-"""The captioner: frozen ViT -> trainable projection -> GPT-2 with trainable cross-attention."""
+"""The captioner: frozen ViT -> a connector (trainable projection, joined to the decoder by
+cross-attention or as input tokens) -> frozen GPT-2 with a PEFT method."""
 import contextlib
 import dataclasses
 from typing import NamedTuple
@@ -9,6 +10,7 @@ from torch import nn
 from vlcap.core.model.encoder import ImageEncoder
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.course_weights import check_course_state, load_course_weights, read_course_state
+from vlcap.core.model.connector import ImageTokens, apply_connector
 from vlcap.core.model.gpt2 import GPT2Decoder
 from vlcap.core.model.peft import apply_peft, config_dict, mark_pretrained, seeded
 from vlcap.core.model.tokenizer import Tokenizer
@@ -18,7 +20,8 @@ class Captioner(nn.Module):
     def __init__(self, encoder: ImageEncoder, decoder: GPT2Decoder):
         super().__init__()
         self.encoder = encoder
-        self.projection = nn.Linear(encoder.embed_dim, decoder.cfg.n_embd)
+        self.projection = None  # the connector's: encoder tokens -> image tokens in decoder width
+        self.image_tokens = ImageTokens.of(encoder)  # what the projection gives (a connector may pool)
         self.decoder = decoder
         self.peft = nn.ModuleDict()  # modules a PEFT method owns outright
         mark_pretrained(encoder.parameters())
@@ -63,14 +66,15 @@ class CaptionLoss(nn.Module):
 class BuiltCaptioner(NamedTuple):
     captioner: Captioner
     method: object  # the PEFT plugin applied
-    config: object  # the RunConfig it was built from, with the method's options resolved (defaults filled in)
+    config: object  # the RunConfig it was built from, with the plugins' options resolved (defaults filled in)
 
 
 def build_captioner(cfg, registry, decoder_weights=None, meta=False):
-    """Build the captioner ``cfg`` describes, load decoder weights, apply its PEFT method.
+    """Build the captioner ``cfg`` describes, load decoder weights, apply its connector, then
+    its PEFT method (which may change what the connector added).
 
     ``meta=True`` builds shapes only (no weights, no download): enough to count parameters of a
-    full-size model in a second. ``cfg`` is never changed: the method's resolved options come back
+    full-size model in a second. ``cfg`` is never changed: the plugins' resolved options come back
     in the returned ``config``, which is what a run records.
     """
     state = None
@@ -84,11 +88,36 @@ def build_captioner(cfg, registry, decoder_weights=None, meta=False):
         captioner = Captioner(encoder, decoder)
     if state is not None:
         load_course_weights(decoder, decoder_weights, state)
+    connector = registry.get("connector", cfg.connector.name)
     method = registry.get("peft", cfg.peft.method)
+    with seeded(cfg.model.init_seed + 2), device:
+        connector_config = apply_connector(captioner, connector, cfg.connector.options)
     with seeded(cfg.model.init_seed + 1), device:
         peft_config = apply_peft(captioner, method, cfg.peft.options)
-    resolved = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(peft_config)))
+    resolved = dataclasses.replace(
+        cfg, connector=dataclasses.replace(cfg.connector, options=config_dict(connector_config)),
+        peft=dataclasses.replace(cfg.peft, options=config_dict(peft_config)))
     return BuiltCaptioner(captioner, method, resolved)
+
+
+def prefill_length(captioner):
+    """Positions the decoder puts before the text: a prompt (``input_prefix``) and, when the
+    connector places them in the sequence, the image tokens."""
+    decoder = captioner.decoder
+    length = 0 if decoder.input_prefix is None else decoder.input_prefix(1).size(1)
+    return length + (captioner.image_tokens.count if decoder.image_prefix is not None else 0)
+
+
+def check_context(captioner, setting, value, extra=0):
+    """One line, before any work, when ``value + extra`` text positions (``setting=value`` asks
+    for them) do not fit the decoder's context after what comes before the text."""
+    before, context = prefill_length(captioner), captioner.decoder.cfg.block_size
+    over = before + value + extra - context
+    if over > 0:
+        fix = f"lower {setting} to at most {value - over}, or " if value - over > 0 else ""
+        raise VlcapError(f"{setting}={value}: {before} positions before the text (image tokens, prompt) + "
+                         f"{value + extra} text positions exceed the decoder context of {context} "
+                         f"(model.decoder.block_size); {fix}use fewer image tokens (a connector option)")
 
 
 def build_encoder(cfg, meta=False):

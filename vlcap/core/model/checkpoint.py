@@ -30,6 +30,7 @@ from vlcap.core.plugins import plugin_call
 from vlcap.core.model.peft import (check_budget, check_mergeable, config_dict, count_parameters, is_pretrained,
                                    merge_peft)
 from vlcap.core.model.tokenizer import Tokenizer
+from vlcap.core.plugins import KINDS
 
 FORMAT = "vlcap.trainable.v1"
 ENCODER_FEATURES = ("encoder_width", "encoder_tokens")
@@ -63,12 +64,12 @@ def save_checkpoint(path, captioner, method, cfg, tokenizer, registry, record=No
     with plugin_call(method, "export"):
         state, export_config = method.export(captioner, plugin_config(method, cfg.peft.options, "peft.options"))
     saved_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, options=config_dict(export_config)))
-    entry = registry.entry("peft", method.name)
     count = sum(t.numel() for t in state.values())
     metadata = {
         "format": FORMAT,
         "config": json.dumps(config_lib.to_dict(saved_cfg)),
-        "peft": json.dumps({"name": entry.name, "package": entry.package, "version": entry.version}),
+        "peft": plugin_record(registry.entry("peft", method.name)),
+        "connector": plugin_record(registry.entry("connector", cfg.connector.name)),
         "encoder": cfg.model.encoder,
         # What the encoder built from the config gave (not in the config): the projection and the
         # cross-attention were trained on tokens of this width and number.
@@ -98,6 +99,15 @@ def pretrained_in(captioner, state):
     return sorted(name for name, p in captioner.named_parameters() if name in state and is_pretrained(p))
 
 
+def plugin_record(entry):
+    """What a checkpoint records of a plugin it needs (its options are in the config)."""
+    return json.dumps({"name": entry.name, "package": entry.package, "version": entry.version})
+
+
+# Checkpoints written before connectors were plugins joined the image by cross-attention.
+LEGACY_CONNECTOR = {"name": "cross-attention", "package": "vlcap", "version": ""}
+
+
 def read_metadata(path):
     path = Path(path)
     if not path.is_file():
@@ -114,6 +124,11 @@ def read_metadata(path):
         metadata["config"] = json.loads(metadata["config"])
         metadata["peft"] = json.loads(metadata["peft"])
         check_names(metadata["peft"])
+        if "connector" in metadata:
+            metadata["connector"] = json.loads(metadata["connector"])
+            check_names(metadata["connector"])
+        else:
+            metadata["connector"] = LEGACY_CONNECTOR
         metadata["parameters"] = int(metadata["parameters"])
         for key in ENCODER_FEATURES:
             if key in metadata:  # absent from checkpoints written before they were recorded
@@ -133,9 +148,10 @@ def read_metadata(path):
             if not (isinstance(metadata["trained_pretrained"], list)
                     and all(isinstance(n, str) and n in shapes for n in metadata["trained_pretrained"])):
                 raise ValueError("trained_pretrained is not a list of the file's tensor names")
-        if not (isinstance(metadata["peft"], dict) and all(isinstance(metadata["peft"].get(k), str)
-                                                           for k in ("name", "package", "version"))):
-            raise ValueError("peft needs name, package and version strings")
+        for kind in ("peft", "connector"):
+            if not (isinstance(metadata[kind], dict) and all(isinstance(metadata[kind].get(k), str)
+                                                             for k in ("name", "package", "version"))):
+                raise ValueError(f"{kind} needs name, package and version strings")
     except (KeyError, ValueError, TypeError) as exc:
         raise VlcapError(f"{path}: damaged vlcap metadata ({type(exc).__name__}: {exc})") from None
     except RecursionError:
@@ -151,7 +167,7 @@ def check_names(peft):
         return
     for key, pattern in (("name", PLUGIN_NAME), ("package", PACKAGE_NAME), ("version", VERSION)):
         if isinstance(peft.get(key), str) and not pattern.fullmatch(peft[key]):
-            raise ValueError(f"peft {key} {peft[key][:40]!r} is not a valid {key}")
+            raise ValueError(f"plugin {key} {peft[key][:40]!r} is not a valid {key}")
 
 
 def check_encoder_name(path, cfg):
@@ -191,7 +207,7 @@ def load_checkpoint(path, registry, decoder_weights=None, device="cpu", merge=Fa
     path = Path(path)
     metadata = read_metadata(path)
     cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
-    check_peft_plugin(path, metadata["peft"], cfg, registry)
+    check_plugins(path, metadata, cfg, registry)
     check_encoder_name(path, cfg)
     check_decoding(path, cfg, registry)
     if merge:  # a method that cannot merge is one line before anything loads
@@ -219,21 +235,30 @@ def check_tokenizer(path, metadata, tokenizer):
                          f"{tokenizer.encoder_json} give {tokenizer.fingerprint}; use the same encoder.json/vocab.bpe")
 
 
-def check_peft_plugin(path, peft, cfg, registry):
-    """The PEFT method is looked up in the registry by name, never imported from what the file
-    says; a missing one names its package, another version of it is a warning."""
-    if peft["name"] != cfg.peft.method:
-        raise VlcapError(f"{path}: metadata names PEFT method '{peft['name']}' but its config says "
-                         f"'{cfg.peft.method}'; the file was altered")
-    if peft["name"] not in registry.names("peft"):
-        raise VlcapError(f"{path}: needs PEFT method '{peft['name']}' from package '{peft['package']}' "
-                         f"(version {peft['version']}), which is not installed; install that package if you trust "
-                         "the checkpoint's source (vlcap list-plugins shows what is installed)")
-    installed = registry.entry("peft", peft["name"])
-    if (installed.package, installed.version) != (peft["package"], peft["version"]):
-        warnings.warn(f"{path}: made with PEFT method '{peft['name']}' from {peft['package']} {peft['version']}, "
-                      f"loading it with {installed.package} {installed.version}; if its outputs differ, "
-                      "install the version it was made with", VlcapWarning, stacklevel=3)
+def check_plugins(path, metadata, cfg, registry):
+    """The checkpoint's PEFT method and connector, each as ``check_plugin`` checks it."""
+    check_plugin(path, "peft", metadata["peft"], cfg.peft.method, registry)
+    check_plugin(path, "connector", metadata["connector"], cfg.connector.name, registry)
+
+
+def check_plugin(path, kind, recorded, configured, registry):
+    """A plugin a checkpoint needs (``recorded``: name, package, version) is looked up in the
+    registry by name, never imported from what the file says; a missing one names its package,
+    another version of it is a warning (a checkpoint older than the record is not warned about)."""
+    label = KINDS[kind][1]
+    if recorded["name"] != configured:
+        raise VlcapError(f"{path}: metadata names {label} '{recorded['name']}' but its config says "
+                         f"'{configured}'; the file was altered")
+    if recorded["name"] not in registry.names(kind):
+        version = f" (version {recorded['version']})" if recorded["version"] else ""
+        raise VlcapError(f"{path}: needs {label} '{recorded['name']}' from package '{recorded['package']}'{version}, "
+                         "which is not installed; install that package if you trust the checkpoint's source "
+                         "(vlcap list-plugins shows what is installed)")
+    installed = registry.entry(kind, recorded["name"])
+    if recorded["version"] and (installed.package, installed.version) != (recorded["package"], recorded["version"]):
+        warnings.warn(f"{path}: made with {label} '{recorded['name']}' from {recorded['package']} "
+                      f"{recorded['version']}, loading it with {installed.package} {installed.version}; if its "
+                      "outputs differ, install the version it was made with", VlcapWarning, stacklevel=4)
 
 
 def check_parameter_count(path, metadata):
@@ -297,7 +322,10 @@ def init_trainable(path, captioner, cfg, tokenizer, registry):
     are taken: the new run's optimizer, schedule and counters start fresh."""
     metadata = read_metadata(path)
     saved_cfg = config_lib.from_dict(RunConfig, metadata["config"], where=f"{path} metadata")
-    check_peft_plugin(path, metadata["peft"], saved_cfg, registry)
+    check_plugins(path, metadata, saved_cfg, registry)
+    if saved_cfg.connector.name != cfg.connector.name:
+        raise VlcapError(f"{path}: trained with connector '{saved_cfg.connector.name}', but this run uses "
+                         f"'{cfg.connector.name}'; pass --connector {saved_cfg.connector.name} to start from it")
     if saved_cfg.peft.method != cfg.peft.method:
         raise VlcapError(f"{path}: trained with PEFT method '{saved_cfg.peft.method}', but this run uses "
                          f"'{cfg.peft.method}'; pass --peft {saved_cfg.peft.method} to start from it")

@@ -43,6 +43,9 @@ class PeftMethod:
     # B, an adapter's zero up-projection): training then starts from the pretrained model. The
     # conformance kit (vlcap.testing) holds a method to this claim.
     zero_init = False
+    # False only for a method that adds no parameter (``none``: the connector alone trains); the
+    # conformance kit holds a method to it either way.
+    adds_parameters = True
 
     def apply(self, captioner, config):
         """Add the method's parameters/modules to ``captioner`` (see the hook points above).
@@ -83,10 +86,19 @@ def is_pretrained(param):
     return getattr(param, _PRETRAINED_FLAG, False)
 
 
+def keep_frozen(module):
+    """Keep every parameter of ``module`` (one a method or connector adds) frozen, as the
+    pretrained ones are: never trained, never saved, rebuilt from ``model.init_seed`` on load.
+    For a random base that only a low-rank update adapts (loralib freezes the base it wraps).
+    Returns ``module``."""
+    mark_pretrained(module.parameters())
+    return module
+
+
 def apply_peft(captioner, method, options):
     """Run ``method`` on ``captioner``, check it kept every pretrained Parameter, then set
-    trainability (new parameters and the declared pretrained ones train). Returns the method's
-    config."""
+    trainability (new parameters, the connector's applied before, and the declared pretrained
+    ones train). Returns the method's config."""
     config = plugin_config(method, options, "peft.options")
     pretrained = {id(p): name for name, p in captioner.named_parameters() if is_pretrained(p)}
     with plugin_call(method, "apply"):
@@ -254,15 +266,16 @@ def swap_linear(parent, name, new_linear):
     return new_linear
 
 
-def select_layers(spec, n_layer, option="layers"):
-    """``"all"`` or a list of layer indices (negative counts from the top) -> sorted indices."""
+def select_layers(spec, n_layer, option="layers", section="peft.options"):
+    """``"all"`` or a list of layer indices (negative counts from the top) -> sorted indices.
+    ``section.option`` names the setting in errors (``connector.options`` for a connector)."""
     if spec == "all":
         return list(range(n_layer))
-    if not isinstance(spec, (list, tuple)) or not all(isinstance(i, int) for i in spec):
-        raise VlcapError(f"peft.options.{option}: expected 'all' or a list of layer indices, got {spec!r}")
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        raise VlcapError(f"{section}.{option}: expected 'all' or a list of layer indices, got {spec!r}")
     bad = [i for i in spec if not -n_layer <= i < n_layer]
     if bad:
-        raise VlcapError(f"peft.options.{option}: layer(s) {bad} out of range for a {n_layer}-layer decoder")
+        raise VlcapError(f"{section}.{option}: layer(s) {bad} out of range for a {n_layer}-layer decoder")
     return sorted({i % n_layer for i in spec})
 
 

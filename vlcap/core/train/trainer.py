@@ -41,7 +41,7 @@ from vlcap.core.train import distributed
 from vlcap.core.train import experiment_log
 from vlcap.core.train import resume as resume_lib
 from vlcap.core.atomic import atomic_write
-from vlcap.core.model.captioner import CaptionLoss, build_captioner, tokenizer_for
+from vlcap.core.model.captioner import CaptionLoss, build_captioner, check_context, tokenizer_for
 from vlcap.core.model.checkpoint import init_trainable, save_checkpoint
 from vlcap.core.data import check_images_exist, iterate_images, load_captions, unreadable_images
 from vlcap.core.infer.decoding import caption_images
@@ -732,6 +732,9 @@ class Trainer(TrainingLoop):
             cfg = self.init_from_checkpoint(cfg)
         self.trainable_count = count_parameters(self.captioner).trainable
         check_budget(self.trainable_count)
+        # A training pair runs max_caption_tokens + 1 positions; decoding for metrics max_length.
+        check_context(self.captioner, "data.max_caption_tokens", cfg.data.max_caption_tokens, extra=1)
+        check_context(self.captioner, "decoding.max_length", cfg.decoding.max_length)
         self.captioner.to(self.device)
         self.model = self.captioner
         self.cache = training_cache(cfg, self.captioner.encoder, self.run_dir, self.console, self.ctx.is_main,
@@ -800,7 +803,7 @@ class Trainer(TrainingLoop):
         if not self.resumed and self.cfg.train.init_from:
             resumed = f" (starting from {self.cfg.train.init_from})"
         cache = f" (from feature cache {self.cache.path})" if self.cache else ""
-        say(self.console, f"vlcap train {self.cfg.peft.method} on {self.device}{processes}: "
+        say(self.console, f"vlcap train {self.cfg.connector.name} + {self.cfg.peft.method} on {self.device}{processes}: "
             f"{self.trainable_count:,} trainable parameters, {len(self.train_loader.dataset):,} "
             f"captions, {self.schedule.total_steps} steps{resumed} -> {self.run_dir}{cache}")
 
