@@ -119,10 +119,11 @@ def test_train_help_describes_every_option_with_its_default():
     assert all(p.help for p in options.values()), [name for name, p in options.items() if not p.help]
     shown = {name: p.show_default for name, p in options.items()}
     # each preset's value (the recipes keep the training defaults)
-    assert shown["--epochs"] == "full: 5; tiny: 3; lora-clip-l14: 5; prefix-clip-l14: 5"
+    assert shown["--epochs"] == ("full: 5; tiny: 3; lora-clip-l14: 5; prefix-clip-l14: 5; adapter-cross-clip-l14: 5; "
+                                 "visual-tokens-lora-clip-l14: 5")
     assert shown["--lr"].startswith("full: 0.0002; tiny: 0.005; ")
     assert shown["--batch-size"].startswith("full: 32; tiny: 16; ") and shown["--device"] == "auto"
     text = run("train", "--help").output
     for name in ("--train-json", "--train-images", "--val-json", "--val-images", "--epochs", "--batch-size", "--lr"):
         assert name in text
-    assert "[default: (full: 5; tiny: 3; lora-clip-l14: 5; prefix-clip-l14: 5)]" in " ".join(text.split())
+    assert "[default: (full: 5; tiny: 3; lora-clip-l14: 5; prefix-clip-l14: 5;" in " ".join(text.split())

@@ -8,7 +8,7 @@ from conftest import vlcap_cli
 from vlcap.core import config as config_lib
 from vlcap.core.config import plugin_config
 
-RECIPES = ("lora-clip-l14", "prefix-clip-l14")
+RECIPES = ("lora-clip-l14", "prefix-clip-l14", "adapter-cross-clip-l14", "visual-tokens-lora-clip-l14")
 
 
 def test_presets_list_every_preset_with_its_source_and_the_dry_run_count(registry):
