@@ -270,11 +270,13 @@ def runs_table(comparison, rows):
 def presets_table(rows, budget):
     """``vlcap presets``: each preset (``training.preset_summaries``) with its trainable parameters."""
     table = _table(f"vlcap presets (vlcap train --preset NAME; trainable budget {budget:,})",
-                   ("preset", "encoder", "peft", "decoding", "trainable", "what it is"), right=("trainable",))
+                   ("preset", "encoder", "connector", "peft", "decoding", "trainable", "what it is"),
+                   right=("trainable",))
     for column in table.columns:
         column.overflow = "fold"
     for row in rows:
-        table.add_row(Text(row["name"]), Text(row["encoder"]), Text(row["peft"]), Text(row["decoding"]),
+        table.add_row(Text(row["name"]), Text(row["encoder"]), Text(row["connector"]), Text(row["peft"]),
+                      Text(row["decoding"]),
                       _number(row["trainable"], ","), Text(row["note"]))
     return table
 

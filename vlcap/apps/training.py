@@ -47,7 +47,7 @@ def cache_encoder_features(cfg, image_dir, out, *, dtype="float16", batch_size=3
 
 
 def preset_summaries(registry):
-    """``vlcap presets``: for each preset, its note, encoder, PEFT method with options, decoding
+    """``vlcap presets``: for each preset, its note, encoder, connector and PEFT method with options, decoding
     and trainable parameters, counted on a shapes-only build as ``--dry-run`` does (no weights,
     no download). A preset whose method is not installed counts as None."""
     rows = []
@@ -58,7 +58,8 @@ def preset_summaries(registry):
         except VlcapError:
             trainable = None
         options = "".join(f" {key}={value}" for key, value in cfg.peft.options.items())
+        connector = cfg.connector.name + "".join(f" {key}={value}" for key, value in cfg.connector.options.items())
         decoding = cfg.decoding.strategy + "".join(f" {k}={v}" for k, v in cfg.decoding.options.items())
         rows.append({"name": name, "note": config_lib.PRESET_NOTES.get(name, ""), "encoder": cfg.model.encoder,
-                     "peft": cfg.peft.method + options, "decoding": decoding, "trainable": trainable})
+                     "connector": connector, "peft": cfg.peft.method + options, "decoding": decoding, "trainable": trainable})
     return rows
