@@ -8,8 +8,6 @@ renormalised. Images are embedded once, so comparing templates (``report``) only
 pass per template. ``run_classification`` is ``vlcap classify``: it checks every input before
 CLIP loads, then predicts, writes, reports and plots.
 """
-import csv
-import io
 import random
 import re
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vlcap.core.atomic import atomic_write
-from vlcap.core.data import find_images, iterate_images, load_image, read_json
+from vlcap.core.data import find_images, iterate_images, load_image, read_filename_label_csv, read_json
 from vlcap.core.eval import clip as clip_lib
 from vlcap.core.console import say
 from vlcap.core.errors import VlcapError, few
@@ -136,21 +134,12 @@ def ground_truth_from_names(files, labels):
 
 def load_ground_truth(path, files, labels):
     """A ``filename,label`` CSV (as the course's val_gt.csv) covering every classified image."""
-    path = Path(path)
-    try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
-    except FileNotFoundError:
-        raise VlcapError(f"{path}: ground-truth file not found") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise VlcapError(f"{path}: not a readable CSV ({exc})") from None
-    if not rows or not {"filename", "label"} <= set(rows[0]):
-        raise VlcapError(f"{path}: expected a CSV with a 'filename,label' header and one row per image")
     truth = {}
-    for line, row in enumerate(rows, start=2):
+    for line, name, label in read_filename_label_csv(path, "ground-truth file"):
         try:
-            truth[row["filename"].strip()] = int(row["label"])
-        except (TypeError, ValueError, AttributeError):
-            raise VlcapError(f"{path}:{line}: label {row['label']!r} is not an integer class id") from None
+            truth[name] = int(label)
+        except ValueError:
+            raise VlcapError(f"{path}:{line}: label {label!r} is not an integer class id") from None
     missing = [name for name in files if name not in truth]
     if missing:
         raise VlcapError(f"{path}: no label for {len(missing)} image(s): {few(missing)}")

@@ -19,7 +19,7 @@ import torch
 
 from vlcap.apps.hf_captioning import (chat_prompt, check_generation_options, check_prompt, generate,
                                       generation_config, load_hf_model, model_inputs)
-from vlcap.apps.visualize import Drawn, choose_targets, draw_attention, save_attention_npz
+from vlcap.apps.visualize import Drawn, choose_targets, draw_attention, save_word_maps_npz
 from vlcap.core.data import load_image
 from vlcap.core.errors import VlcapError
 from vlcap.core.model.attention import Word, check_layer, parse_head, patch_grid, word_attention
@@ -146,15 +146,9 @@ def draw_hf_target(hf, target, out_dir, text, config, options, layer, head, piec
     npz = None
     if save_npz:
         npz = out_dir / f"{target.name}.npz"
-        save_attention_npz(
-            npz, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
-            tokens=np.array([w.text for w in group_answer_words(tokenizer, tokens, pieces=True)], dtype=str),
-            token_weights=weights.numpy(), token_maps=patch_grid(weights, grid).numpy(),
-            words=np.array([w.text for w in words], dtype=str),
-            word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
-            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(grid.grid),
-            num_prefix_tokens=np.array(grid.prefix), layer=np.array(layer),
-            head=np.array("mean" if head is None else str(head)))
+        token_texts = [w.text for w in group_answer_words(tokenizer, tokens, pieces=True)]
+        save_word_maps_npz(npz, caption=caption, tokens=tokens, token_texts=token_texts, weights=weights, words=words,
+                           per_word=per_word, grids=grids, image_tokens=grid, layer=layer, head=head)
     return Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note)
 
 

@@ -135,6 +135,21 @@ def save_attention_npz(path, **arrays):
         np.savez_compressed(f, **arrays)
 
 
+def save_word_maps_npz(path, *, caption, tokens, token_texts, weights, words, per_word, grids, image_tokens, layer,
+                       head, **extra):
+    """``--save-npz``: one image's arrays, the same keys for every model (vlcap's captioners and
+    ``--hf-model``): the caption, its tokens and their weights over the image tokens (and on the
+    grid), the words, each word's weights and map, the grid, layer and head; ``extra`` adds keys."""
+    save_attention_npz(
+        path, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
+        tokens=np.array(token_texts, dtype=str), token_weights=weights.numpy(),
+        token_maps=patch_grid(weights, image_tokens).numpy(), words=np.array([w.text for w in words], dtype=str),
+        word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
+        word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(image_tokens.grid),
+        num_prefix_tokens=np.array(image_tokens.prefix), layer=np.array(layer),
+        head=np.array("mean" if head is None else str(head)), **extra)
+
+
 def visualize(loaded, targets, out_dir, registry, *, strategy=None, options=None, max_length=None, layer=-1,
               head="mean", pieces=False, save_npz=False, precision="auto"):
     """Draw the attention to the image of decoder layer ``layer`` (head ``head``: an index or "mean")
@@ -184,16 +199,10 @@ def draw_target(loaded, target, out_dir, decoding, layer, head_index, pieces, sa
     npz = None
     if save_npz:
         npz = out_dir / f"{target.name}.npz"
-        save_attention_npz(
-            npz, caption=np.array(caption), token_ids=np.array(tokens, dtype=np.int64),
-            tokens=np.array([w.text for w in group_words(tokenizer, tokens, pieces=True)], dtype=str),
-            token_weights=weights.numpy(), token_maps=patch_grid(weights, image_tokens).numpy(),
-            words=np.array([w.text for w in words], dtype=str),
-            word_of_token=np.array([i for i, w in enumerate(words) for _ in w.pieces], dtype=np.int64),
-            word_weights=per_word.numpy(), word_maps=grids.numpy(), grid_size=np.array(image_tokens.grid),
-            num_prefix_tokens=np.array(image_tokens.prefix), layer=np.array(layer),
-            head=np.array("mean" if head_index is None else str(head_index)),
-            **({} if share is None else {"image_share": share.numpy()}))
+        token_texts = [w.text for w in group_words(tokenizer, tokens, pieces=True)]
+        save_word_maps_npz(npz, caption=caption, tokens=tokens, token_texts=token_texts, weights=weights, words=words,
+                           per_word=per_word, grids=grids, image_tokens=image_tokens, layer=layer, head=head_index,
+                           **({} if share is None else {"image_share": share.numpy()}))
     return Drawn(target.name, png, npz, caption, [w.text for w in words], panels, target.note)
 
 

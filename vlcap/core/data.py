@@ -2,6 +2,8 @@
 
 Schema: ``{"annotations": [{"caption", "id", "image_id"}], "images": [{"file_name", "id"}]}``.
 """
+import csv
+import io
 import json
 import os
 import warnings
@@ -282,3 +284,25 @@ def find_images(folder, unique_stems=False):
         raise VlcapError(f"{folder}: several images share the file stem(s) {few(shared)}; outputs are "
                          "keyed by stem, so rename or remove the duplicates")
     return paths
+
+
+def read_filename_label_csv(path, what="labels file"):
+    """``[(line number, file name, label text)]`` from a ``filename,label`` CSV (the course's
+    val_gt.csv form), each field stripped; a missing or unreadable file, a missing header or an
+    empty field is one line naming the file (``what``: how the caller's user knows it)."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    except FileNotFoundError:
+        raise VlcapError(f"{path}: {what} not found") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise VlcapError(f"{path}: not a readable CSV ({exc})") from None
+    if not rows or not {"filename", "label"} <= set(rows[0]):
+        raise VlcapError(f"{path}: expected a CSV with a 'filename,label' header and one row per image")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        name, label = (row.get("filename") or "").strip(), (row.get("label") or "").strip()
+        if not name or not label:
+            raise VlcapError(f"{path}:{line}: every row needs a file name and a label")
+        out.append((line, name, label))
+    return out

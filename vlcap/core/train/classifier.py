@@ -10,9 +10,7 @@ best.safetensors holds the epoch of the highest accuracy (without validation: th
 training loss). With ``train.optimizer=sam`` every step takes two forward/backward passes
 (``sam.SAM``).
 """
-import csv
 import dataclasses
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlcap.core import config as config_lib
 from vlcap.core.config import CLASSIFIER_OPTIMIZERS, ClassifierConfig
 from vlcap.core.console import say
-from vlcap.core.data import Unreadable, find_images, load_image, split_unreadable
+from vlcap.core.data import Unreadable, find_images, load_image, read_filename_label_csv, split_unreadable
 from vlcap.core.errors import VlcapError, few
 from vlcap.core.model.classifier import ViTClassifier, save_classifier
 from vlcap.core.runtime import autocast, evaluating
@@ -42,22 +40,7 @@ COMMAND = "vlcap train-classifier"
 
 def read_labels_csv(path):
     """file name -> class from a ``filename,label`` CSV (the course's val_gt.csv form)."""
-    path = Path(path)
-    try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
-    except FileNotFoundError:
-        raise VlcapError(f"{path}: labels file not found") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise VlcapError(f"{path}: not a readable CSV ({exc})") from None
-    if not rows or not {"filename", "label"} <= set(rows[0]):
-        raise VlcapError(f"{path}: expected a CSV with a 'filename,label' header and one row per image")
-    labels = {}
-    for line, row in enumerate(rows, start=2):
-        name, label = (row.get("filename") or "").strip(), (row.get("label") or "").strip()
-        if not name or not label:
-            raise VlcapError(f"{path}:{line}: every row needs a file name and a label")
-        labels[name] = label
-    return labels
+    return {name: label for _, name, label in read_filename_label_csv(path)}
 
 
 def labelled_images(folder, labels=None):
