@@ -509,8 +509,17 @@ class TrainingDisplay:
                              stats=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.1f} img/s")
 
     def print_record(self, record):
-        say(self.progress.console, "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in record.items()))
+        say(self.progress.console, "  ".join(f"{k} {record_value(k, v)}" for k, v in record.items()))
+
+
+def record_value(key, value):
+    """A history value as the epoch line shows it: the learning rate in scientific notation (a
+    schedule's small values would round to 0.0001), timings to a tenth, scores to 4 decimals."""
+    if not isinstance(value, float):
+        return str(value)
+    if key == "lr":
+        return f"{value:.2e}"
+    return f"{value:.1f}" if key.endswith(("_seconds", "_per_s")) else f"{value:.4f}"
 
 
 # --- The trainer -----------------------------------------------------------------------------
