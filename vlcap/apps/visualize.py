@@ -109,25 +109,30 @@ def heat_map(grid, size):
 def draw_attention(image, titles, grids, title, path, per_row=PANELS_PER_ROW):
     """Save the figure as a PNG (atomically): ``image`` (H, W, 3) titled ``<start>``, then one
     panel per ``grids[i]`` blended over it and titled ``titles[i]``. Returns the panels drawn."""
+    return draw_panels(image, [("<start>", None), *zip(titles, grids)], title, path, per_row)
+
+
+def draw_panels(image, panels, title, path, per_row=PANELS_PER_ROW):
+    """Save ``per_row`` panels a row as a PNG (atomically): per ``(name, grid)`` of ``panels``,
+    ``image`` (H, W, 3) with the patch map ``grid`` blended over it (None: the image alone),
+    titled ``name``. Returns the panels drawn."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    panels = 1 + len(grids)
-    cols = min(per_row, panels)
-    rows = math.ceil(panels / cols)
+    cols = min(per_row, len(panels))
+    rows = math.ceil(len(panels) / cols)
     figure = Figure(figsize=(2.2 * cols, 2.3 * rows + 0.6), layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
-    axes[0].imshow(image)
-    axes[0].set_title("<start>", fontsize=10)
-    for ax, word, grid in zip(axes[1:], titles, grids):
+    for ax, (name, grid) in zip(axes, panels):
         ax.imshow(image)
-        ax.imshow(heat_map(grid, image.shape[:2]), cmap=COLORMAP, alpha=0.5, vmin=0, vmax=1)
-        ax.set_title(word, fontsize=10)
+        if grid is not None:
+            ax.imshow(heat_map(grid, image.shape[:2]), cmap=COLORMAP, alpha=0.5, vmin=0, vmax=1)
+        ax.set_title(name, fontsize=10)
     for ax in axes:
         ax.axis("off")
     figure.suptitle(title, fontsize=11, wrap=True)
     with atomic_write(path, "wb") as f:
         figure.savefig(f, format="png", dpi=100)
-    return sum(1 for ax in axes if ax.images)
+    return len(panels)
 
 
 def save_attention_npz(path, **arrays):

@@ -9,7 +9,6 @@ panel per head, each upsampled to the image and stretched to its own range as in
 ``vlcap visualize``. Models without a class token draw the mean over the patch queries instead
 (``query="mean"``). The weights are recomputed by ``vlcap.core.model.vit_inspect``.
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vlcap.apps.visualize import COLORMAP, collect_images, heat_map, save_attention_npz
+from vlcap.apps.visualize import collect_images, draw_panels, save_attention_npz
 from vlcap.core import config as config_lib
 from vlcap.core.atomic import atomic_write
 from vlcap.core.config import RunConfig
@@ -94,25 +93,9 @@ def draw_position_similarity(similarity, title, path):
 def draw_query_attention(image, maps, title, path):
     """``image`` (H, W, 3), then the mean of ``maps`` ``(heads, rows, cols)`` and each head's map
     blended over it, saved atomically as a PNG. Returns the panels drawn."""
-    from matplotlib.figure import Figure
-
     panels = [("image", None), ("mean of heads", maps.mean(dim=0))]
     panels += [(f"head {h}", maps[h]) for h in range(len(maps))]
-    cols = min(HEAD_PANELS_PER_ROW, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    figure = Figure(figsize=(2.2 * cols, 2.3 * rows + 0.5), layout="constrained")
-    axes = figure.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (name, grid) in zip(axes, panels):
-        ax.imshow(image)
-        if grid is not None:
-            ax.imshow(heat_map(grid, image.shape[:2]), cmap=COLORMAP, alpha=0.5, vmin=0, vmax=1)
-        ax.set_title(name, fontsize=10)
-    for ax in axes:
-        ax.axis("off")
-    figure.suptitle(title, fontsize=11, wrap=True)
-    with atomic_write(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    return len(panels)
+    return draw_panels(image, panels, title, path, per_row=HEAD_PANELS_PER_ROW)
 
 
 def position_maps(vit, name, out_dir, save_npz):
