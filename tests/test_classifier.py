@@ -222,3 +222,14 @@ def test_a_fully_fine_tuned_checkpoint_loads_without_fetching_the_pretrained_wei
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.model(pixels), model.eval()(pixels))
+
+
+def test_resume_overrides_are_validated_like_a_new_run(tmp_path):
+    from vlcap.core.config import ClassifierConfig, dump_yaml
+    from vlcap.core.train.classifier import classifier_resume_config
+    (tmp_path / "config.yaml").write_text(dump_yaml(ClassifierConfig()))
+    assert classifier_resume_config(tmp_path, {"lr": 1e-5}).train.lr == 1e-5
+    with pytest.raises(VlcapError, match=r"train.lr = -1.0: expected"):
+        classifier_resume_config(tmp_path, {"lr": -1.0})
+    with pytest.raises(VlcapError, match="cannot change train.seed"):
+        classifier_resume_config(tmp_path, {"seed": 3})

@@ -10,7 +10,6 @@ best.safetensors holds the epoch of the highest accuracy (without validation: th
 training loss). With ``train.optimizer=sam`` every step takes two forward/backward passes
 (``sam.SAM``).
 """
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from vlcap.core import config as config_lib
 from vlcap.core.config import CLASSIFIER_OPTIMIZERS, ClassifierConfig
 from vlcap.core.console import say
 from vlcap.core.data import Unreadable, find_images, load_image, read_filename_label_csv, split_unreadable
@@ -283,13 +281,6 @@ def train_classifier(cfg, run_dir, console=None, resume=False, new_length=False,
 
 
 def classifier_resume_config(run_dir, train_overrides=None):
-    """The run's ``config.yaml`` with ``train_overrides`` (only ``config.RESUMABLE_TRAIN_KEYS``)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise VlcapError(f"{run_dir}: no config.yaml here; pass the --out directory of a {COMMAND} run")
-    cfg = config_lib.from_dict(ClassifierConfig, config_lib.load_yaml(path), where=str(path))
-    overrides = dict(train_overrides or {})
-    refused = sorted(set(overrides) - set(config_lib.RESUMABLE_TRAIN_KEYS))
-    if refused:
-        raise VlcapError(f"{run_dir}: a resumed run cannot change train.{', train.'.join(refused)}")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+    """The classifier run's ``config.yaml`` with ``train_overrides``, as ``resume.resume_config``
+    reads a captioner run's (the same resumable keys, validated the same way)."""
+    return resume_lib.resume_config(run_dir, train_overrides, ClassifierConfig, COMMAND)

@@ -180,19 +180,20 @@ def stopped(signal_name, step, total_steps, run_dir, command="vlcap train"):
                       f"{state_path(run_dir)}; continue with: {command} --resume {run_dir}")
 
 
-def resume_config(run_dir, train_overrides=None):
-    """The run's own resolved ``config.yaml`` with ``train_overrides`` (train key -> value, only
-    ``config.RESUMABLE_TRAIN_KEYS``) applied; the trainer writes the result back to ``config.yaml``, so
-    a later plain resume keeps a new length."""
+def resume_config(run_dir, train_overrides=None, config_class=RunConfig, command="vlcap train"):
+    """The run's own resolved ``config.yaml`` (a ``config_class``: a captioner's or a classifier's
+    run, made by ``command``) with ``train_overrides`` (train key -> value, only
+    ``config.RESUMABLE_TRAIN_KEYS``) applied and validated; the trainer writes the result back to
+    ``config.yaml``, so a later plain resume keeps a new length."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise VlcapError(f"{run_dir}: no config.yaml here; pass the --out directory of a vlcap train run")
-    cfg = config_lib.from_dict(RunConfig, config_lib.load_yaml(path), where=str(path))
+        raise VlcapError(f"{run_dir}: no config.yaml here; pass the --out directory of a {command} run")
+    cfg = config_lib.from_dict(config_class, config_lib.load_yaml(path), where=str(path))
     overrides = dict(train_overrides or {})
     refused = sorted(set(overrides) - set(config_lib.RESUMABLE_TRAIN_KEYS))
     if refused:
         raise VlcapError(f"{run_dir}: a resumed run cannot change train.{', train.'.join(refused)}")
-    return config_lib.from_dict(RunConfig, config_lib.merge(config_lib.to_dict(cfg), {"train": overrides}),
+    return config_lib.from_dict(config_class, config_lib.merge(config_lib.to_dict(cfg), {"train": overrides}),
                                 where=f"{path} with the command line's values")
 
 
